@@ -1,0 +1,20 @@
+"""Excitation pullbacks: input gradients of ReLU networks with soft gates in the backward pass.
+
+The core (this package's top level) needs only torch; the experiment pipeline lives in
+``excitation_pullbacks.pipeline`` modules that import Hydra, Lightning and W&B.
+"""
+
+from .calibration import calibrate
+from .gates import POOL_SHAPES, RELU_SHAPES, ByDepth, ByName, ByType, Gate, PerChannel, Schedule, Site, make_schedule
+from .kernel import path_kernel
+from .models import ImageNetInput, build_model
+from .patching import Excitation, Report, UngatedActivationWarning, excitation
+from .pullback import Neuron, ascent, pullback
+from .surrogates import soft_max_pool2d, soft_relu
+
+__all__ = [
+    "ByDepth", "ByName", "ByType", "Excitation", "Gate", "ImageNetInput", "Neuron", "POOL_SHAPES", "PerChannel",
+    "RELU_SHAPES", "Report", "Schedule", "Site", "UngatedActivationWarning", "ascent", "build_model", "calibrate",
+    "excitation", "make_schedule", "path_kernel", "pullback", "soft_max_pool2d", "soft_relu",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,272 @@
+"""``excitation(model, ...)``: gate every ReLU and max-pool call of a model's forward, reversibly.
+
+Nothing in the model is replaced. While the context is open, forward hooks on the model's modules keep
+track of which module is running, and a ``TorchFunctionMode`` - active only while the model's own forward
+runs - reroutes each ReLU call (``nn.ReLU``, ``F.relu``, ``torch.relu``, ``Tensor.relu`` and their in-place
+forms) and each max-pool call (``nn.MaxPool2d``, ``F.max_pool2d``, ``torch.max_pool2d``) to the surrogates.
+That reaches reused modules (ResNet's ``Bottleneck.relu``, three calls) and functional calls in a
+``forward`` (DenseNet's ``F.relu(features, inplace=True)``) that swapping modules misses. On exit, normal or
+by exception, the hooks are removed; other models, and code outside the model's forward, are untouched.
+
+In-place ReLUs are run out of place when their gate is soft: the soft gate needs z, which the in-place op
+would overwrite. Code that discards the result of an in-place ReLU and reads its input instead is not
+supported (no torchvision model does this).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+from .gates import Gate, Schedule, Site, Temperature, make_schedule
+from .surrogates import soft_max_pool2d, soft_relu
+
+__all__ = ["excitation", "Excitation", "Report", "UngatedActivationWarning"]
+
+_RELU = {F.relu, torch.relu, Tensor.relu, torch.relu_, Tensor.relu_}
+_POOL = {F.max_pool2d, F.max_pool2d_with_indices, torch.max_pool2d}
+_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+
+# Nonlinearities whose gradient the engine leaves as it is: named in a warning, never silently passed.
+_UNGATED_FUNCS = {
+    getattr(F, name): name
+    for name in (
+        "gelu", "silu", "mish", "hardswish", "hardsigmoid", "elu", "selu", "celu", "leaky_relu", "rrelu",
+        "relu6", "hardtanh", "prelu", "softplus", "glu", "max_pool1d", "max_pool3d", "adaptive_max_pool1d",
+        "adaptive_max_pool2d", "adaptive_max_pool3d", "fractional_max_pool2d", "fractional_max_pool3d",
+    )
+}
+_UNGATED_MODULES = (
+    nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.ELU, nn.SELU, nn.CELU, nn.LeakyReLU, nn.RReLU,
+    nn.ReLU6, nn.Hardtanh, nn.PReLU, nn.Softplus, nn.GLU, nn.MaxPool1d, nn.MaxPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.FractionalMaxPool2d, nn.FractionalMaxPool3d,
+)
+
+
+class UngatedActivationWarning(UserWarning):
+    """The model uses a nonlinearity whose gradient the excitation engine does not replace."""
+
+
+@dataclass
+class Report:
+    """What the last forward pass inside the context gated.
+
+    relu / maxpool: {site name: number of calls} in the most recent forward pass.
+    forwards: forward passes run inside the context.
+    ungated: {description: calls} of nonlinearities left with their own gradient.
+    """
+
+    relu: dict[str, int] = field(default_factory=dict)
+    maxpool: dict[str, int] = field(default_factory=dict)
+    forwards: int = 0
+    ungated: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def relu_calls(self) -> int:
+        return sum(self.relu.values())
+
+    @property
+    def maxpool_calls(self) -> int:
+        return sum(self.maxpool.values())
+
+    @property
+    def total(self) -> int:
+        return self.relu_calls + self.maxpool_calls
+
+    def __str__(self) -> str:
+        lines = [
+            f"gated calls per forward: {self.relu_calls} ReLU at {len(self.relu)} sites, "
+            f"{self.maxpool_calls} max-pool at {len(self.maxpool)} sites ({self.forwards} forward passes)"
+        ]
+        for kind, sites in (("relu", self.relu), ("maxpool", self.maxpool)):
+            lines += [f"  {kind:8s} {name}" + (f" x{n}" if n > 1 else "") for name, n in sites.items()]
+        if self.ungated:
+            lines.append("  not gated: " + ", ".join(f"{k} x{v}" for k, v in self.ungated.items()))
+        return "\n".join(lines)
+
+
+class _Mode(TorchFunctionMode):
+    def __init__(self, owner: Excitation):
+        super().__init__()
+        self.owner = owner
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _RELU:
+            return self.owner._relu(func, args, kwargs)
+        if func in _POOL:
+            return self.owner._pool(func, args, kwargs)
+        name = _UNGATED_FUNCS.get(func)
+        if name is not None:
+            self.owner._note_ungated(f"{self.owner._where()}:{name}")
+        return func(*args, **kwargs)
+
+
+class Excitation:
+    """Context manager that gates a model's ReLU and max-pool calls; see :func:`excitation`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        schedule: Schedule,
+        *,
+        observer: Callable[[Site, Tensor, Gate], None] | None = None,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.schedule = schedule
+        self.observer = observer
+        self.report = Report()
+        self._names = {m: n for n, m in model.named_modules(remove_duplicate=False)}
+        self._stack: list[nn.Module] = []
+        self._handles: list = []
+        self._mode: _Mode | None = None
+        self._counts: Counter = Counter()
+        self._depth: Counter = Counter()
+        self._open = False
+
+    # -- context ---------------------------------------------------------------------------------------
+    def __enter__(self) -> Report:
+        if self._open:
+            raise RuntimeError("this excitation context is already open")
+        ungated = sorted({type(m).__name__ for m in self.model.modules() if isinstance(m, _UNGATED_MODULES)})
+        if ungated:
+            warnings.warn(
+                f"excitation: {', '.join(ungated)} layers keep their own gradient (only ReLU and "
+                "max-pool are gated)",
+                UngatedActivationWarning,
+                stacklevel=3,
+            )
+        try:
+            seen = set()
+            for module in self._names:
+                if module in seen:
+                    continue
+                seen.add(module)
+                self._handles.append(module.register_forward_pre_hook(self._enter_module))
+                self._handles.append(module.register_forward_hook(self._exit_module, always_call=True))
+        except BaseException:
+            self._remove_hooks()
+            raise
+        self._open = True
+        return self.report
+
+    def __exit__(self, *exc) -> None:
+        self._remove_hooks()
+        self._stack.clear()
+        if self._mode is not None:  # only if a forward was interrupted before its hooks could close it
+            self._mode.__exit__(None, None, None)
+            self._mode = None
+        self._open = False
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # -- hooks ---------------------------------------------------------------------------------------
+    def _enter_module(self, module, args):
+        if not self._stack:  # the model's outermost forward begins
+            self._counts.clear()
+            self._depth.clear()
+            self.report.relu = {}
+            self.report.maxpool = {}
+            self.report.forwards += 1
+            self._mode = _Mode(self)
+            self._mode.__enter__()
+        self._stack.append(module)
+
+    def _exit_module(self, module, args, output):
+        if self._stack and self._stack[-1] is module:
+            self._stack.pop()
+        if not self._stack and self._mode is not None:
+            mode, self._mode = self._mode, None
+            mode.__exit__(None, None, None)
+
+    # -- sites ---------------------------------------------------------------------------------------
+    def _where(self) -> str:
+        return (self._names.get(self._stack[-1]) or "<root>") if self._stack else "<root>"
+
+    def _site(self, kind: str, func_name: str, module_types) -> Site:
+        inner = self._stack[-1] if self._stack else self.model
+        path = self._names.get(inner, "") or "<root>"
+        name = path if isinstance(inner, module_types) else f"{path}:{func_name}"
+        call = self._counts[name]
+        self._counts[name] += 1
+        depth = self._depth[kind]
+        self._depth[kind] += 1
+        sites = self.report.relu if kind == "relu" else self.report.maxpool
+        sites[name] = sites.get(name, 0) + 1
+        return Site(name, kind, call=call, depth=depth, module_type=type(inner).__name__)
+
+    def _relu(self, func, args, kwargs):
+        z = args[0] if args else kwargs["input"]
+        site = self._site("relu", "relu", nn.ReLU)
+        gate = self.schedule.rule(site)
+        if self.observer is not None:
+            self.observer(site, z, gate)
+        if gate.is_hard:
+            return func(*args, **kwargs)  # the original call, in place if it was
+        return soft_relu(z, gate)  # soft gates need z intact: out of place
+
+    def _pool(self, func, args, kwargs):
+        site = self._site("maxpool", "max_pool2d", nn.MaxPool2d)
+        gate = self.schedule.rule(site)
+        x = args[0] if args else kwargs["input"]
+        if self.observer is not None:
+            self.observer(site, x, gate)
+        if gate.is_hard:
+            return func(*args, **kwargs)
+        params = dict(zip(_POOL_ARGS, args[1:]))
+        params.update({k: v for k, v in kwargs.items() if k != "input"})
+        if func is F.max_pool2d_with_indices:
+            params["return_indices"] = True
+        return soft_max_pool2d(
+            x,
+            gate,
+            params["kernel_size"],
+            params.get("stride"),
+            params.get("padding", 0),
+            params.get("dilation", 1),
+            ceil_mode=bool(params.get("ceil_mode", False)),
+            return_indices=bool(params.get("return_indices", False)),
+        )
+
+    def _note_ungated(self, what: str) -> None:
+        first = what not in self.report.ungated
+        self.report.ungated[what] = self.report.ungated.get(what, 0) + 1
+        if first:
+            warnings.warn(f"excitation: {what} keeps its own gradient (not gated)", UngatedActivationWarning, 2)
+
+
+def excitation(
+    model: nn.Module,
+    *,
+    temperature: Temperature = 0.3,
+    gate: str = "sigmoid",
+    pool_temperature: Temperature | None = None,
+    pool_detach: bool = False,
+    schedule: Schedule | None = None,
+) -> Excitation:
+    """Gate every ReLU and max-pool call of ``model`` inside a ``with`` block.
+
+    ``with excitation(model, temperature=0.3) as report:`` - forward passes of ``model`` inside the block
+    give bit-identical outputs; their backward uses the soft gates. ``report`` (a :class:`Report`) counts
+    the gated calls of the latest forward pass per site. ``temperature=0`` (or ``gate="hard"``) gives the
+    vanilla gradient; ``schedule`` (a :class:`~excitation_pullbacks.gates.Schedule`) overrides the other
+    keywords with per-site gates. Max-pool follows the ReLU gate (see ``make_schedule``).
+    """
+    sched = make_schedule(
+        temperature=temperature, gate=gate, pool_temperature=pool_temperature, pool_detach=pool_detach,
+        schedule=schedule,
+    )
+    return Excitation(model, sched)
