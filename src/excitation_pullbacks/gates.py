@@ -171,10 +171,11 @@ class Schedule:
 
 
 def _default_pool_gate(relu: Gate, pool_temperature: Temperature | None, pool_detach: bool) -> Gate:
-    if relu.is_hard:
-        return Gate("hard", 0.0)
-    if relu.is_none:
-        return Gate("none", math.inf)
+    if pool_temperature is None:
+        if relu.is_hard:
+            return Gate("hard", 0.0)
+        if relu.is_none:
+            return Gate("none", math.inf)
     t = relu.temperature if pool_temperature is None else pool_temperature
     if isinstance(t, Tensor) and t.numel() > 1:
         raise ValueError("per-channel temperatures for max-pool sites come from a PerChannel schedule")
@@ -264,7 +265,7 @@ class PerChannel(Schedule):
         t = self.temperatures.get(site.key)
         if t is None:
             if self.default is None:
-                raise KeyError(
+                raise ValueError(
                     f"per-channel schedule has no temperatures for site {site.key!r}; it was calibrated on "
                     f"another model (it knows {len(self.temperatures)} sites, e.g. {next(iter(self.temperatures), '-')!r})"
                 )
@@ -303,8 +304,8 @@ def make_schedule(
     """The schedule the keyword arguments of ``excitation``/``pullback`` describe.
 
     With ``schedule`` given it wins. Otherwise one ReLU gate ``Gate(gate, temperature)`` and a max-pool gate
-    that follows it: hard when the ReLU gate is hard (T = 0 gives the exact vanilla gradient), uniform when
-    it is none, else the softmax pool at ``pool_temperature`` (default: ``temperature``).
+    at ``pool_temperature`` when given (0: hard max gradient), else following the ReLU gate: hard when it is
+    hard (T = 0 gives the exact vanilla gradient), uniform when it is none, else the softmax pool at T.
     """
     _check_temperature(temperature)
     if pool_temperature is not None:

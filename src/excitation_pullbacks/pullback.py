@@ -147,6 +147,12 @@ def _neuron_value(out, neuron: Neuron) -> Tensor:
     return a[:, h, w]
 
 
+def _warn_if_training(model: nn.Module) -> None:
+    if any(m.training for m in model.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Dropout))):
+        warnings.warn("the model is in training mode (BatchNorm uses and updates batch statistics, dropout is "
+                      "random); call model.eval() first", stacklevel=3)
+
+
 def _check_gated(report: Report) -> None:
     if report.total == 0:
         raise ValueError("the model made no ReLU or max-pool call: there is nothing to gate")
@@ -214,9 +220,7 @@ def pullback(
         num_classes = _num_classes(model)
         if num_classes is not None:
             _check_range(t, num_classes)
-    if model.training:
-        warnings.warn("pullback: the model is in training mode (BatchNorm uses and updates batch statistics); "
-                      "call model.eval() first", stacklevel=2)
+    _warn_if_training(model)
     engine = Excitation(model, sched)
     step = batch_size or n
     chunks = []
@@ -275,6 +279,7 @@ def ascent(
     check_images(model, images)
     if isinstance(targets, Neuron):
         raise ValueError("ascent targets must be classes")
+    _warn_if_training(model)
     n = images.shape[0]
     t = _class_targets(targets, n, images.device)
     grid_shape = None

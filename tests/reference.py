@@ -1,0 +1,96 @@
+"""An independent reference for excitation pullbacks, built the way the paper's listings do it.
+
+Module swap (deep copy, every nn.ReLU / nn.MaxPool2d replaced) plus the strike-through trick
+out = hard.detach() + soft - soft.detach(), whose gradient autograd derives from a smooth function:
+T * softplus(z / T) (derivative sigmoid(z / T)) for ReLU, and an unfold soft pool for max-pool.
+Functional relu calls are reached by substituting torch.nn.functional.relu for the duration.
+"""
+
+import copy
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
+
+
+def soft_pool_reference(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, temperature=0.3,
+                        detach=False):
+    """sum_j x_j softmax(x / T)_j over each max-pool window; padding (and ceil-mode overhang) excluded.
+
+    x: (N, C, H, W) -> (N, C, Ho, Wo) with Ho, Wo as F.max_pool2d gives them.
+    """
+    k, d, p = _pair(kernel_size), _pair(dilation), _pair(padding)
+    s = _pair(stride) if stride else k
+    ho, wo = F.max_pool2d(x.detach(), k, s, p, d, ceil_mode=ceil_mode).shape[-2:]
+    n, c, h, w = x.shape
+    need_h = (ho - 1) * s[0] + (k[0] - 1) * d[0] + 1
+    need_w = (wo - 1) * s[1] + (k[1] - 1) * d[1] + 1
+    xp = F.pad(x, (p[1], max(0, need_w - w - p[1]), p[0], max(0, need_h - h - p[0])), value=float("-inf"))
+    cols = F.unfold(xp, k, dilation=d, stride=s)  # (N, C*kh*kw, L)
+    cols = cols.view(n, c, k[0] * k[1], -1)[..., : ho * wo]
+    weights = torch.softmax(cols / temperature, dim=2)
+    if detach:
+        weights = weights.detach()
+    vals = torch.where(torch.isinf(cols), torch.zeros_like(cols), cols)
+    return (vals * weights).sum(2).view(n, c, ho, wo)
+
+
+class RefReLU(nn.Module):
+    def __init__(self, temperature):
+        super().__init__()
+        self.t = temperature
+
+    def forward(self, z):
+        soft = self.t * F.softplus(z / self.t)
+        return torch.clamp_min(z, 0).detach() + soft - soft.detach()
+
+
+class RefMaxPool(nn.Module):
+    def __init__(self, pool: nn.MaxPool2d, temperature):
+        super().__init__()
+        self.pool, self.t = pool, temperature
+
+    def forward(self, x):
+        p = self.pool
+        soft = soft_pool_reference(x, p.kernel_size, p.stride, p.padding, p.dilation, p.ceil_mode, self.t)
+        return self.pool(x).detach() + soft - soft.detach()
+
+
+def swap(model: nn.Module, relu=None, pool=None) -> nn.Module:
+    """A deep copy with nn.ReLU -> relu() and nn.MaxPool2d -> pool(module) (None: keep)."""
+    model = copy.deepcopy(model)
+
+    def visit(parent):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.ReLU) and relu is not None:
+                setattr(parent, name, relu())
+            elif isinstance(child, nn.MaxPool2d) and pool is not None:
+                setattr(parent, name, pool(child))
+            else:
+                visit(child)
+
+    visit(model)
+    return model
+
+
+@contextmanager
+def functional_relu(fn):
+    """Substitute torch.nn.functional.relu (DenseNet's forward calls it) for the block."""
+    original = F.relu
+    F.relu = fn
+    try:
+        yield
+    finally:
+        F.relu = original
+
+
+def reference_pullback(model, images, targets, temperature=0.3):
+    """Excitation pullback (sigmoid gate, softmax pool, both at ``temperature``) by module swap."""
+    ref = swap(model, relu=lambda: RefReLU(temperature), pool=lambda m: RefMaxPool(m, temperature))
+    x = images.detach().clone().requires_grad_(True)
+    with functional_relu(lambda z, inplace=False: RefReLU(temperature)(z)):
+        out = ref(x)
+    out.gather(1, targets[:, None]).sum().backward()
+    return x.grad
