@@ -1,0 +1,215 @@
+"""Datasets (Imagenette via Hugging Face or torchvision, image folders, synthetic) and the paper's selection.
+
+Every dataset yields ``(image, label)``: image (3, crop, crop) float in [-1, 1], label an ImageNet class index.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from .classes import IMAGENETTE, normalise_name, resolve_class
+from .errors import PipelineError
+
+__all__ = ["build_dataset", "build_transform", "FolderDataset", "SyntheticDataset", "select_images"]
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def build_transform(resize: int = 256, crop: int = 224):
+    """PIL image (any mode) -> (3, crop, crop) in [-1, 1]: RGB, Resize(resize), CenterCrop(crop)."""
+    from torchvision import transforms as T
+
+    return T.Compose([
+        T.Lambda(lambda im: im.convert("RGB")),
+        T.Resize(resize),
+        T.CenterCrop(crop),
+        T.ToTensor(),
+        T.Lambda(lambda x: x * 2 - 1),
+    ])
+
+
+class _Mapped(Dataset):
+    """Imagenette samples with labels mapped from Imagenette's 0..9 to ImageNet indices."""
+
+    def __init__(self, base, transform, image_key=None):
+        self.base, self.transform, self.image_key = base, transform, image_key
+
+    def __len__(self):
+        return len(self.base)
+
+    @property
+    def labels(self) -> list[int] | None:
+        """ImageNet labels of all samples without decoding images (None when the base cannot tell)."""
+        if self.image_key is not None:
+            raw = self.base["label"]
+        elif hasattr(self.base, "_samples"):
+            raw = [y for _, y in self.base._samples]
+        else:
+            return None
+        return [IMAGENETTE[int(y)] for y in raw]
+
+    def __getitem__(self, i):
+        item = self.base[i]
+        if self.image_key is None:
+            image, label = item
+        else:
+            image, label = item[self.image_key], item["label"]
+        return self.transform(image), IMAGENETTE[int(label)]
+
+
+def _imagenette_hf(cfg, transform) -> Dataset:
+    try:
+        import datasets
+    except ImportError as err:  # pragma: no cover - a declared dependency
+        raise PipelineError(f"data=imagenette_hf needs the 'datasets' package: {err}") from None
+    try:
+        ds = datasets.load_dataset(cfg.path, cfg.name, split=cfg.split, cache_dir=cfg.get("cache_dir"))
+    except Exception as err:  # noqa: BLE001 - hub/network/cache errors come in many types
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PipelineError(
+            f"cannot load Hugging Face dataset {cfg.path} ({cfg.name}, {cfg.split}): {first} - use data=folder "
+            f"data.root=<image dir>, or set HF_DATASETS_CACHE / data.cache_dir to a cache that holds it"
+        ) from None
+    return _Mapped(ds, transform, image_key="image")
+
+
+def _imagenette_tv(cfg, transform) -> Dataset:
+    from torchvision.datasets import Imagenette
+
+    root = Path(os.path.expanduser(str(cfg.root)))
+    try:
+        ds = Imagenette(str(root), split=cfg.split, size=cfg.size, download=bool(cfg.download))
+    except Exception as err:  # noqa: BLE001 - URLError, RuntimeError('not found'), ...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PipelineError(
+            f"cannot load torchvision Imagenette ({cfg.size}, {cfg.split}) under {root}: {first} - use "
+            f"data=folder data.root=<image dir>, or put the extracted imagenette2-{cfg.size} folder under {root}"
+        ) from None
+    return _Mapped(ds, transform)
+
+
+class FolderDataset(Dataset):
+    """Images under ``root`` (recursively, sorted). Class: the sub-folder name for files in a sub-folder,
+    else the file name without a leading ``<number>_`` (``3_chain_saw.jpg`` -> chain saw); names or indices.
+    """
+
+    def __init__(self, root: str | os.PathLike, transform, label_from: str = "auto"):
+        self.root = Path(os.path.expanduser(str(root)))
+        self.transform = transform
+        if not self.root.is_dir():
+            raise PipelineError(f"image folder {self.root} does not exist or is not a directory")
+        try:
+            files = sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        except OSError as err:
+            raise PipelineError(f"cannot read image folder {self.root}: {err}") from None
+        if not files:
+            raise PipelineError(f"image folder {self.root} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        if label_from not in ("auto", "filename", "folder"):
+            raise PipelineError(f"data.label_from must be auto, filename or folder, got {label_from!r}")
+        self.files = files
+        self.labels = [self._label(p, label_from) for p in files]
+
+    def _label(self, path: Path, label_from: str) -> int:
+        rel = path.relative_to(self.root)
+        if label_from == "folder" or (label_from == "auto" and len(rel.parts) > 1):
+            if len(rel.parts) < 2:
+                raise PipelineError(f"{path} is not in a class sub-folder of {self.root}")
+            name = rel.parts[-2]
+        else:
+            stem = path.stem
+            head, sep, tail = stem.partition("_")
+            name = tail if sep and head.isdigit() else stem
+        try:
+            return resolve_class(normalise_name(name))
+        except PipelineError as err:
+            raise PipelineError(f"cannot tell the class of {path}: {err}") from None
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image, UnidentifiedImageError
+
+        path = self.files[i]
+        try:
+            with Image.open(path) as im:
+                im.load()
+                x = self.transform(im)
+        except (OSError, UnidentifiedImageError, ValueError) as err:
+            raise PipelineError(f"cannot read image {path}: {err}") from None
+        return x, self.labels[i]
+
+
+class SyntheticDataset(Dataset):
+    """Seeded smooth random images for tests: ``num_images`` images cycling through ``classes``."""
+
+    def __init__(self, classes: Sequence[int], num_images: int, size: int, seed: int = 0):
+        if not classes:
+            raise PipelineError("synthetic data needs at least one class")
+        self.classes, self.num_images, self.size, self.seed = list(classes), int(num_images), int(size), int(seed)
+
+    def __len__(self):
+        return self.num_images
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(self.seed * 100003 + i)
+        low = torch.rand(1, 3, 8, 8, generator=g) * 2 - 1
+        x = torch.nn.functional.interpolate(low, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        x = (x + 0.1 * (torch.rand(x.shape, generator=g) * 2 - 1)).clamp(-1, 1)
+        return x[0], self.classes[i % len(self.classes)]
+
+
+def build_dataset(cfg, classes: Sequence[int]) -> Dataset:
+    """The dataset ``cfg`` (a ``data`` config group node) names; ``classes`` label synthetic images."""
+    transform = build_transform(int(cfg.resize), int(cfg.crop))
+    kind = cfg.kind
+    if kind == "imagenette_hf":
+        return _imagenette_hf(cfg, transform)
+    if kind == "imagenette_tv":
+        return _imagenette_tv(cfg, transform)
+    if kind == "folder":
+        if cfg.root is None:
+            raise PipelineError("data=folder needs data.root=<image dir>")
+        return FolderDataset(cfg.root, transform, cfg.get("label_from", "auto"))
+    if kind == "synthetic":
+        return SyntheticDataset(classes, cfg.num_images, cfg.crop, cfg.get("seed", 0))
+    raise PipelineError(f"unknown data kind {kind!r}")
+
+
+def select_images(
+    dataset: Dataset, classes: Sequence[int], *, batch_size: int = 5, seed: int = 314
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The paper's selection: the first image of each class in a seeded shuffled DataLoader pass.
+
+    Returns images (R, 3, H, W) in [-1, 1], labels (R,), dataset indices (R,), row r holding ``classes[r]``.
+    """
+    if len(dataset) == 0:
+        raise PipelineError("the dataset is empty")
+    order = DataLoader(range(len(dataset)), batch_size=batch_size, shuffle=True,
+                       generator=torch.Generator().manual_seed(seed))
+    wanted = {c: r for r, c in enumerate(classes)}
+    found: dict[int, tuple[Tensor, int]] = {}
+    labels = getattr(dataset, "labels", None)  # skip decoding images of other classes when known
+    for batch in order:  # index batches: the same order as a shuffled DataLoader over the images
+        for i in batch.tolist():
+            if labels is not None and labels[i] not in wanted:
+                continue
+            x, y = dataset[i]
+            if y in wanted and y not in found:
+                found[y] = (x, i)
+        if len(found) == len(wanted):
+            break
+    missing = [c for c in classes if c not in found]
+    if missing:
+        from .classes import imagenet_classes
+
+        names = ", ".join(f"{imagenet_classes()[c]} ({c})" for c in missing)
+        raise PipelineError(f"the data holds no image of class {names}")
+    images = torch.stack([found[c][0] for c in classes])
+    return images, torch.tensor(list(classes)), torch.tensor([found[c][1] for c in classes])

@@ -1,0 +1,124 @@
+"""Labelled image grids for the paper's figures (torchvision + PIL only).
+
+Every cell is min-max scaled on its own (``make_grid(normalize=True, scale_each=True)``), as in the paper.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor
+from torchvision.utils import make_grid
+
+__all__ = ["labelled_grid", "stack_panels", "fig1", "fig2", "fig_ascent", "fig_sweep"]
+
+PAD = 2
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    while text and draw.textlength(text, font=font) > width:
+        text = text[:-1]
+    return text
+
+
+def labelled_grid(
+    cells: Tensor, col_titles: Sequence[str], row_titles: Sequence[str] | None = None, *, min_cell: int = 96
+) -> Image.Image:
+    """cells (R, C, 3, H, W) -> an RGB image: R x C grid, each cell min-max scaled, titles above the columns.
+
+    Cells smaller than ``min_cell`` pixels are upscaled (nearest) so that titles fit.
+    """
+    if cells.dim() != 5:
+        raise ValueError(f"cells must have shape (R, C, 3, H, W), got {tuple(cells.shape)}")
+    r, c, _, h, w = cells.shape
+    if len(col_titles) != c:
+        raise ValueError(f"{c} columns but {len(col_titles)} titles")
+    flat = cells.detach().float().cpu().reshape(r * c, *cells.shape[2:])
+    if max(h, w) < min_cell:
+        k = -(-min_cell // max(h, w))
+        flat = flat.repeat_interleave(k, -2).repeat_interleave(k, -1)
+        h, w = h * k, w * k
+    grid = make_grid(flat, nrow=c, padding=PAD, normalize=True, scale_each=True, pad_value=1.0)
+    body = Image.fromarray(grid.mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
+    font = _font(max(10, min(16, w // 8)))
+    head = 22
+    left = 0
+    if row_titles is not None:
+        left = min(120, max(int(ImageDraw.Draw(body).textlength(t, font=font)) for t in row_titles) + 8)
+    out = Image.new("RGB", (body.width + left, body.height + head), "white")
+    out.paste(body, (left, head))
+    draw = ImageDraw.Draw(out)
+    for j, title in enumerate(col_titles):
+        x0 = left + PAD + j * (w + PAD)
+        text = _fit(draw, str(title), font, w)
+        draw.text((x0 + (w - draw.textlength(text, font=font)) / 2, 4), text, fill="black", font=font)
+    for i, title in enumerate(row_titles or ()):
+        y0 = head + PAD + i * (h + PAD) + h // 2 - 6
+        draw.text((4, y0), _fit(draw, str(title), font, left - 6), fill="black", font=font)
+    return out
+
+
+def stack_panels(panels: Sequence[Image.Image], titles: Sequence[str]) -> Image.Image:
+    """Panels stacked vertically, each under a title line."""
+    font = _font(16)
+    band = 24
+    width = max(p.width for p in panels)
+    out = Image.new("RGB", (width, sum(p.height + band for p in panels)), "white")
+    draw = ImageDraw.Draw(out)
+    y = 0
+    for panel, title in zip(panels, titles):
+        draw.text((6, y + 4), str(title), fill="black", font=font)
+        out.paste(panel, (0, y + band))
+        y += panel.height + band
+    return out
+
+
+def _with_original(images: Tensor, cells: Tensor) -> Tensor:
+    """images (R, 3, H, W), cells (R, K, 3, H, W) -> (R, 1 + K, 3, H, W)."""
+    return torch.cat([images[:, None], cells], 1)
+
+
+def fig1(images: Tensor, perturbed: Tensor, columns: Sequence[str], rows: Sequence[str] | None = None, *,
+         steps: int = 5) -> Image.Image:
+    """Fig 1: differences after ``steps`` ascent steps. images (R, 3, H, W); perturbed (R, K, 3, H, W)."""
+    panel = labelled_grid(_with_original(images, perturbed - images[:, None]), ["original", *columns], rows)
+    return stack_panels([panel], [f"Differences after {steps} steps of ascent along excitation pullbacks"])
+
+
+def fig2(images: Tensor, vanilla: Tensor, excitation: Tensor, columns: Sequence[str],
+         rows: Sequence[str] | None = None, *, temperature: str = "0.3") -> Image.Image:
+    """Fig 2: vanilla gradients (top) vs excitation pullbacks (bottom); pullbacks (R, K, 3, H, W)."""
+    titles = ["original", *columns]
+    return stack_panels(
+        [labelled_grid(_with_original(images, vanilla), titles, rows),
+         labelled_grid(_with_original(images, excitation), titles, rows)],
+        ["Vanilla gradients", f"Excitation pullbacks (T = {temperature})"],
+    )
+
+
+def fig_ascent(images: Tensor, perturbed: Tensor, columns: Sequence[str], rows: Sequence[str] | None = None, *,
+               method: str = "excitation pullbacks", steps: int = 10) -> Image.Image:
+    """Figs 3 / 4: perturbed images (top) and their differences from the original (bottom)."""
+    titles = ["original", *columns]
+    return stack_panels(
+        [labelled_grid(_with_original(images, perturbed), titles, rows),
+         labelled_grid(_with_original(images, perturbed - images[:, None]), titles, rows)],
+        [f"Perturbed images: {steps} steps of ascent along {method}", "Differences from the original"],
+    )
+
+
+def fig_sweep(image: Tensor, pullbacks: Tensor, temperatures: Sequence[str], columns: Sequence[str],
+              *, title: str = "") -> Image.Image:
+    """Temperature sweep for one image (3, H, W): pullbacks (nT, K, 3, H, W), one row per temperature."""
+    cells = _with_original(image[None].expand(len(temperatures), *image.shape), pullbacks)
+    panel = labelled_grid(cells, ["original", *columns], [f"T = {t}" for t in temperatures])
+    return stack_panels([panel], [title or "Pullbacks by gate temperature"])
