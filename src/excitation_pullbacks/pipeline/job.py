@@ -242,7 +242,7 @@ def run(cfg: DictConfig) -> dict:
                                               seed=int(cfg.seed))
         settings, main = _settings(cfg, model, dataset, staging)
         steps = int(cfg.ascent.steps)
-        keep = None if cfg.save_trajectories else sorted({steps, int(cfg.ascent.fig1_steps)} - {0}) if steps else []
+        keep = None if cfg.save_trajectories else [s for s in sorted({int(cfg.ascent.fig1_steps), steps}) if 0 < s <= steps]
         module = PullbackModule(model, columns, settings, steps=steps, step_size=float(cfg.ascent.step_size),
                                 eps=float(cfg.ascent.eps), keep_steps=keep)
         finalize = Finalizer(resolved, out, rows, columns, [s.label for s in settings], main, module.keep_steps)
