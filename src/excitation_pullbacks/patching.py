@@ -44,13 +44,6 @@ _UNGATED_FUNCS = {
         "adaptive_max_pool2d", "adaptive_max_pool3d", "fractional_max_pool2d", "fractional_max_pool3d",
     )
 }
-_UNGATED_MODULES = (
-    nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.ELU, nn.SELU, nn.CELU, nn.LeakyReLU, nn.RReLU,
-    nn.ReLU6, nn.Hardtanh, nn.PReLU, nn.Softplus, nn.GLU, nn.MaxPool1d, nn.MaxPool3d, nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.FractionalMaxPool2d, nn.FractionalMaxPool3d,
-)
-
-
 class UngatedActivationWarning(UserWarning):
     """The model uses a nonlinearity whose gradient the excitation engine does not replace."""
 
@@ -106,7 +99,7 @@ class _Mode(TorchFunctionMode):
             return self.owner._pool(func, args, kwargs)
         name = _UNGATED_FUNCS.get(func)
         if name is not None:
-            self.owner._note_ungated(f"{self.owner._where()}:{name}")
+            self.owner._note_ungated(name)
         return func(*args, **kwargs)
 
 
@@ -138,14 +131,6 @@ class Excitation:
     def __enter__(self) -> Report:
         if self._open:
             raise RuntimeError("this excitation context is already open")
-        ungated = sorted({type(m).__name__ for m in self.model.modules() if isinstance(m, _UNGATED_MODULES)})
-        if ungated:
-            warnings.warn(
-                f"excitation: {', '.join(ungated)} layers keep their own gradient (only ReLU and "
-                "max-pool are gated)",
-                UngatedActivationWarning,
-                stacklevel=3,
-            )
         try:
             seen = set()
             for module in self._names:
@@ -193,9 +178,6 @@ class Excitation:
             mode.__exit__(None, None, None)
 
     # -- sites ---------------------------------------------------------------------------------------
-    def _where(self) -> str:
-        return (self._names.get(self._stack[-1]) or "<root>") if self._stack else "<root>"
-
     def _site(self, kind: str, func_name: str, module_types) -> Site:
         inner = self._stack[-1] if self._stack else self.model
         path = self._names.get(inner, "") or "<root>"
@@ -241,11 +223,17 @@ class Excitation:
             return_indices=bool(params.get("return_indices", False)),
         )
 
-    def _note_ungated(self, what: str) -> None:
+    def _note_ungated(self, func_name: str) -> None:
+        inner = self._stack[-1] if self._stack else self.model
+        path = self._names.get(inner, "") or "<root>"
+        kind = type(inner).__name__
+        same = kind.lower() == func_name.replace("_", "")
+        what = f"{path} ({kind})" if same else f"{path}:{func_name}"
         first = what not in self.report.ungated
         self.report.ungated[what] = self.report.ungated.get(what, 0) + 1
         if first:
-            warnings.warn(f"excitation: {what} keeps its own gradient (not gated)", UngatedActivationWarning, 2)
+            warnings.warn(f"excitation: {what} keeps its own gradient (only ReLU and max-pool are gated)",
+                          UngatedActivationWarning, stacklevel=2)
 
 
 def excitation(

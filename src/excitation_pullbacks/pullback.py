@@ -169,7 +169,8 @@ def _forward(engine: Excitation, x: Tensor, neuron: Neuron | None):
         return out
     module = _resolve_module(engine.model, neuron.layer)
     outs: list = []
-    handle = module.register_forward_hook(lambda m, a, o: outs.append(o))
+    # clone: the forward may modify the layer's output in place later (e.g. an in-place ReLU)
+    handle = module.register_forward_hook(lambda m, a, o: outs.append(o.clone() if isinstance(o, Tensor) else o))
     try:
         with engine as report:
             engine.model(x)

@@ -125,18 +125,19 @@ class _SoftMaxPool2d(torch.autograd.Function):
             ctx.mark_non_differentiable(idx)
         else:
             out = F.max_pool2d(x, k, s, p, d, ceil_mode=ceil_mode)
-        ctx.save_for_backward(x, out)
-        ctx.geometry = (gate, k, s, p, d)
+        ctx.save_for_backward(x)  # not out: callers may modify it in place (e.g. an in-place ReLU)
+        ctx.geometry = (gate, k, s, p, d, ceil_mode)
         return (out, idx) if return_indices else out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor, *unused):
-        x, out = ctx.saved_tensors
-        gate, k, s, p, d = ctx.geometry
+        (x,) = ctx.saved_tensors
+        gate, k, s, p, d, ceil_mode = ctx.geometry
         squeeze = x.dim() == 3
         if squeeze:
-            x, out, grad = x.unsqueeze(0), out.unsqueeze(0), grad.unsqueeze(0)
+            x, grad = x.unsqueeze(0), grad.unsqueeze(0)
+        out = F.max_pool2d(x, k, s, p, d, ceil_mode=ceil_mode)
         g = soft_pool_backward(x, out, grad, gate, k, s, p, d)
         return (g.squeeze(0) if squeeze else g), None, None, None, None, None, None, None
 
