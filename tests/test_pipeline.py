@@ -24,9 +24,17 @@ TINY = [
 ]
 
 
+def tiny_overrides(*overrides: str) -> list[str]:
+    """TINY followed by ``overrides``; another data source replaces the synthetic one."""
+    base = TINY
+    if any(o.startswith("data=") for o in overrides):
+        base = [o for o in TINY if not o.startswith(("data=", "data.num_images"))]
+    return [*base, *overrides]
+
+
 def tiny_cfg(tmp_path: Path, *overrides: str):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        return compose("config", overrides=[*TINY, f"output_dir={tmp_path}", *overrides])
+        return compose("config", overrides=tiny_overrides(f"output_dir={tmp_path}", *overrides))
 
 
 def options(group: str) -> list[str]:

@@ -141,7 +141,9 @@ class FolderDataset(Dataset):
             with Image.open(path) as im:
                 im.load()
                 x = self.transform(im)
-        except (OSError, UnidentifiedImageError, ValueError) as err:
+        except UnidentifiedImageError:
+            raise PipelineError(f"cannot read image {path}: not an image file PIL can identify") from None
+        except (OSError, ValueError) as err:
             raise PipelineError(f"cannot read image {path}: {err}") from None
         return x, self.labels[i]
 

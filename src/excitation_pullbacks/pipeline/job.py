@@ -205,11 +205,7 @@ def run(cfg: DictConfig) -> dict:
     Raises PipelineError (or ValueError/OSError from the core and torchvision) for bad input; nothing is
     left under ``results`` unless the run completed.
     """
-    import lightning as L
-    from torch.utils.data import DataLoader, TensorDataset
-
     from .data import build_dataset, select_images
-    from .runner import PullbackModule, ResultWriter
 
     resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     _validate(cfg)
@@ -241,6 +237,11 @@ def run(cfg: DictConfig) -> dict:
         images, labels, index = select_images(dataset, rows, batch_size=int(cfg.selection_batch_size),
                                               seed=int(cfg.seed))
         settings, main = _settings(cfg, model, dataset, staging)
+        import lightning as L
+        from torch.utils.data import DataLoader, TensorDataset
+
+        from .runner import PullbackModule, ResultWriter
+
         steps = int(cfg.ascent.steps)
         keep = None if cfg.save_trajectories else [s for s in sorted({int(cfg.ascent.fig1_steps), steps}) if 0 < s <= steps]
         module = PullbackModule(model, columns, settings, steps=steps, step_size=float(cfg.ascent.step_size),

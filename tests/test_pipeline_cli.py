@@ -1,0 +1,137 @@
+"""The command line: bad input gives one clear error line and writes nothing; multirun; W&B offline; DDP."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from excitation_pullbacks.pipeline import PipelineError
+from excitation_pullbacks.pipeline.job import run
+
+from test_pipeline import TINY, tiny_cfg, tiny_overrides
+
+CLI = [sys.executable, "-m", "excitation_pullbacks.pipeline.cli"]
+
+
+def cli(tmp_path: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    environ = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", **(env or {}))
+    flags = [o for o in overrides if o.startswith("-")]
+    overrides = tuple(o for o in overrides if not o.startswith("-"))
+    return subprocess.run([*CLI, *flags, *tiny_overrides(*overrides)], cwd=tmp_path, env=environ, capture_output=True, text=True,
+                          timeout=300)
+
+
+def assert_one_error_line(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode != 0
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def assert_nothing_written(out: Path) -> None:
+    assert not (out / "results").exists() and not (out / ".results.partial").exists()
+
+
+@pytest.mark.parametrize("overrides,error", [
+    (["model.name=resnet_nope"], "unknown model 'resnet_nope'"),
+    (["targets.rows=[tench,nosuchclass]"], "unknown ImageNet class name 'nosuchclass'"),
+    (["targets.extra=[1000]"], "class index 1000 is out of range"),
+    (["figures=[fig9]"], r"unknown figure\(s\) fig9"),
+    (["figures=[fig3]", "ascent=none"], "fig3/fig4 need ascent steps > 0"),
+    (["temperatures=[-1]"], "temperatures must be"),
+])
+def test_bad_config_values(tmp_path, overrides, error):
+    with pytest.raises((PipelineError, ValueError), match=error):
+        run(tiny_cfg(tmp_path, *overrides))
+    assert_nothing_written(tmp_path)
+
+
+def test_cli_prints_one_error_line(tmp_path):
+    proc = cli(tmp_path, "model.name=resnet_nope", f"output_dir={tmp_path / 'out'}")
+    assert_one_error_line(proc, "unknown model 'resnet_nope'")
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_cli_missing_mandatory_value(tmp_path):
+    assert_one_error_line(cli(tmp_path, "data=folder", f"output_dir={tmp_path / 'out'}"), "data.root")
+
+
+def test_empty_and_missing_image_folders(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for root, error in [("empty", "holds no images"), ("nope", "does not exist")]:
+        with pytest.raises(PipelineError, match=error):
+            run(tiny_cfg(tmp_path / "out", "data=folder", f"data.root={tmp_path / root}"))
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_corrupt_image_and_unknown_class_in_file_name(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "0_tench.jpg").write_bytes(b"not a jpeg at all")
+    (tmp_path / "imgs" / "1_church.jpg").write_bytes(b"")
+    with pytest.raises(PipelineError, match=r"cannot read image .*_(tench|church)\.jpg: not an image"):
+        run(tiny_cfg(tmp_path / "out", "data=folder", f"data.root={tmp_path / 'imgs'}"))
+    assert_nothing_written(tmp_path / "out")
+    (tmp_path / "imgs" / "2_unicorn.jpg").write_bytes(b"")
+    with pytest.raises(PipelineError, match="cannot tell the class of .*2_unicorn.jpg"):
+        run(tiny_cfg(tmp_path / "out", "data=folder", f"data.root={tmp_path / 'imgs'}"))
+
+
+def test_unwritable_output_dir(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert_one_error_line(cli(tmp_path, f"output_dir={blocker / 'sub'}"), "not writable")
+
+
+def test_wrong_override_key_fails_before_running(tmp_path):
+    proc = cli(tmp_path, "no_such_key=1", f"output_dir={tmp_path / 'out'}")
+    assert proc.returncode != 0 and "Could not override 'no_such_key'" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_offline_hf_dataset_fails_with_a_hint(tmp_path):
+    proc = cli(tmp_path, "data=imagenette_hf", "data.resize=32", "data.crop=32", f"output_dir={tmp_path / 'out'}",
+               env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")})
+    assert_one_error_line(proc, "frgfm/imagenette", "data=folder", "HF_DATASETS_CACHE")
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_torchvision_imagenette_missing(tmp_path):
+    with pytest.raises(PipelineError, match="cannot load torchvision Imagenette .* data=folder"):
+        run(tiny_cfg(tmp_path, "data=imagenette_tv", "data.download=false", f"data.root={tmp_path / 'tv'}",
+                     "data.resize=32", "data.crop=32"))
+    assert_nothing_written(tmp_path)
+
+
+def test_multirun_two_temperatures_wandb_offline_and_rerun_skips(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", "experiment=fig2", "logger=wandb", "gate.temperature=0.2,0.4", f"hydra.sweep.dir={sweep}"]
+    proc = cli(tmp_path, *args)
+    assert proc.returncode == 0, proc.stderr
+    runs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert len(runs) == 2 and "gate.temperature=0.2" in runs[0] and "gate.temperature=0.4" in runs[1]
+    wandb_runs = sorted(sweep.glob("*/results/wandb/offline-run-*"))
+    assert len(wandb_runs) == 2 and all(list(r.glob("*.wandb")) for r in wandb_runs)
+    assert proc.stdout.count("wandb sync") == 2
+    t = [torch.load(sweep / r / "results" / "tensors.pt", weights_only=True) for r in runs]
+    assert t[0]["temperatures"] == ["0.2"] and t[1]["temperatures"] == ["0.4"]
+    assert not torch.allclose(t[0]["excitation"], t[1]["excitation"])
+    again = cli(tmp_path, *args)
+    assert again.returncode == 0 and again.stdout.count("skipping complete run") == 2
+
+
+def test_ddp_spawn_two_processes_equals_one(tmp_path):
+    common = ["experiment=fig3_fig4", "ascent.steps=1", "data.num_images=9", "targets.rows=[tench,church,ostrich]",
+              "batch_size=1"]
+    one = run(tiny_cfg(tmp_path / "one", *common))["results"]
+    two = run(tiny_cfg(tmp_path / "two", *common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                       "trainer.strategy=ddp_spawn"))["results"]
+    a, b = (torch.load(p / "tensors.pt", weights_only=True) for p in (one, two))
+    assert b["row"].tolist() == [0, 1, 2]  # three images split unevenly over two ranks, merged in row order
+    for key in ("images", "vanilla", "excitation", "exc_ascent", "van_ascent", "logit_before"):
+        torch.testing.assert_close(a[key], b[key], msg=key)
