@@ -200,7 +200,8 @@ class Finalizer:
 
 
 def run(cfg: DictConfig) -> dict:
-    """Run one experiment. Returns {"results": dir, "wandb": offline run dir or None, "skipped": bool}.
+    """Run one experiment. Returns {"results": dir (None in DDP children), "wandb": offline run dir or None,
+    "skipped": bool}.
 
     Raises PipelineError (or ValueError/OSError from the core and torchvision) for bad input; nothing is
     left under ``results`` unless the run completed.
@@ -260,8 +261,8 @@ def run(cfg: DictConfig) -> dict:
         if launcher and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
         raise
-    if not launcher:
-        return {"results": final, "wandb": None, "skipped": False}
+    if not launcher:  # a DDP child: rank 0 (the launcher) reports
+        return {"results": None, "wandb": None, "skipped": False}
     if not final.is_dir():
         raise PipelineError(f"the run finished without writing {final}")
     return {"results": final, "wandb": _wandb_dir(final), "skipped": False}
