@@ -212,3 +212,28 @@ def test_hidden_neuron_target():
     soft = pullback(model, x, Neuron("act", 0, call=0))
     assert soft.shape == x.shape and soft.abs().sum() > 0
     del feats
+
+
+def test_lean_batchnorm_same_forward_and_input_gradient():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(4).double().eval()
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    bn.weight.data.uniform_(0.5, 1.5)
+    bn.requires_grad_(False)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), bn, nn.ReLU(), nn.Flatten(), nn.LazyLinear(2)).double().eval()
+    x = _x()
+    model(x)
+    from excitation_pullbacks import ByType
+    from excitation_pullbacks.patching import Excitation
+
+    xr = x.clone().requires_grad_(True)
+    with Excitation(model, ByType(Gate("sigmoid", 0.3)), lean_batchnorm=True):
+        out = model(xr)
+    assert torch.equal(out, model(x))
+    (lean,) = torch.autograd.grad(out[:, 1].sum(), xr)
+    xr2 = x.clone().requires_grad_(True)
+    with Excitation(model, ByType(Gate("sigmoid", 0.3))):
+        out2 = model(xr2)
+    (native,) = torch.autograd.grad(out2[:, 1].sum(), xr2)
+    torch.testing.assert_close(lean, native, rtol=1e-12, atol=1e-14)

@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from .gates import Gate, Schedule, Site, Temperature, make_schedule
-from .surrogates import soft_max_pool2d, soft_relu
+from .surrogates import frozen_batch_norm, soft_max_pool2d, soft_relu
 
 __all__ = ["excitation", "Excitation", "Report", "UngatedActivationWarning"]
 
@@ -97,6 +97,8 @@ class _Mode(TorchFunctionMode):
             return self.owner._relu(func, args, kwargs)
         if func in _POOL:
             return self.owner._pool(func, args, kwargs)
+        if func is F.batch_norm and self.owner.lean_batchnorm:
+            return self.owner._batch_norm(func, args, kwargs)
         name = _UNGATED_FUNCS.get(func)
         if name is not None:
             self.owner._note_ungated(name)
@@ -104,7 +106,13 @@ class _Mode(TorchFunctionMode):
 
 
 class Excitation:
-    """Context manager that gates a model's ReLU and max-pool calls; see :func:`excitation`."""
+    """Context manager that gates a model's ReLU and max-pool calls; see :func:`excitation`.
+
+    schedule: the gate of every call site. observer: called as observer(site, z, gate) with each gated
+    call's input during the forward (calibration, path kernel). lean_batchnorm: run eval-mode BatchNorm
+    with frozen parameters through ``frozen_batch_norm`` (same output, backward keeps no activation);
+    only meaningful while the parameters are frozen, as ``pullback`` and ``ascent`` do.
+    """
 
     def __init__(
         self,
@@ -112,12 +120,14 @@ class Excitation:
         schedule: Schedule,
         *,
         observer: Callable[[Site, Tensor, Gate], None] | None = None,
+        lean_batchnorm: bool = False,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.schedule = schedule
         self.observer = observer
+        self.lean_batchnorm = lean_batchnorm
         self.report = Report()
         self._names = {m: n for n, m in model.named_modules(remove_duplicate=False)}
         self._stack: list[nn.Module] = []
@@ -222,6 +232,16 @@ class Excitation:
             ceil_mode=bool(params.get("ceil_mode", False)),
             return_indices=bool(params.get("return_indices", False)),
         )
+
+    def _batch_norm(self, func, args, kwargs):
+        names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+        a = dict(zip(names, args))
+        a.update(kwargs)
+        w, b = a.get("weight"), a.get("bias")
+        frozen = not any(isinstance(p, Tensor) and p.requires_grad for p in (w, b))
+        if a.get("training", False) or a.get("running_mean") is None or not frozen:
+            return func(*args, **kwargs)
+        return frozen_batch_norm(a["input"], a["running_mean"], a["running_var"], w, b, a.get("eps", 1e-5))
 
     def _note_ungated(self, func_name: str) -> None:
         inner = self._stack[-1] if self._stack else self.model

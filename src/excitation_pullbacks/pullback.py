@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .gates import Schedule, Temperature, make_schedule
+from .gates import ByType, Schedule, Temperature, make_schedule
 from .patching import Excitation, Report
 
 __all__ = ["Neuron", "pullback", "ascent", "frozen_parameters", "check_images"]
@@ -147,6 +147,13 @@ def _neuron_value(out, neuron: Neuron) -> Tensor:
     return a[:, h, w]
 
 
+def engine_for(model: nn.Module, schedule: Schedule) -> Excitation:
+    """The engine used with frozen parameters: lean BatchNorm backward unless every gate is hard (then the
+    native ops run untouched and the result is the vanilla gradient bit for bit)."""
+    all_hard = isinstance(schedule, ByType) and schedule.relu.is_hard and schedule.maxpool.is_hard
+    return Excitation(model, schedule, lean_batchnorm=not all_hard)
+
+
 def _warn_if_training(model: nn.Module) -> None:
     if any(m.training for m in model.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Dropout))):
         warnings.warn("the model is in training mode (BatchNorm uses and updates batch statistics, dropout is "
@@ -222,7 +229,7 @@ def pullback(
         if num_classes is not None:
             _check_range(t, num_classes)
     _warn_if_training(model)
-    engine = Excitation(model, sched)
+    engine = engine_for(model, sched)
     step = batch_size or n
     chunks = []
     with frozen_parameters(model), torch.enable_grad():
@@ -295,7 +302,7 @@ def ascent(
         temperature=temperature, gate=gate, pool_temperature=pool_temperature, pool_detach=pool_detach,
         schedule=schedule,
     )
-    engine = Excitation(model, sched)
+    engine = engine_for(model, sched)
     x = x0.clone()
     trajectory = [x0.clone()] if return_trajectory else None
     dims = tuple(range(1, x.dim()))
