@@ -135,3 +135,16 @@ def test_ddp_spawn_two_processes_equals_one(tmp_path):
     assert b["row"].tolist() == [0, 1, 2]  # three images split unevenly over two ranks, merged in row order
     for key in ("images", "vanilla", "excitation", "exc_ascent", "van_ascent", "logit_before"):
         torch.testing.assert_close(a[key], b[key], msg=key)
+
+
+def test_cli_ddp_two_processes_equals_one(tmp_path):
+    common = ["experiment=fig3_fig4", "ascent.steps=1", "targets.rows=[tench,church,ostrich]", "batch_size=1"]
+    proc = cli(tmp_path, *common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+               f"output_dir={tmp_path / 'two'}", "logger=none")
+    assert proc.returncode == 0, proc.stderr
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stdout + proc.stderr
+    assert proc.stdout.count("results: ") == 1  # only rank 0 reports
+    one = run(tiny_cfg(tmp_path / "one", *common))["results"]
+    a, b = (torch.load(p / "tensors.pt", weights_only=True) for p in (one, tmp_path / "two" / "results"))
+    for key in ("vanilla", "excitation", "exc_ascent", "van_ascent"):
+        torch.testing.assert_close(a[key], b[key], msg=key)

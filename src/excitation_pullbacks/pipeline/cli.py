@@ -6,7 +6,6 @@ The configs live in ``conf/`` at the repository root (an editable install); set
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -46,8 +45,6 @@ def _main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Console entry point."""
-    # Lightning logs through its own handler; do not log every line a second time through Hydra's.
-    logging.getLogger("lightning.pytorch").propagate = False
     if not Path(CONFIG_DIR, "config.yaml").is_file():
         print(f"error: no config.yaml in {CONFIG_DIR}; set EXCITATION_PULLBACKS_CONF to the conf/ folder",
               file=sys.stderr)

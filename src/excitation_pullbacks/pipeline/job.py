@@ -168,10 +168,12 @@ class Finalizer:
             csv_logger.save()
         if not log["wandb"] or log["mode"] == "disabled":
             return None
+        import wandb
         from lightning.pytorch.loggers import WandbLogger
 
+        # quiet: W&B would print the staging path; run() reports the final one
         logger = WandbLogger(project=log["project"], name=self.cfg["name"], save_dir=str(staging),
-                             offline=log["mode"] == "offline", config=self.cfg)
+                             offline=log["mode"] == "offline", config=self.cfg, settings=wandb.Settings(quiet=True))
         try:
             for key, (im, caption) in figs.items():
                 logger.log_image(key=f"figures/{key}", images=[im], caption=[caption])
