@@ -117,6 +117,9 @@ def test_multirun_two_temperatures_wandb_offline_and_rerun_skips(tmp_path):
     assert len(runs) == 2 and "gate.temperature=0.2" in runs[0] and "gate.temperature=0.4" in runs[1]
     wandb_runs = sorted(sweep.glob("*/results/wandb/offline-run-*"))
     assert len(wandb_runs) == 2 and all(list(r.glob("*.wandb")) for r in wandb_runs)
+    for r in wandb_runs:  # the figure and the metrics table went into the offline run
+        assert list(r.glob("files/media/images/figures/fig2_*.png"))
+        assert list(r.glob("files/media/table/metrics_*.table.json"))
     assert proc.stdout.count("wandb sync") == 2
     t = [torch.load(sweep / r / "results" / "tensors.pt", weights_only=True) for r in runs]
     assert t[0]["temperatures"] == ["0.2"] and t[1]["temperatures"] == ["0.4"]
@@ -148,3 +151,10 @@ def test_cli_ddp_two_processes_equals_one(tmp_path):
     a, b = (torch.load(p / "tensors.pt", weights_only=True) for p in (one, tmp_path / "two" / "results"))
     for key in ("vanilla", "excitation", "exc_ascent", "van_ascent"):
         torch.testing.assert_close(a[key], b[key], msg=key)
+
+
+def test_multirun_refuses_a_shared_output_dir(tmp_path):
+    proc = cli(tmp_path, "-m", "gate.temperature=0.2,0.4", f"output_dir={tmp_path / 'out'}",
+               f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert_one_error_line(proc, "shared by every multirun job")
+    assert not (tmp_path / "out").exists()

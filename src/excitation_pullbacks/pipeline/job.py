@@ -33,10 +33,13 @@ STAGING = ".results.partial"
 
 
 def _output_dir(cfg: DictConfig) -> Path:
-    if cfg.get("output_dir"):
-        return Path(os.path.expanduser(str(cfg.output_dir))).absolute()
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
+    if cfg.get("output_dir"):
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise PipelineError("output_dir would be shared by every multirun job: leave it null (use hydra.sweep.dir)")
+        return Path(os.path.expanduser(str(cfg.output_dir))).absolute()
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.output_dir).absolute()
     raise PipelineError("output_dir is not set: run through the CLI or set output_dir=<dir>")
@@ -177,7 +180,7 @@ class Finalizer:
         try:
             for key, (im, caption) in figs.items():
                 logger.log_image(key=f"figures/{key}", images=[im], caption=[caption])
-            logger.log_table(key="metrics", columns=table[0], data=[[str(v) for v in r] for r in table[1:]])
+            logger.log_table(key="metrics", columns=table[0], data=[[None if v == "" else v for v in r] for r in table[1:]])
             logger.log_metrics(summary)
             run_dir = Path(logger.experiment.dir).parent
         finally:
