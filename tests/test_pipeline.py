@@ -222,3 +222,51 @@ def test_labelled_grid_layout():
     assert im.size == (4 * (120 + PAD) + PAD, 22 + 3 * (100 + PAD) + PAD)
     with pytest.raises(ValueError):
         labelled_grid(cells, ["a"])
+
+
+# --- Imagenette loaders on local data (the download itself cannot run here) ----------------------------
+
+WNIDS = ["n01440764", "n02102040", "n02979186", "n03000684", "n03028079", "n03394916", "n03417042", "n03425413",
+         "n03445777", "n03888257"]
+
+
+def test_torchvision_imagenette_labels_map_to_imagenet(tmp_path):
+    from torchvision.datasets import Imagenette
+
+    for wnid in WNIDS:
+        _write_images(tmp_path / "imagenette2-160" / "val" / wnid, [f"{wnid}_1.JPEG", f"{wnid}_2.JPEG"])
+    cfg = tiny_cfg(tmp_path / "out", "data=imagenette_tv", f"data.root={tmp_path}", "data.download=false",
+                   "data.resize=32", "data.crop=32")
+    from excitation_pullbacks.pipeline.data import build_dataset
+
+    ds = build_dataset(cfg.data, [0, 497])
+    assert isinstance(ds.base, Imagenette) and len(ds) == 20
+    assert sorted(set(ds.labels)) == [0, 217, 482, 491, 497, 566, 569, 571, 574, 701]
+    images, labels, index = select_images(ds, [0, 497])
+    assert labels.tolist() == [0, 497] and images.shape == (2, 3, 32, 32)
+    assert [ds[i][1] for i in index.tolist()] == [0, 497]
+
+
+def test_hf_imagenette_rows_map_to_imagenet(tmp_path, monkeypatch):
+    import datasets
+
+    g = torch.Generator().manual_seed(0)
+    pics = [Image.fromarray((torch.rand(24, 30, 3, generator=g) * 255).byte().numpy()) for _ in range(4)]
+    table = datasets.Dataset.from_dict({"image": pics, "label": [0, 4, 9, 4]},
+                                       features=datasets.Features({"image": datasets.Image(),
+                                                                   "label": datasets.ClassLabel(num_classes=10)}))
+    calls = []
+
+    def fake_load(path, name, split, cache_dir=None):
+        calls.append((path, name, split))
+        return table
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    cfg = tiny_cfg(tmp_path, "data=imagenette_hf", "data.resize=32", "data.crop=32")
+    from excitation_pullbacks.pipeline.data import build_dataset
+
+    ds = build_dataset(cfg.data, [0, 497])
+    assert calls == [("frgfm/imagenette", "160px", "validation")]
+    assert ds.labels == [0, 497, 701, 497]
+    x, y = ds[2]
+    assert x.shape == (3, 32, 32) and y == 701

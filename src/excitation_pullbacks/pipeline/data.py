@@ -87,9 +87,10 @@ def _imagenette_tv(cfg, transform) -> Dataset:
         ds = Imagenette(str(root), split=cfg.split, size=cfg.size, download=bool(cfg.download))
     except Exception as err:  # noqa: BLE001 - URLError, RuntimeError('not found'), ...
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        archive = Imagenette._ARCHIVES.get(cfg.size, ("imagenette2",))[0]
         raise PipelineError(
             f"cannot load torchvision Imagenette ({cfg.size}, {cfg.split}) under {root}: {first} - use "
-            f"data=folder data.root=<image dir>, or put the extracted imagenette2-{cfg.size} folder under {root}"
+            f"data=folder data.root=<image dir>, or extract {Path(archive).name} under {root}"
         ) from None
     return _Mapped(ds, transform)
 
