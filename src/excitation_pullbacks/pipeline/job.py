@@ -174,9 +174,9 @@ class Finalizer:
         import wandb
         from lightning.pytorch.loggers import WandbLogger
 
-        # quiet: W&B would print the staging path; run() reports the final one
+        # silent: W&B would print the staging path; run() reports the final one
         logger = WandbLogger(project=log["project"], name=self.cfg["name"], save_dir=str(staging),
-                             offline=log["mode"] == "offline", config=self.cfg, settings=wandb.Settings(quiet=True))
+                             offline=log["mode"] == "offline", config=self.cfg, settings=wandb.Settings(silent=True))
         try:
             for key, (im, caption) in figs.items():
                 logger.log_image(key=f"figures/{key}", images=[im], caption=[caption])
