@@ -114,11 +114,17 @@ class ResultWriter(BasePredictionWriter):
         shard = {k: torch.cat([p[k] for p in preds]) for k in preds[0]} if preds else {}
         torch.save(shard, shard_dir / f"rank{trainer.global_rank}.pt")
         trainer.strategy.barrier("shards written")
+        error = None
         if trainer.is_global_zero:
-            shards = [torch.load(shard_dir / f"rank{r}.pt", weights_only=True) for r in range(trainer.world_size)]
-            shutil.rmtree(shard_dir)
-            self.finalize(merge_shards([s for s in shards if s]))
+            try:
+                shards = [torch.load(shard_dir / f"rank{r}.pt", weights_only=True) for r in range(trainer.world_size)]
+                shutil.rmtree(shard_dir)
+                self.finalize(merge_shards([s for s in shards if s]))
+            except Exception as err:  # noqa: BLE001 - re-raised after the barrier so other ranks do not hang
+                error = err
         trainer.strategy.barrier("results written")
+        if error is not None:
+            raise error
 
 
 def write_metrics_csv(path: Path, merged: dict[str, Tensor], columns: Sequence[int], labels: Sequence[str],
