@@ -158,3 +158,17 @@ def test_multirun_refuses_a_shared_output_dir(tmp_path):
                f"hydra.sweep.dir={tmp_path / 'sweep'}")
     assert_one_error_line(proc, "shared by every multirun job")
     assert not (tmp_path / "out").exists()
+
+
+def test_failure_while_writing_results_leaves_nothing(tmp_path, monkeypatch):
+    from excitation_pullbacks.pipeline import figures
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(figures, "fig2", broken)
+    with pytest.raises(OSError, match="disk full"):
+        run(tiny_cfg(tmp_path, "experiment=fig2"))
+    assert_nothing_written(tmp_path)
+    monkeypatch.undo()
+    assert (run(tiny_cfg(tmp_path, "experiment=fig2"))["results"] / "fig2.png").is_file()
