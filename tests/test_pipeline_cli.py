@@ -172,3 +172,10 @@ def test_failure_while_writing_results_leaves_nothing(tmp_path, monkeypatch):
     assert_nothing_written(tmp_path)
     monkeypatch.undo()
     assert (run(tiny_cfg(tmp_path, "experiment=fig2"))["results"] / "fig2.png").is_file()
+
+
+def test_missing_pretrained_weights_name_the_file(tmp_path):
+    proc = cli(tmp_path, "model.weights=IMAGENET1K_V1", f"output_dir={tmp_path / 'out'}",
+               env={"TORCH_HOME": str(tmp_path / "torch")})
+    assert_one_error_line(proc, "resnet18", "IMAGENET1K_V1", "weights=null")
+    assert_nothing_written(tmp_path / "out")
