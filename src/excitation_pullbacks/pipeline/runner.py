@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 import shutil
 from collections.abc import Callable, Sequence
@@ -25,6 +26,8 @@ from torch import Tensor
 from excitation_pullbacks import ascent, pullback
 
 __all__ = ["Setting", "PullbackModule", "ResultWriter", "merge_shards"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -72,6 +75,8 @@ class PullbackModule(L.LightningModule):
         x, labels, index, rows = batch
         t = torch.tensor(self.columns, device=x.device).expand(x.shape[0], -1)
         out: dict[str, Tensor] = {"images": x, "label": labels, "index": index, "row": rows}
+        log.info("rank %d: pullbacks of %d images x %d targets at %d gate settings", self.global_rank, x.shape[0],
+                 t.shape[1], len(self.settings))
         with torch.enable_grad():  # Lightning predicts under no_grad / inference_mode
             out["vanilla"] = pullback(self.model, x, t, temperature=0.0, gate="hard")
             out["excitation"] = torch.stack([pullback(self.model, x, t, **s.kwargs) for s in self.settings], 1)
@@ -80,11 +85,16 @@ class PullbackModule(L.LightningModule):
             out["logit_before"] = logits.gather(1, t)
             out["top1_before"] = logits.argmax(1)
             if self.steps > 0:
-                runs = [self._ascent(x, t, **s.kwargs) for s in self.settings]
+                runs = []
+                for s in self.settings:
+                    log.info("rank %d: %d ascent steps along excitation pullbacks (T = %s)", self.global_rank,
+                             self.steps, s.label)
+                    runs.append(self._ascent(x, t, **s.kwargs))
                 out["exc_ascent"] = torch.stack([r[0] for r in runs], 1)
                 after = torch.stack([r[1] for r in runs], 1)  # (B, nT, K, classes)
                 out["exc_logit_after"] = after.gather(3, t[:, None, :, None].expand(-1, len(runs), -1, 1))[..., 0]
                 out["exc_top1_after"] = after.argmax(3)
+                log.info("rank %d: %d ascent steps along vanilla gradients", self.global_rank, self.steps)
                 out["van_ascent"], van = self._ascent(x, t, vanilla=True)
                 out["van_logit_after"] = van.gather(2, t[..., None])[..., 0]
                 out["van_top1_after"] = van.argmax(2)
