@@ -270,3 +270,12 @@ def test_hf_imagenette_rows_map_to_imagenet(tmp_path, monkeypatch):
     assert ds.labels == [0, 497, 701, 497]
     x, y = ds[2]
     assert x.shape == (3, 32, 32) and y == 701
+
+
+def test_save_trajectories_keeps_every_step(tmp_path):
+    out = run(tiny_cfg(tmp_path, "experiment=fig1", "ascent.steps=2", "ascent.fig1_steps=2",
+                       "save_trajectories=true"))["results"]
+    t = torch.load(out / "tensors.pt", weights_only=True)
+    assert t["ascent_steps"] == [0, 1, 2]
+    assert t["exc_ascent"].shape == (2, 1, 3, 2, 3, 32, 32)
+    assert torch.equal(t["exc_ascent"][:, 0, 0], t["images"][:, None].expand(-1, 2, -1, -1, -1))
