@@ -88,10 +88,15 @@ def test_unwritable_output_dir(tmp_path):
     assert_one_error_line(cli(tmp_path, f"output_dir={blocker / 'sub'}"), "not writable")
 
 
-def test_wrong_override_key_fails_before_running(tmp_path):
-    proc = cli(tmp_path, "no_such_key=1", f"output_dir={tmp_path / 'out'}")
-    assert proc.returncode != 0 and "Could not override 'no_such_key'" in proc.stderr
-    assert not (tmp_path / "out").exists()
+@pytest.mark.parametrize("args, fragment", [
+    (("no_such_key=1",), "Could not override 'no_such_key'"),
+    (("gate=nosuchgate",), "Could not find 'gate/nosuchgate'"),
+    (("-m", "gate.temperature=0.1,0.2", "gate=sigmoid,nosuchgate"), "Could not find 'gate/nosuchgate'"),
+])
+def test_wrong_override_fails_before_running(tmp_path, args, fragment):
+    proc = cli(tmp_path, *args, f"output_dir={tmp_path / 'out'}")
+    assert_one_error_line(proc, fragment)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "multirun").exists()
 
 
 def test_offline_hf_dataset_fails_with_a_hint(tmp_path):

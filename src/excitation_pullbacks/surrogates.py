@@ -24,6 +24,9 @@ from .gates import Gate
 __all__ = ["soft_relu", "soft_max_pool2d", "pool_geometry", "soft_pool_backward", "frozen_batch_norm"]
 
 
+_SIGMOID_ONE = {torch.float64: 40.0, torch.float32: 20.0}
+
+
 class _SoftReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z: Tensor, gate: Gate) -> Tensor:
@@ -35,7 +38,14 @@ class _SoftReLU(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor):
         (z,) = ctx.saved_tensors
-        return ctx.gate(z).mul_(grad), None
+        gate = ctx.gate
+        t = gate.temperature
+        if gate.shape == "sigmoid" and not isinstance(t, Tensor) and 0 < t < math.inf:
+            # grad * sigmoid(z / T) in one fused pass: the derivative of T * softplus(z / T). Above the
+            # threshold sigmoid is 1 to the dtype's precision (and exp would overflow half precision).
+            threshold = _SIGMOID_ONE.get(z.dtype, 10.0)
+            return torch.ops.aten.softplus_backward(grad, z, 1.0 / t, threshold), None
+        return gate(z).mul_(grad), None
 
 
 class _NoGateReLU(torch.autograd.Function):
@@ -76,45 +86,54 @@ def _windows(xp: Tensor, k, s, d, out_hw):
 def soft_pool_backward(x: Tensor, out: Tensor, grad: Tensor, gate: Gate, k, s, p, d) -> Tensor:
     """Input gradient of the softmax pool.
 
-    x: (N, C, H, W) pool input; out: (N, C, Ho, Wo) its exact max pool (the per-window shift that keeps the
-    exponentials finite); grad: (N, C, Ho, Wo). Returns (N, C, H, W).
+    x: (N, C, H, W) pool input; out: (N, C, Ho, Wo) its exact max pool (the per-window shift m that keeps
+    the exponentials finite); grad: (N, C, Ho, Wo). Returns (N, C, H, W).
+    With r_j = (x_j - m) / T, e_j = exp(r_j), Z = sum e_j: w_j = e_j / Z and
+    ds/dx_j = w_j (1 + (x_j - s) / T) = w_j (r_j + a) with a = 1 - sum_j(e_j r_j) / Z.
     """
     n, c, h, w = x.shape
     ho, wo = out.shape[-2:]
     extra_h = max(0, (ho - 1) * s[0] + (k[0] - 1) * d[0] + 1 - h - p[0])  # ceil_mode windows past the edge
     extra_w = max(0, (wo - 1) * s[1] + (k[1] - 1) * d[1] + 1 - w - p[1])
+    padded = any(p) or extra_h or extra_w
     uniform = gate.is_none
     t = 1.0 if uniform else gate.temperature_like(x)
-    t_max = float(t.max()) if isinstance(t, Tensor) else t
-    # Positions outside the input get a value whose weight exp((fill - max)/T) is exactly 0.
-    fill = float(x.detach().amin()) - 1000.0 * t_max if x.numel() else 0.0
-    xp = F.pad(x, (p[1], extra_w, p[0], extra_h), value=fill)
+    if padded:
+        # Positions outside the input get a value whose weight exp((fill - m) / T) is exactly 0.
+        t_max = float(t.max()) if isinstance(t, Tensor) else t
+        fill = float(x.detach().amin()) - 1000.0 * t_max if x.numel() else 0.0
+        xp = F.pad(x, (p[1], extra_w, p[0], extra_h), value=fill)
+    else:
+        xp = x
     views = list(_windows(xp, k, s, d, (ho, wo)))
-    if uniform:
-        valid = F.pad(torch.ones((1, 1, h, w), dtype=x.dtype, device=x.device), (p[1], extra_w, p[0], extra_h))
-
-    def weight(sl):  # unnormalised window weight, (N, C, Ho, Wo) or (1, 1, Ho, Wo)
-        if uniform:
-            return valid[:, :, sl[0], sl[1]]
-        return (xp[:, :, sl[0], sl[1]] - out).div_(t).exp_()
-
-    z = torch.zeros_like(out)
-    soft = None if (gate.detach or uniform) else torch.zeros_like(out)
-    for sl in views:
-        e = weight(sl)
-        z = z + e
-        if soft is not None:
-            soft.addcmul_(e, xp[:, :, sl[0], sl[1]])
-    coef = grad / z
-    if soft is not None:
-        soft.div_(z)
     gp = torch.zeros_like(xp)
-    for sl in views:
-        e = weight(sl) * coef
-        if soft is not None:  # w_j (1 + (x_j - s) / T)
-            e.mul_((xp[:, :, sl[0], sl[1]] - soft).div_(t).add_(1))
-        gp[:, :, sl[0], sl[1]] += e
-    return gp[:, :, p[0] : p[0] + h, p[1] : p[1] + w]
+    if uniform:
+        valid = torch.ones((1, 1, h, w), dtype=x.dtype, device=x.device)
+        if padded:
+            valid = F.pad(valid, (p[1], extra_w, p[0], extra_h))
+        count = sum(valid[:, :, a, b] for a, b in views)
+        coef = grad / count
+        for a, b in views:
+            gp[:, :, a, b] += coef * valid[:, :, a, b]
+    else:
+        z = torch.zeros_like(out)
+        er = None if gate.detach else torch.zeros_like(out)
+        for a, b in views:
+            r = torch.sub(xp[:, :, a, b], out).div_(t)
+            e = torch.exp(r)
+            z += e
+            if er is not None:
+                er.addcmul_(e, r)
+        coef = grad / z
+        if er is not None:
+            shift = er.div_(z).neg_().add_(1)  # a = 1 - sum(e r) / Z
+        for a, b in views:
+            r = torch.sub(xp[:, :, a, b], out).div_(t)
+            e = torch.exp(r).mul_(coef)
+            if er is not None:
+                e.mul_(r.add_(shift))
+            gp[:, :, a, b] += e
+    return gp[:, :, p[0] : p[0] + h, p[1] : p[1] + w] if padded else gp
 
 
 class _SoftMaxPool2d(torch.autograd.Function):

@@ -43,11 +43,57 @@ def _main(cfg: DictConfig) -> None:
         report(result)
 
 
+def _one_line(message: str) -> str:
+    """Hydra's multi-line composition errors as one line (options listed inline, search path dropped)."""
+    lines, options = [], []
+    for line in message.splitlines():
+        if line.startswith("Config search path") or line.startswith("See https://hydra.cc"):
+            break
+        if line.startswith("\t"):
+            options.append(line.strip())
+        elif line.strip():
+            lines.append("- " + line.strip().rstrip(":").lower() if line.startswith("Available options") else line.strip())
+    text = " ".join(lines)
+    return f"{text}: {', '.join(options)}" if options else text
+
+
+def check_overrides(args: list[str]) -> str | None:
+    """Compose the config for every value of the command-line overrides, as Hydra will.
+
+    args: the command line after the program name. Returns a one-line error, or None when every
+    composition works (or the line holds Hydra flags this check leaves to Hydra).
+    """
+    flags = [a for a in args if a.startswith("-")]
+    if any(f not in ("-m", "--multirun") for f in flags):
+        return None
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-")])
+        choices = [[o.input_line] if not o.is_sweep_override()
+                   else [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] for o in parsed]
+        base = [c[0] for c in choices]  # the first value of every sweep, then each other value in turn
+        combos = [base] + [base[:i] + [v] + base[i + 1:] for i, c in enumerate(choices) for v in c[1:]]
+        with initialize_config_dir(CONFIG_DIR, version_base=None):
+            for overrides in combos:
+                compose("config", overrides=overrides)
+    except Exception as err:  # parse and composition errors: Hydra would print the same, on several lines
+        if type(err).__module__.startswith(("hydra", "omegaconf")):
+            return _one_line(str(err))
+        raise
+    return None
+
+
 def main() -> None:
     """Console entry point."""
     if not Path(CONFIG_DIR, "config.yaml").is_file():
         print(f"error: no config.yaml in {CONFIG_DIR}; set EXCITATION_PULLBACKS_CONF to the conf/ folder",
               file=sys.stderr)
+        sys.exit(1)
+    problem = check_overrides(sys.argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         sys.exit(1)
     _main()
 

@@ -10,10 +10,12 @@ Everything is written to ``.results.partial`` first and renamed to ``results`` a
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -213,6 +215,7 @@ def run(cfg: DictConfig) -> dict:
     """
     from .data import build_dataset, select_images
 
+    started = time.perf_counter()
     resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     _validate(cfg)
     rows = resolve_classes(list(cfg.targets.rows))
@@ -270,7 +273,20 @@ def run(cfg: DictConfig) -> dict:
         return {"results": None, "wandb": None, "skipped": False}
     if not final.is_dir():
         raise PipelineError(f"the run finished without writing {final}")
-    return {"results": final, "wandb": _wandb_dir(final), "skipped": False}
+    timing = _write_timing(final, time.perf_counter() - started, module.model_seconds)
+    return {"results": final, "wandb": _wandb_dir(final), "skipped": False, "timing": timing}
+
+
+def _write_timing(final: Path, total: float, model: float) -> dict:
+    """timing.json: wall time of the run split into model passes (predict steps in this process: pullbacks,
+    ascent) and everything else (model and data loading, selection, figures, writing, logging)."""
+    timing = {"total_s": round(total, 3), "model_passes_s": round(model, 3) if model else None,
+              "other_s": round(total - model, 3) if model else None,
+              "other_fraction": round((total - model) / total, 4) if model else None}
+    tmp = final / ".timing.json.tmp"
+    tmp.write_text(json.dumps(timing, indent=1) + "\n")
+    os.replace(tmp, final / "timing.json")
+    return timing
 
 
 def _wandb_dir(final: Path) -> Path | None:
@@ -281,5 +297,9 @@ def _wandb_dir(final: Path) -> Path | None:
 def report(result: dict, stream=sys.stdout) -> None:
     """Print where the results are and how to sync the offline W&B run."""
     print(f"results: {result['results']}", file=stream)
+    timing = result.get("timing") or {}
+    if timing.get("model_passes_s") is not None:
+        print(f"time: {timing['total_s']:.1f} s, model passes {timing['model_passes_s']:.1f} s, everything else "
+              f"{timing['other_s']:.1f} s ({100 * timing['other_fraction']:.1f}%)", file=stream)
     if result.get("wandb"):
         print(f"W&B run: {result['wandb']} (upload with: wandb sync {result['wandb']})", file=stream)

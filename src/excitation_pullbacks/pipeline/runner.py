@@ -14,6 +14,7 @@ import io
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,7 @@ class PullbackModule(L.LightningModule):
         self.settings = list(settings)
         self.steps, self.step_size, self.eps = int(steps), float(step_size), float(eps)
         self.keep_steps = list(range(self.steps + 1)) if keep_steps is None else sorted(set(keep_steps))
+        self.model_seconds = 0.0  # wall time of predict steps in this process (model passes)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
@@ -72,6 +74,15 @@ class PullbackModule(L.LightningModule):
         ascent exc_ascent (B, nT, S, K, 3, H, W), van_ascent (B, S, K, 3, H, W), exc_logit_after /
         exc_top1_after (B, nT, K), van_logit_after / van_top1_after (B, K).
         """
+        start = time.perf_counter()
+        try:
+            return self._predict(batch)
+        finally:
+            if x_device_is_cuda(batch):
+                torch.cuda.synchronize()
+            self.model_seconds += time.perf_counter() - start
+
+    def _predict(self, batch) -> dict[str, Tensor]:
         x, labels, index, rows = batch
         t = torch.tensor(self.columns, device=x.device).expand(x.shape[0], -1)
         out: dict[str, Tensor] = {"images": x, "label": labels, "index": index, "row": rows}
@@ -99,6 +110,10 @@ class PullbackModule(L.LightningModule):
                 out["van_logit_after"] = van.gather(2, t[..., None])[..., 0]
                 out["van_top1_after"] = van.argmax(2)
         return {k: v.detach().cpu() for k, v in out.items()}
+
+
+def x_device_is_cuda(batch) -> bool:
+    return batch[0].device.type == "cuda"
 
 
 def merge_shards(shards: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
