@@ -126,6 +126,8 @@ def test_multirun_two_temperatures_wandb_offline_and_rerun_skips(tmp_path):
         assert list(r.glob("files/media/images/figures/fig2_*.png"))
         assert list(r.glob("files/media/table/metrics_*.table.json"))
     assert proc.stdout.count("wandb sync") == 2
+    for r, job in zip(wandb_runs, runs):  # each job's run is named after its overrides (group: the experiment)
+        assert f"fig2/{job}".encode() in next(r.glob("*.wandb")).read_bytes()
     t = [torch.load(sweep / r / "results" / "tensors.pt", weights_only=True) for r in runs]
     assert t[0]["temperatures"] == ["0.2"] and t[1]["temperatures"] == ["0.4"]
     assert not torch.allclose(t[0]["excitation"], t[1]["excitation"])

@@ -109,8 +109,9 @@ class Finalizer:
     """Rank 0, after the merge: figures, tensors, metrics, config, loggers; then staging -> results."""
 
     def __init__(self, cfg: dict, out: Path, rows: list[int], columns: list[int], labels: list[str], main: int,
-                 keep_steps: list[int]):
+                 keep_steps: list[int], run_name: str | None = None):
         self.cfg, self.out, self.rows, self.columns = cfg, out, rows, columns
+        self.run_name = run_name or cfg["name"]
         self.labels, self.main, self.keep_steps = labels, main, keep_steps
 
     def __call__(self, merged: dict) -> None:
@@ -177,8 +178,9 @@ class Finalizer:
         from lightning.pytorch.loggers import WandbLogger
 
         # silent: W&B would print the staging path; run() reports the final one
-        logger = WandbLogger(project=log["project"], name=self.cfg["name"], save_dir=str(staging),
-                             offline=log["mode"] == "offline", config=self.cfg, settings=wandb.Settings(silent=True))
+        logger = WandbLogger(project=log["project"], name=self.run_name, group=log.get("group") or self.cfg["name"],
+                             save_dir=str(staging), offline=log["mode"] == "offline", config=self.cfg,
+                             settings=wandb.Settings(silent=True))
         try:
             for key, (im, caption) in figs.items():
                 logger.log_image(key=f"figures/{key}", images=[im], caption=[caption])
@@ -255,7 +257,8 @@ def run(cfg: DictConfig) -> dict:
         keep = None if cfg.save_trajectories else [s for s in sorted({int(cfg.ascent.fig1_steps), steps}) if 0 < s <= steps]
         module = PullbackModule(model, columns, settings, steps=steps, step_size=float(cfg.ascent.step_size),
                                 eps=float(cfg.ascent.eps), keep_steps=keep)
-        finalize = Finalizer(resolved, out, rows, columns, [s.label for s in settings], main, module.keep_steps)
+        finalize = Finalizer(resolved, out, rows, columns, [s.label for s in settings], main, module.keep_steps,
+                             run_name=_run_name(cfg))
         writer = ResultWriter(staging, finalize)
         trainer = L.Trainer(
             accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=int(cfg.trainer.num_nodes),
@@ -287,6 +290,17 @@ def _write_timing(final: Path, total: float, model: float) -> dict:
     tmp.write_text(json.dumps(timing, indent=1) + "\n")
     os.replace(tmp, final / "timing.json")
     return timing
+
+
+def _run_name(cfg: DictConfig) -> str:
+    """The run's name for loggers: ``name``, and in a multirun the job's overrides (``name/k=v,...``)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        overrides = HydraConfig.get().job.override_dirname
+        if overrides:
+            return f"{cfg.name}/{overrides}"
+    return str(cfg.name)
 
 
 def _wandb_dir(final: Path) -> Path | None:
