@@ -40,6 +40,7 @@ def model_and_images():
         (torch.rand(2, 3, 10, 10), 0, {"gate": "tanh"}, "unknown gate shape 'tanh'"),
         (torch.rand(2, 3, 10, 10), Neuron("conv9", 0), {}, r"unknown layer name 'conv9'"),
         (torch.rand(2, 3, 10, 10), Neuron("0", 7), {}, "channel 7 is out of range"),
+        (torch.rand(2, 3, 10, 10), Neuron("0", 0, call=1), {}, "called 1 times; call 1 does not exist"),
         (torch.full((2, 3, 10, 10), math.nan), 0, {}, "NaN or infinite"),
         (torch.zeros(2, 3, 10, 10, dtype=torch.long), 0, {}, "floating-point"),
     ],

@@ -142,11 +142,7 @@ class Excitation:
         if self._open:
             raise RuntimeError("this excitation context is already open")
         try:
-            seen = set()
-            for module in self._names:
-                if module in seen:
-                    continue
-                seen.add(module)
+            for module in self._names:  # each module once, also when registered under several names
                 self._handles.append(module.register_forward_pre_hook(self._enter_module))
                 self._handles.append(module.register_forward_hook(self._exit_module, always_call=True))
         except BaseException:

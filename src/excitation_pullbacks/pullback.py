@@ -186,6 +186,8 @@ def _forward(engine: Excitation, x: Tensor, neuron: Neuron | None):
     _check_gated(report)
     if not outs:
         raise ValueError(f"layer {neuron.layer!r} was not called in the forward pass")
+    if not -len(outs) <= neuron.call < len(outs):
+        raise ValueError(f"layer {neuron.layer!r} was called {len(outs)} times; call {neuron.call} does not exist")
     return _neuron_value(outs[neuron.call], neuron)
 
 
