@@ -60,21 +60,13 @@ def _first(model: nn.Module, types) -> nn.Module | None:
     return next((m for m in model.modules() if isinstance(m, types)), None)
 
 
-def _last(model: nn.Module, types) -> nn.Module | None:
-    found = None
-    for m in model.modules():
-        if isinstance(m, types):
-            found = m
-    return found
-
-
 def check_images(model: nn.Module, images: Tensor) -> None:
     """Raise ValueError unless ``images`` fits the model's first layer: (N, C, H, W) for a conv net."""
     if not isinstance(images, Tensor):
         raise ValueError(f"images must be a tensor, got {type(images).__name__}")
     if not images.is_floating_point():
         raise ValueError(f"images must be a floating-point tensor, got {images.dtype}")
-    first = _first(model, (nn.Conv2d, nn.Linear))
+    first = _first(model, nn.Conv2d) or _first(model, nn.Linear)  # any conv: the input is an image
     if isinstance(first, nn.Conv2d):
         if images.dim() != 4:
             raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
@@ -117,11 +109,6 @@ def _check_range(t: Tensor, num_classes: int) -> None:
     bad = t[(t < 0) | (t >= num_classes)]
     if bad.numel():
         raise ValueError(f"target class {int(bad[0])} is out of range for a model with {num_classes} outputs")
-
-
-def _num_classes(model: nn.Module) -> int | None:
-    last = _last(model, nn.Linear)
-    return last.out_features if last is not None else None
 
 
 def _resolve_module(model: nn.Module, layer: str) -> nn.Module:
@@ -226,10 +213,7 @@ def pullback(
         _resolve_module(model, neuron.layer)
         t = None
     else:
-        t = _class_targets(targets, n, images.device)
-        num_classes = _num_classes(model)
-        if num_classes is not None:
-            _check_range(t, num_classes)
+        t = _class_targets(targets, n, images.device)  # range checked against the logits
     _warn_if_training(model)
     engine = engine_for(model, sched)
     step = batch_size or n
