@@ -72,15 +72,23 @@ def pool_geometry(kernel_size, stride, padding, dilation):
     return k, s, _pair(padding), _pair(dilation)
 
 
-def _windows(xp: Tensor, k, s, d, out_hw):
-    """Strided views of the padded input xp (N, C, Hp, Wp), one per window offset, each (N, C, Ho, Wo)."""
+def _phases(xp: Tensor, k, s, d, out_hw):
+    """Split the padded input (N, C, Hp, Wp) into its stride phases, each made contiguous once, and list
+    every window offset as (phase key, row slice, column slice) of output size (Ho, Wo) in its phase.
+
+    Strided views of the input are several times slower to read than contiguous rows; reading each input
+    element once into its phase keeps the per-offset work on contiguous memory.
+    """
     ho, wo = out_hw
+    phases: dict = {}
+    offsets = []
     for i in range(k[0]):
         for j in range(k[1]):
-            yield (
-                slice(i * d[0], i * d[0] + s[0] * (ho - 1) + 1, s[0]),
-                slice(j * d[1], j * d[1] + s[1] * (wo - 1) + 1, s[1]),
-            )
+            (qi, ri), (qj, rj) = divmod(i * d[0], s[0]), divmod(j * d[1], s[1])
+            if (ri, rj) not in phases:
+                phases[(ri, rj)] = xp[:, :, ri :: s[0], rj :: s[1]].contiguous()
+            offsets.append(((ri, rj), slice(qi, qi + ho), slice(qj, qj + wo)))
+    return phases, offsets
 
 
 def soft_pool_backward(x: Tensor, out: Tensor, grad: Tensor, gate: Gate, k, s, p, d) -> Tensor:
@@ -105,21 +113,31 @@ def soft_pool_backward(x: Tensor, out: Tensor, grad: Tensor, gate: Gate, k, s, p
         xp = F.pad(x, (p[1], extra_w, p[0], extra_h), value=fill)
     else:
         xp = x
-    views = list(_windows(xp, k, s, d, (ho, wo)))
-    gp = torch.zeros_like(xp)
+    phases, offsets = _phases(xp, k, s, d, (ho, wo))
+    grads = {key: torch.zeros_like(ph) for key, ph in phases.items()}
     if uniform:
         valid = torch.ones((1, 1, h, w), dtype=x.dtype, device=x.device)
         if padded:
             valid = F.pad(valid, (p[1], extra_w, p[0], extra_h))
-        count = sum(valid[:, :, a, b] for a, b in views)
+        vphases, _ = _phases(valid, k, s, d, (ho, wo))
+        count = sum(vphases[key][:, :, a, b] for key, a, b in offsets)
         coef = grad / count
-        for a, b in views:
-            gp[:, :, a, b] += coef * valid[:, :, a, b]
+        for key, a, b in offsets:
+            grads[key][:, :, a, b] += coef * vphases[key][:, :, a, b]
     else:
+        if isinstance(t, Tensor):
+            def exponent(v):  # r = (v - m) / T
+                return torch.sub(v, out).div_(t)
+        else:
+            neg_m = out / -t
+
+            def exponent(v):  # r = v / T - m / T in one pass
+                return torch.add(neg_m, v, alpha=1.0 / t)
+
         z = torch.zeros_like(out)
         er = None if gate.detach else torch.zeros_like(out)
-        for a, b in views:
-            r = torch.sub(xp[:, :, a, b], out).div_(t)
+        for key, a, b in offsets:
+            r = exponent(phases[key][:, :, a, b])
             e = torch.exp(r)
             z += e
             if er is not None:
@@ -127,12 +145,15 @@ def soft_pool_backward(x: Tensor, out: Tensor, grad: Tensor, gate: Gate, k, s, p
         coef = grad / z
         if er is not None:
             shift = er.div_(z).neg_().add_(1)  # a = 1 - sum(e r) / Z
-        for a, b in views:
-            r = torch.sub(xp[:, :, a, b], out).div_(t)
+        for key, a, b in offsets:
+            r = exponent(phases[key][:, :, a, b])
             e = torch.exp(r).mul_(coef)
             if er is not None:
                 e.mul_(r.add_(shift))
-            gp[:, :, a, b] += e
+            grads[key][:, :, a, b] += e
+    gp = torch.empty_like(xp) if len(grads) == s[0] * s[1] else torch.zeros_like(xp)
+    for (ri, rj), g in grads.items():
+        gp[:, :, ri :: s[0], rj :: s[1]] = g
     return gp[:, :, p[0] : p[0] + h, p[1] : p[1] + w] if padded else gp
 
 
