@@ -116,3 +116,18 @@ def test_large_values_stay_finite():
     x = (_x() * 1000).requires_grad_(True)
     (g,) = torch.autograd.grad(soft_max_pool2d(x.float(), Gate("softmax", 0.3), 3, 2, 1).sum(), x)
     assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (2, 3, 9, 7)])
+@pytest.mark.parametrize("detach", [False, True])
+def test_tiling_windows_fast_path(shape, detach):
+    """Stride == kernel (VGG's pools), with leftover rows/columns that no window covers."""
+    x = _x(shape, seed=5).requires_grad_(True)
+    temps = [0.3, torch.tensor([0.2, 0.5, 1.0], dtype=torch.float64)]
+    for t in temps:
+        (ours,) = torch.autograd.grad(soft_max_pool2d(x, Gate("softmax", t, detach=detach), 2).sum(), x)
+        for c in range(3):
+            tc = t if isinstance(t, float) else float(t[c])
+            (ref,) = torch.autograd.grad(soft_pool_reference(x[:, c : c + 1], 2, temperature=tc, detach=detach).sum(), x)
+            torch.testing.assert_close(ours[:, c], ref[:, c], rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda v: _Probe.apply(v, Gate("softmax", 0.3), (2, 2, 0, 1), False), (x,))

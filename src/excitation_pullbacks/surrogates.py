@@ -113,6 +113,8 @@ def soft_pool_backward(x: Tensor, out: Tensor, grad: Tensor, gate: Gate, k, s, p
         xp = F.pad(x, (p[1], extra_w, p[0], extra_h), value=fill)
     else:
         xp = x
+    if not padded and not uniform and s == k and d == (1, 1):
+        return _tiled_pool_backward(x, out, grad, gate.detach, t, k)
     phases, offsets = _phases(xp, k, s, d, (ho, wo))
     grads = {key: torch.zeros_like(ph) for key, ph in phases.items()}
     if uniform:
@@ -155,6 +157,34 @@ def soft_pool_backward(x: Tensor, out: Tensor, grad: Tensor, gate: Gate, k, s, p
     for (ri, rj), g in grads.items():
         gp[:, :, ri :: s[0], rj :: s[1]] = g
     return gp[:, :, p[0] : p[0] + h, p[1] : p[1] + w] if padded else gp
+
+
+def _tiled_pool_backward(x: Tensor, out: Tensor, grad: Tensor, detach: bool, t, k) -> Tensor:
+    """soft_pool_backward for windows that tile the input (stride == kernel, no dilation or padding, e.g.
+    VGG's 2x2 pools): every element lies in one window at most, so window sums are sum pools of
+    element-wise terms. Window-level factors broadcast over a (N, C, Ho, kh, Wo, kw) view."""
+    n, c, h, w = x.shape
+    ho, wo = out.shape[-2:]
+    hh, ww = ho * k[0], wo * k[1]
+
+    def tiles(v: Tensor) -> Tensor:
+        return v.view(n, c, ho, k[0], wo, k[1])
+
+    def window_sum(v: Tensor) -> Tensor:
+        return F.avg_pool2d(v, k, k, divisor_override=1)
+
+    r = torch.sub(x[:, :, :hh, :ww], F.interpolate(out, size=(hh, ww), mode="nearest")).div_(t)  # (x - m) / T
+    e = torch.exp(r)
+    z = window_sum(e)
+    coef = grad / z
+    if detach:
+        g = tiles(e).mul_(coef[:, :, :, None, :, None])
+    else:  # e (r + a) coef = (e r + a e) coef with a = 1 - sum(e r) / Z, in place
+        q = r.mul_(e)
+        a = window_sum(q).div_(z).neg_().add_(1)
+        g = tiles(q).addcmul_(tiles(e), a[:, :, :, None, :, None]).mul_(coef[:, :, :, None, :, None])
+    g = g.reshape(n, c, hh, ww)
+    return F.pad(g, (0, w - ww, 0, h - hh)) if (hh, ww) != (h, w) else g
 
 
 class _SoftMaxPool2d(torch.autograd.Function):
