@@ -5,8 +5,9 @@
     s = sum_j x_j w_j, w = softmax(x / T) over each window (padding excluded, as in the max), i.e.
     ds/dx_j = w_j (1 + (x_j - s) / T), or w_j alone with detached weights.
 
-The pool backward loops over the k_h * k_w window offsets with strided views of the input, so it never
-materialises the k_h * k_w-fold unfolded input that an unfold-based soft pool needs.
+The pool backward loops over the k_h * k_w window offsets, each an output-sized slice of one stride phase
+of the input, so it never materialises the k_h * k_w-fold unfolded input that an unfold-based soft pool
+needs; windows that tile the input (stride == kernel) take a direct path.
 """
 
 from __future__ import annotations
