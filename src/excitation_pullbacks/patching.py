@@ -184,9 +184,13 @@ class Excitation:
             mode.__exit__(None, None, None)
 
     # -- sites ---------------------------------------------------------------------------------------
-    def _site(self, kind: str, func_name: str, module_types) -> Site:
+    def _caller(self) -> tuple[nn.Module, str]:
+        """The innermost running module of the model and its path (``<root>`` for the model itself)."""
         inner = self._stack[-1] if self._stack else self.model
-        path = self._names.get(inner, "") or "<root>"
+        return inner, self._names.get(inner, "") or "<root>"
+
+    def _site(self, kind: str, func_name: str, module_types) -> Site:
+        inner, path = self._caller()
         name = path if isinstance(inner, module_types) else f"{path}:{func_name}"
         call = self._counts[name]
         self._counts[name] += 1
@@ -240,8 +244,7 @@ class Excitation:
         return frozen_batch_norm(a["input"], a["running_mean"], a["running_var"], w, b, a.get("eps", 1e-5))
 
     def _note_ungated(self, func_name: str) -> None:
-        inner = self._stack[-1] if self._stack else self.model
-        path = self._names.get(inner, "") or "<root>"
+        inner, path = self._caller()
         kind = type(inner).__name__
         same = kind.lower() == func_name.replace("_", "")
         what = f"{path} ({kind})" if same else f"{path}:{func_name}"

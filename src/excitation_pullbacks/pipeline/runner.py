@@ -78,7 +78,7 @@ class PullbackModule(L.LightningModule):
         try:
             return self._predict(batch)
         finally:
-            if x_device_is_cuda(batch):
+            if batch[0].is_cuda:  # count the queued kernels in this step's time
                 torch.cuda.synchronize()
             self.model_seconds += time.perf_counter() - start
 
@@ -110,10 +110,6 @@ class PullbackModule(L.LightningModule):
                 out["van_logit_after"] = van.gather(2, t[..., None])[..., 0]
                 out["van_top1_after"] = van.argmax(2)
         return {k: v.detach().cpu() for k, v in out.items()}
-
-
-def x_device_is_cuda(batch) -> bool:
-    return batch[0].device.type == "cuda"
 
 
 def merge_shards(shards: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
