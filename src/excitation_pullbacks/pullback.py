@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Union
@@ -256,6 +256,7 @@ def ascent(
     pool_detach: bool = False,
     schedule: Schedule | None = None,
     vanilla: bool = False,
+    direction: Callable[[Tensor, Tensor], Tensor] | None = None,
     return_trajectory: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Projected gradient ascent toward target logits along excitation pullbacks (paper Sec. 6.1).
@@ -265,6 +266,9 @@ def ascent(
 
     images: (N, C, H, W) in [-1, 1]. targets: N ints, an int, or (N, K) / N lists of K ints for a grid.
     vanilla: use the vanilla gradient (the paper's control) instead of the excitation pullback.
+    direction: any other step direction, ``direction(x, t) -> (M, C, H, W)`` for x (M, C, H, W) and class
+        targets t (M,) (e.g. a Captum attribution from ``excitation_pullbacks.baselines``); it replaces the
+        pullback, and the gate arguments are ignored.
     Returns the final images, (N, C, H, W) or (N, K, C, H, W) for a grid; with ``return_trajectory`` also
     every step, (steps + 1, ...) starting with the original images.
     """
@@ -282,6 +286,8 @@ def ascent(
         grid_shape = t.shape
         x0 = x0[:, None].expand(-1, t.shape[1], *x0.shape[1:]).reshape(-1, *x0.shape[1:])
         t = t.reshape(-1)
+    if vanilla and direction is not None:
+        raise ValueError("ascent takes either vanilla=True or a direction, not both")
     if vanilla:
         temperature, gate, schedule = 0.0, "hard", None
     sched = make_schedule(
@@ -294,10 +300,15 @@ def ascent(
     dims = tuple(range(1, x.dim()))
     with frozen_parameters(model), torch.enable_grad():
         for _ in range(steps):
-            xr = x.detach().requires_grad_(True)
-            logits = _forward(engine, xr, None)
-            _check_range(t, logits.shape[1])
-            (g,) = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), xr)
+            if direction is None:
+                xr = x.detach().requires_grad_(True)
+                logits = _forward(engine, xr, None)
+                _check_range(t, logits.shape[1])
+                (g,) = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), xr)
+            else:
+                g = direction(x.detach(), t).detach()
+                if g.shape != x.shape:
+                    raise ValueError(f"direction returned shape {tuple(g.shape)}, expected {tuple(x.shape)}")
             norm = g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *(1,) * len(dims))
             x = x + step_size * g / norm
             delta = x - x0
