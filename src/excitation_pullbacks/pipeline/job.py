@@ -154,42 +154,8 @@ class Finalizer:
         torch.save(tensors, staging / "tensors.pt")
         table = write_metrics_csv(staging / "metrics.csv", merged, self.columns, self.labels, names)
         (staging / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(self.cfg)))
-        wandb_dir = self._log(staging, figs, table)
-        if wandb_dir is not None:
-            (staging / "wandb_run.txt").write_text(str(self.out / RESULTS / wandb_dir.relative_to(staging)) + "\n")
-        final = self.out / RESULTS
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-
-    def _log(self, staging: Path, figs: dict, table: list) -> Path | None:
-        log = self.cfg["logger"]
-        summary = self._summary(table)
-        if log["csv"]:
-            from lightning.pytorch.loggers import CSVLogger
-
-            csv_logger = CSVLogger(str(staging), name="csv", version="")
-            csv_logger.log_hyperparams(self.cfg)
-            csv_logger.log_metrics(summary)
-            csv_logger.save()
-        if not log["wandb"] or log["mode"] == "disabled":
-            return None
-        import wandb
-        from lightning.pytorch.loggers import WandbLogger
-
-        # silent: W&B would print the staging path; run() reports the final one
-        logger = WandbLogger(project=log["project"], name=self.run_name, group=log.get("group") or self.cfg["name"],
-                             save_dir=str(staging), offline=log["mode"] == "offline", config=self.cfg,
-                             settings=wandb.Settings(silent=True))
-        try:
-            for key, (im, caption) in figs.items():
-                logger.log_image(key=f"figures/{key}", images=[im], caption=[caption])
-            logger.log_table(key="metrics", columns=table[0], data=[[None if v == "" else v for v in r] for r in table[1:]])
-            logger.log_metrics(summary)
-            run_dir = Path(logger.experiment.dir).parent
-        finally:
-            logger.experiment.finish()
-        return run_dir
+        log_results(self.cfg, staging, self.out, figs, table, self._summary(table), self.run_name)
+        finish_staging(self.out)
 
     @staticmethod
     def _summary(table: list) -> dict[str, float]:
@@ -206,6 +172,45 @@ class Finalizer:
                 out[f"{key}/logit_after"] = sum(r[col["logit_after"]] for r in rs) / len(rs)
                 out[f"{key}/hit_rate"] = sum(r[col["hit_after"]] for r in rs) / len(rs)
         return out
+
+
+def log_results(cfg: dict, staging: Path, out: Path, figs: dict, table: list, summary: dict, run_name: str) -> None:
+    """CSV logger (hyperparameters, summary) and W&B (figures, table, summary) in ``staging``; the W&B run's
+    final path goes to ``wandb_run.txt``. figs: {key: (PIL image, caption)}; table: header row, then rows."""
+    log = cfg["logger"]
+    if log["csv"]:
+        from lightning.pytorch.loggers import CSVLogger
+
+        csv_logger = CSVLogger(str(staging), name="csv", version="")
+        csv_logger.log_hyperparams(cfg)
+        csv_logger.log_metrics(summary)
+        csv_logger.save()
+    if not log["wandb"] or log["mode"] == "disabled":
+        return
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    # silent: W&B would print the staging path; run() reports the final one
+    logger = WandbLogger(project=log["project"], name=run_name, group=log.get("group") or cfg["name"],
+                         save_dir=str(staging), offline=log["mode"] == "offline", config=cfg,
+                         settings=wandb.Settings(silent=True))
+    try:
+        for key, (im, caption) in figs.items():
+            logger.log_image(key=f"figures/{key}", images=[im], caption=[caption])
+        logger.log_table(key="metrics", columns=table[0], data=[[None if v == "" else v for v in r] for r in table[1:]])
+        logger.log_metrics(summary)
+        run_dir = Path(logger.experiment.dir).parent
+    finally:
+        logger.experiment.finish()
+    (staging / "wandb_run.txt").write_text(str(out / RESULTS / run_dir.relative_to(staging)) + "\n")
+
+
+def finish_staging(out: Path) -> None:
+    """Rename the complete staging folder to ``results`` (replacing an older one)."""
+    final = out / RESULTS
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(out / STAGING, final)
 
 
 def run(cfg: DictConfig) -> dict:
