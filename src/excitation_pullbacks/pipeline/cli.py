@@ -33,7 +33,8 @@ def _message(err: BaseException) -> str:
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base=None)
-def _main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> float | None:
+    """One job; returns the evaluate task's objective (what the Optuna sweeper optimises), else None."""
     try:
         result = run(cfg)
     except EXPECTED as err:
@@ -41,6 +42,7 @@ def _main(cfg: DictConfig) -> None:
         sys.exit(1)
     if result["results"] is not None:
         report(result)
+    return result.get("objective")
 
 
 def _one_line(message: str) -> str:
@@ -57,6 +59,17 @@ def _one_line(message: str) -> str:
     return f"{text}: {', '.join(options)}" if options else text
 
 
+def _sweep_values(override) -> list[str]:
+    """``key=value`` for each value of a choice/range sweep; an interval (Optuna) sweep's two ends."""
+    from hydra.core.override_parser.types import IntervalSweep
+
+    key = override.get_key_element()
+    value = override.value()
+    if isinstance(value, IntervalSweep):
+        return [f"{key}={value.start}", f"{key}={value.end}"]
+    return [f"{key}={v}" for v in override.sweep_string_iterator()]
+
+
 def check_overrides(args: list[str]) -> str | None:
     """Compose the config for every value of the command-line overrides, as Hydra will.
 
@@ -71,8 +84,7 @@ def check_overrides(args: list[str]) -> str | None:
 
     try:
         parsed = OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-")])
-        choices = [[o.input_line] if not o.is_sweep_override()
-                   else [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] for o in parsed]
+        choices = [[o.input_line] if not o.is_sweep_override() else _sweep_values(o) for o in parsed]
         base = [c[0] for c in choices]  # the first value of every sweep, then each other value in turn
         combos = [base] + [base[:i] + [v] + base[i + 1:] for i, c in enumerate(choices) for v in c[1:]]
         with initialize_config_dir(CONFIG_DIR, version_base=None):

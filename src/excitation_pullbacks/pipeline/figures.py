@@ -12,7 +12,8 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from torchvision.utils import make_grid
 
-__all__ = ["labelled_grid", "stack_panels", "fig1", "fig2", "fig_ascent", "fig_sweep"]
+__all__ = ["labelled_grid", "stack_panels", "fig1", "fig2", "fig_ascent", "fig_sweep", "methods_grid", "metric_curves",
+           "randomization_curves"]
 
 PAD = 2
 
@@ -122,3 +123,88 @@ def fig_sweep(image: Tensor, pullbacks: Tensor, temperatures: Sequence[str], col
     cells = _with_original(image[None].expand(len(temperatures), *image.shape), pullbacks)
     panel = labelled_grid(cells, ["original", *columns], [f"T = {t}" for t in temperatures])
     return stack_panels([panel], [title or "Pullbacks by gate temperature"])
+
+
+def methods_grid(images: Tensor, maps: Tensor, methods: Sequence[str], targets: Sequence[str],
+                 *, max_rows: int = 8) -> Image.Image:
+    """Maps of every method: images (N, C, H, W), maps (N, J, C, H, W); rows are images (titled with the
+    target class), columns the original and the J methods; at most ``max_rows`` rows."""
+    n = min(max_rows, images.shape[0])
+    rgb = (lambda t: t.expand(*t.shape[:-3], 3, *t.shape[-2:])) if images.shape[1] == 1 else (lambda t: t)
+    panel = labelled_grid(_with_original(rgb(images[:n]), rgb(maps[:n])), ["original", *methods], list(targets[:n]))
+    return stack_panels([panel], ["Attribution maps for the target class, by method"])
+
+
+def _plot_to_image(fig) -> Image.Image:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")
+
+
+def metric_curves(table: Sequence[dict], metrics: Sequence[str]) -> Image.Image:
+    """One panel per metric present in ``table`` (rows of the evaluate task): excitation pullbacks' mean by
+    gate temperature (line, standard-error bars) and each baseline's mean as a dashed horizontal line."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    present = [m for m in metrics if any(r.get(m, "") != "" for r in table)]
+    cols = 3
+    nrows = max(1, -(-len(present) // cols))
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.0 * nrows), squeeze=False)
+    exc = [r for r in table if r["method"] == "excitation" and r["temperature"] != ""]
+    base = [r for r in table if r["method"] != "excitation"]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, m in zip(axes.flat, present):
+        pts = [(float(r["temperature"]), r[m], r.get(f"{m}_sem") or 0.0) for r in exc if r.get(m, "") != ""]
+        if pts:
+            t, v, e = zip(*sorted(pts))
+            ax.errorbar(t, v, yerr=e, marker="o", color="black", label="excitation", capsize=2)
+            ax.set_xscale("log")
+        for i, r in enumerate(base):
+            if r.get(m, "") != "":
+                ax.axhline(r[m], linestyle="--", color=colors[i % len(colors)], label=r["method"])
+        ax.set_title(m, fontsize=10)
+        ax.set_xlabel("gate temperature T")
+        ax.tick_params(labelsize=8)
+    for ax in list(axes.flat)[len(present):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, bbox_to_anchor=(0.5, -0.02))
+    fig.suptitle(f"{table[0]['model']}: metrics by gate temperature (mean of {table[0]['n_images']} images)")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    im = _plot_to_image(fig)
+    plt.close(fig)
+    return im
+
+
+def randomization_curves(data: dict) -> Image.Image:
+    """Cascading randomization: mean Spearman and SSIM to the original maps (y) after randomising layers from
+    the top (x), one line per method setting. data: {"layers": [L names], "spearman"/"ssim": {setting: [L]}}."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    layers = data["layers"]
+    fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 0.35 * len(layers) + 4), 3.6))
+    for ax, key in zip(axes, ("spearman", "ssim")):
+        for label, values in data[key].items():
+            if values:
+                ax.plot(range(len(values)), values, marker=".", label=label)
+        ax.set_xticks(range(len(layers)))
+        ax.set_xticklabels(layers, rotation=90, fontsize=6)
+        ax.set_ylabel(key)
+        ax.set_xlabel("randomised down to layer (cumulative, from the top)")
+        ax.axhline(0, color="grey", linewidth=0.5)
+    axes[1].legend(fontsize=7, loc="upper right")
+    fig.suptitle("Model-parameter randomization check: similarity to the original maps (lower: passes)")
+    fig.tight_layout()
+    im = _plot_to_image(fig)
+    plt.close(fig)
+    return im

@@ -213,6 +213,21 @@ def finish_staging(out: Path) -> None:
     os.replace(out / STAGING, final)
 
 
+def prepare_output(out: Path, launcher: bool) -> Path:
+    """Create ``out`` and an empty staging folder in it (the launcher clears an old one) -> the staging path."""
+    staging = out / STAGING
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if launcher and staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(exist_ok=True)
+        (staging / ".write-test").write_text("")
+        (staging / ".write-test").unlink()
+    except OSError as err:
+        raise PipelineError(f"output directory {out} is not writable: {err.strerror or err}") from None
+    return staging
+
+
 def run(cfg: DictConfig) -> dict:
     """Run one experiment. Returns {"results": dir (None in DDP children), "wandb": offline run dir or None,
     "skipped": bool}.
@@ -220,6 +235,12 @@ def run(cfg: DictConfig) -> dict:
     Raises PipelineError (or ValueError/OSError from the core and torchvision) for bad input; nothing is
     left under ``results`` unless the run completed.
     """
+    if cfg.get("task", "figures") == "evaluate":
+        from .evaluate import run_evaluate
+
+        return run_evaluate(cfg)
+    if cfg.get("task", "figures") != "figures":
+        raise PipelineError(f"unknown task {cfg.task!r}; choose figures or evaluate")
     from .data import build_dataset, select_images
 
     started = time.perf_counter()
@@ -237,15 +258,7 @@ def run(cfg: DictConfig) -> dict:
         print(f"skipping complete run: {final}")
         return {"results": final, "wandb": _wandb_dir(final), "skipped": True}
     launcher = _is_launcher()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        if launcher and staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir(exist_ok=True)
-        (staging / ".write-test").write_text("")
-        (staging / ".write-test").unlink()
-    except OSError as err:
-        raise PipelineError(f"output directory {out} is not writable: {err.strerror or err}") from None
+    prepare_output(out, launcher)
     try:
         torch.manual_seed(int(cfg.seed))  # random weights (weights=null) are the same on every rank and run
         model = build_model(cfg.model.name, cfg.model.weights, checkpoint=cfg.model.checkpoint)
@@ -320,5 +333,7 @@ def report(result: dict, stream=sys.stdout) -> None:
     if timing.get("model_passes_s") is not None:
         print(f"time: {timing['total_s']:.1f} s, model passes {timing['model_passes_s']:.1f} s, everything else "
               f"{timing['other_s']:.1f} s ({100 * timing['other_fraction']:.1f}%)", file=stream)
+    if result.get("objective") is not None:
+        print(f"objective: {result['objective']:.6g}", file=stream)
     if result.get("wandb"):
         print(f"W&B run: {result['wandb']} (upload with: wandb sync {result['wandb']})", file=stream)
