@@ -15,7 +15,7 @@ from functools import partial
 import torch.nn as nn
 from torch import Tensor
 
-from .gates import Temperature
+from .gates import Schedule, Temperature
 from .pullback import frozen_parameters
 
 __all__ = ["METHODS", "BASELINES", "Explain", "explainer", "as_direction"]
@@ -70,6 +70,7 @@ def explainer(
     gate: str = "sigmoid",
     pool_temperature: Temperature | None = None,
     pool_detach: bool = False,
+    schedule: Schedule | None = None,
     smoothgrad_samples: int = 25,
     smoothgrad_noise: float = 0.15,
     ig_steps: int = 32,
@@ -86,7 +87,8 @@ def explainer(
     guided_backprop: Captum ``GuidedBackprop`` (only ``nn.ReLU`` modules are modified, as Captum does).
     integrated_gradients: Captum ``IntegratedGradients`` from the constant image ``ig_baseline`` (-1: black
         in [-1, 1] images) with ``ig_steps`` Gauss-Legendre points.
-    excitation: :class:`~excitation_pullbacks.attribution.ExcitationPullback` with the gate arguments.
+    excitation: :class:`~excitation_pullbacks.attribution.ExcitationPullback` with the gate arguments
+        (``schedule`` wins over the others, as in ``pullback``).
     batch_size: forward-pass batch for SmoothGrad samples / IG steps (None: all at once).
     """
     if method == "vanilla":
@@ -104,7 +106,7 @@ def explainer(
         fn = partial(_integrated_gradients, steps=ig_steps, baseline=ig_baseline, batch_size=batch_size)
     elif method == "excitation":
         fn = partial(_excitation, temperature=temperature, gate=gate, pool_temperature=pool_temperature,
-                     pool_detach=pool_detach)
+                     pool_detach=pool_detach, schedule=schedule)
     else:
         raise ValueError(f"unknown attribution method {method!r}; choose one of {', '.join(METHODS)}")
 

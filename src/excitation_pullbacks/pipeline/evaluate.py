@@ -81,9 +81,11 @@ def depth_schedule(model: nn.Module, example: Tensor, temperatures: Sequence[flo
     return ByDepth(lambda d: gates[min(d * len(gates) // n, len(gates) - 1)], default=base)
 
 
-def settings_from_config(cfg, model: nn.Module, example: Tensor) -> tuple[list[EvalSetting], int]:
+def settings_from_config(cfg, model: nn.Module, example: Tensor, dataset=None,
+                         staging: Path | None = None) -> tuple[list[EvalSetting], int]:
     """-> the rows of the table (baselines, then excitation at each temperature) and the index of the row the
-    objective reads (excitation at the temperature closest to gate.temperature)."""
+    objective reads (excitation at the temperature closest to gate.temperature). example: (1, C, H, W);
+    dataset and staging serve per-channel calibration (gate=calibrated)."""
     ev, g = cfg.evaluate, cfg.gate
     unknown = [m for m in ev.methods if m not in METHODS]
     if unknown:
@@ -93,7 +95,14 @@ def settings_from_config(cfg, model: nn.Module, example: Tensor) -> tuple[list[E
     ascent_methods = set(ev.ascent_methods)
     settings = [EvalSetting(m, m, "", dict(common), m in ascent_methods) for m in ev.methods if m != "excitation"]
     main = None
-    if "excitation" in ev.methods:
+    if "excitation" in ev.methods and "calibration_scale" in g:  # per-channel temperatures
+        from .job import _settings
+
+        (calibrated,), _ = _settings(cfg, model, dataset, staging)
+        settings.append(EvalSetting("excitation calibrated", "excitation", "",
+                                    dict(common, **calibrated.kwargs), "excitation" in ascent_methods))
+        main = len(settings) - 1
+    elif "excitation" in ev.methods:
         temps = [float(t) for t in cfg.temperatures]
         depth = g.get("depth_temperatures")
         for t in temps:
@@ -113,16 +122,7 @@ def settings_from_config(cfg, model: nn.Module, example: Tensor) -> tuple[list[E
 
 
 def _make_explain(s: EvalSetting):
-    opts = dict(s.options)
-    schedule = opts.pop("schedule", None)
-    if schedule is None:
-        return explainer(s.method, **opts)
-    from excitation_pullbacks.attribution import ExcitationPullback
-
-    def explain(model, x, t):
-        return ExcitationPullback(model, schedule=schedule).attribute(x.detach(), target=t).detach()
-
-    return explain
+    return explainer(s.method, **s.options)
 
 
 class EvaluateModule(L.LightningModule):
@@ -365,7 +365,7 @@ def run_evaluate(cfg) -> dict:
         model = build_model(cfg.model.name, cfg.model.weights, checkpoint=cfg.model.checkpoint)
         dataset = build_dataset(cfg.data, resolve_classes(list(cfg.targets.rows)))
         images, labels, index = evaluation_images(dataset, int(ev.num_images), int(cfg.seed))
-        settings, main = settings_from_config(cfg, model, images[:1])
+        settings, main = settings_from_config(cfg, model, images[:1], dataset, staging)
         transfer = {}
         for name in ev.transfer_models or []:
             torch.manual_seed(int(cfg.seed))
