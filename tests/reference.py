@@ -4,9 +4,12 @@ Module swap (deep copy, every nn.ReLU / nn.MaxPool2d replaced) plus the strike-t
 out = hard.detach() + soft - soft.detach(), whose gradient autograd derives from a smooth function:
 T * softplus(z / T) (derivative sigmoid(z / T)) for ReLU, and an unfold soft pool for max-pool.
 Functional relu calls are reached by substituting torch.nn.functional.relu for the duration.
+SiLU / GELU modules are swapped for the same construction with T * softplus(z / T) (derivative sigmoid(z / T))
+and T * (u Phi(u) + phi(u)), u = z / T (derivative Phi(z / T)).
 """
 
 import copy
+import math
 from contextlib import contextmanager
 
 import torch
@@ -93,4 +96,69 @@ def reference_pullback(model, images, targets, temperature=0.3):
     with functional_relu(lambda z, inplace=False: RefReLU(temperature)(z)):
         out = ref(x)
     out.gather(1, targets[:, None]).sum().backward()
+    return x.grad
+
+
+# -- SiLU and GELU: the gate s(z / T) in place of the exact derivative ------------------------------------
+
+def _normal_pdf(u):
+    return torch.exp(-0.5 * u * u) / math.sqrt(2 * math.pi)
+
+
+class RefSiLU(nn.Module):
+    """F.silu forward; gradient sigmoid(z / T), derived by autograd from T * softplus(z / T)."""
+
+    def __init__(self, temperature):
+        super().__init__()
+        self.t = temperature
+
+    def forward(self, z, inplace=False):
+        soft = self.t * F.softplus(z / self.t)
+        return F.silu(z).detach() + soft - soft.detach()
+
+
+class RefGELU(nn.Module):
+    """F.gelu forward; gradient Phi(z / T), derived by autograd from T * (u Phi(u) + phi(u)), u = z / T;
+    for approximate="tanh" the gradient is the tanh form of Phi at z / T, by z * g + (gelu(z) - z * g).detach()
+    with g detached."""
+
+    def __init__(self, temperature, approximate="none"):
+        super().__init__()
+        self.t, self.approximate = temperature, approximate
+
+    def forward(self, z, approximate=None):
+        approximate = approximate or self.approximate
+        exact = F.gelu(z, approximate=approximate).detach()
+        u = z / self.t
+        if approximate == "tanh":
+            g = (0.5 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (u + 0.044715 * u**3)))).detach()
+            return z * g + (exact - z * g).detach()
+        soft = self.t * (u * 0.5 * (1 + torch.erf(u / math.sqrt(2))) + _normal_pdf(u))
+        return exact + soft - soft.detach()
+
+
+def swap_types(model: nn.Module, factories) -> nn.Module:
+    """A deep copy with every module of a type in ``factories`` ({type: module -> new module}) replaced."""
+    model = copy.deepcopy(model)
+
+    def visit(parent):
+        for name, child in parent.named_children():
+            new = next((make(child) for kind, make in factories.items() if isinstance(child, kind)), None)
+            if new is not None:
+                setattr(parent, name, new)
+            else:
+                visit(child)
+
+    visit(model)
+    return model
+
+
+def reference_smooth_pullback(model, images, targets, temperature=0.3):
+    """Excitation pullback of a SiLU/GELU network (own gates at ``temperature``) by module swap."""
+    ref = swap_types(model, {
+        nn.SiLU: lambda m: RefSiLU(temperature),
+        nn.GELU: lambda m: RefGELU(temperature, m.approximate),
+    })
+    x = images.detach().clone().requires_grad_(True)
+    ref(x).gather(1, targets[:, None]).sum().backward()
     return x.grad

@@ -1,7 +1,8 @@
 """Per-channel temperatures calibrated from pre-activation statistics.
 
 The paper's global T works because BatchNorm puts most pre-activations on a similar scale; a per-neuron
-sigma adapts to each channel's own spread: T_c = scale * std_c(z) at every gated ReLU call.
+sigma adapts to each channel's own spread: T_c = scale * std_c(z) at every gated ReLU, SiLU and GELU call
+(channels: dim 1 of z, or its last dim where z comes straight from an nn.Linear, e.g. in ConvNeXt blocks).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def calibrate(
     """Gather per-channel pre-activation std over ``batches`` and return a :class:`PerChannel` schedule.
 
     batches: iterable of image tensors (N, C, H, W) (or an image DataLoader yielding tensors or
-        (images, labels) pairs). Statistics are over batch and spatial positions, per channel (dim 1).
+        (images, labels) pairs). Statistics are over batch and spatial positions, per channel
+        (``Site.channel_dim``), at ReLU, SiLU and GELU sites (and max-pool sites with ``include_maxpool``).
     scale: T_c = max(scale * std_c, min_temperature); scale 0.3 matches the paper's T = 0.3 for
         unit-variance pre-activations.
     include_maxpool: also give max-pool sites per-channel softmax temperatures (scale * std of the input).
@@ -48,11 +50,12 @@ def calibrate(
             return
         if z.dim() < 2:
             raise ValueError(f"cannot calibrate per channel at {site.key}: pre-activation of shape {tuple(z.shape)}")
-        zc = z.detach().transpose(0, 1).reshape(z.shape[1], -1).double()
+        zc = z.detach().transpose(0, site.channel_dim).reshape(z.shape[site.channel_dim], -1).double()
         stats = torch.stack([torch.full_like(zc[:, 0], zc.shape[1]), zc.sum(1), (zc * zc).sum(1)])
         sums[site.key] = sums[site.key] + stats if site.key in sums else stats
 
-    engine = Excitation(model, ByType(Gate("hard", 0.0), Gate("hard", 0.0)), observer=observe)
+    hard = Gate("hard", 0.0)
+    engine = Excitation(model, ByType(hard, hard, hard, hard), observer=observe)
     seen = 0
     for batch in batches:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -63,7 +66,7 @@ def calibrate(
     if not seen:
         raise ValueError("calibrate needs at least one batch of images")
     if not sums:
-        raise ValueError("the model made no ReLU or max-pool call: there is nothing to calibrate")
+        raise ValueError("the model made no ReLU, SiLU, GELU or max-pool call: there is nothing to calibrate")
     temps = {}
     for key, (count, total, sq) in sums.items():
         mean = total / count

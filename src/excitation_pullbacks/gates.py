@@ -3,6 +3,10 @@
 A ReLU call site z -> relu(z) keeps its forward value; its backward multiplies the incoming gradient by
 ``Gate(z)`` instead of the hard gate 1[z > 0]. A max-pool call site keeps the exact max forward; its
 backward is the gradient of a softmax pool whose temperature and detach flag come from its ``Gate``.
+A SiLU or GELU call site z -> z * s(z) (s = sigmoid, resp. the normal CDF Phi or its tanh approximation)
+keeps its forward value; its backward multiplies the gradient by ``Gate(z)`` instead of the exact
+derivative s(z) + z s'(z). The shape ``own`` is the activation's own gate s(z / T): at T = 1 the gates are
+those of the network, detached, so a bias-free network is f(x) = <pullback(x), x> exactly.
 
 Schedules map a :class:`Site` (one gated call in the forward pass) to a :class:`Gate`. They compose:
 ``ByName``, ``ByDepth`` and ``PerChannel`` fall back to a ``default`` schedule for sites they do not cover.
@@ -33,8 +37,10 @@ __all__ = [
     "make_schedule",
 ]
 
-RELU_SHAPES = ("sigmoid", "normal_cdf", "softsign", "hard", "none")
+RELU_SHAPES = ("sigmoid", "normal_cdf", "normal_cdf_tanh", "softsign", "own", "hard", "none")
 POOL_SHAPES = ("softmax", "hard", "none")
+_OWN = {"silu": "sigmoid", "gelu": "normal_cdf", "gelu_tanh": "normal_cdf_tanh"}
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _ALIASES = {"phi": "normal_cdf", "ndtr": "normal_cdf", "vanilla": "hard", "identity": "none"}
 
 Temperature = Union[float, Tensor]
@@ -57,12 +63,17 @@ def _check_temperature(temperature: Temperature) -> None:
 class Gate:
     """What one call site multiplies the gradient by.
 
-    shape: ReLU sites: ``sigmoid`` sigmoid(z/T) (paper default), ``normal_cdf`` Phi(z/T),
-        ``softsign`` (1 + s/(1+|s|))/2 with s = z/T, ``hard`` 1[z>0] (vanilla gradient), ``none`` 1.
+    shape: ReLU, SiLU and GELU sites: ``sigmoid`` sigmoid(u) (paper default), ``normal_cdf`` Phi(u),
+        ``normal_cdf_tanh`` (1 + tanh(sqrt(2/pi) (u + 0.044715 u^3))) / 2 (the tanh approximation of Phi
+        that GELU(approximate="tanh") uses), ``softsign`` (1 + u/(1+|u|))/2, with u = z/T;
+        ``own`` the activation's own gate: sigmoid at SiLU, normal_cdf at GELU, normal_cdf_tanh at tanh
+        GELU, and the hard gate at ReLU (1[z>0]) and max-pool sites; ``hard`` the vanilla gradient (1[z>0]
+        at ReLU, the exact derivative at SiLU/GELU: the native backward); ``none`` 1.
         Max-pool sites: ``hard`` (exact max gradient), ``none`` (uniform weights over the window, the
         T -> inf limit), anything else the softmax-pool gradient at ``temperature``.
-    temperature: T >= 0; a float, or a tensor of shape (C,) for one temperature per channel (dim 1 of z).
-        T = 0 is the hard gate for every shape; T = inf is no gating.
+    temperature: T >= 0; a float, or a tensor of shape (C,) for one temperature per channel (dim 1 of z,
+        or the last dim where z comes straight from an nn.Linear, see ``Site.channel_dim``).
+        T = 0 is the hard gate (vanilla gradient) for every shape; T = inf is no gating.
     detach: max-pool only; detach the softmax weights (gradient = weights) instead of the paper's full
         gradient of sum_j x_j softmax(x/T)_j.
     """
@@ -98,29 +109,51 @@ class Gate:
         t = self.temperature
         return bool(torch.isinf(t).all()) if isinstance(t, Tensor) else math.isinf(t)
 
-    def temperature_like(self, z: Tensor) -> Temperature:
-        """The temperature broadcastable against z: (N, C, ...) -> a float or a (1, C, 1, ...) tensor."""
+    def resolve(self, kind: str) -> Gate:
+        """The concrete gate for a site of ``kind`` (relu, maxpool, silu, gelu, gelu_tanh): replaces the shape
+        ``own`` by the activation's own gate shape; other gates are returned as they are."""
+        if self.shape != "own":
+            return self
+        if self.is_none:
+            return Gate("none", math.inf)
+        own = _OWN.get(kind)
+        if own is None or self.is_hard:
+            return Gate("hard", 0.0)
+        return Gate(own, self.temperature, self.detach)
+
+    def temperature_like(self, z: Tensor, channel_dim: int = 1) -> Temperature:
+        """The temperature broadcastable against z: a float, or the (C,) tensor shaped (1, C, 1, ...) with C
+        at ``channel_dim`` of z."""
         t = self.temperature
         if not isinstance(t, Tensor):
             return float(t)
         if t.numel() == 1:
             return float(t)
-        if z.dim() < 2 or z.shape[1] != t.numel():
+        dim = channel_dim % z.dim() if z.dim() else 0
+        if z.dim() < 2 or z.shape[dim] != t.numel():
             raise ValueError(
-                f"per-channel temperature has {t.numel()} entries but the gated tensor has shape {tuple(z.shape)}"
+                f"per-channel temperature has {t.numel()} entries but the gated tensor has shape {tuple(z.shape)} "
+                f"(channels at dim {channel_dim})"
             )
-        return t.to(device=z.device, dtype=z.dtype).reshape((1, -1) + (1,) * (z.dim() - 2))
+        shape = [1] * z.dim()
+        shape[dim] = -1
+        return t.to(device=z.device, dtype=z.dtype).reshape(shape)
 
-    def __call__(self, z: Tensor) -> Tensor:
-        """ReLU gate values sigma(z), same shape as z, in [0, 1]. Allocates one tensor."""
+    def __call__(self, z: Tensor, channel_dim: int = 1) -> Tensor:
+        """Gate values sigma(z), same shape as z, in [0, 1]; the hard gate is 1[z > 0] (the ReLU's).
+        Allocates one tensor. Resolve ``own`` first (:meth:`resolve`)."""
         if self.is_hard:
             return (z > 0).to(z.dtype)
         if self.is_none:
             return torch.ones_like(z)
-        t = self.temperature_like(z)
+        if self.shape == "own":
+            raise ValueError("the gate shape 'own' depends on the site: call gate.resolve(site.activation) first")
+        t = self.temperature_like(z, channel_dim)
         u = z / t
         if self.shape == "normal_cdf":
             g = torch.special.ndtr(u)
+        elif self.shape == "normal_cdf_tanh":
+            g = (u * u).mul_(0.044715).add_(1).mul_(u).mul_(_SQRT_2_OVER_PI).tanh_().add_(1).mul_(0.5)
         elif self.shape == "softsign":
             g = u.div_(u.abs().add_(1)).add_(1).mul_(0.5)
         else:  # sigmoid, also for max-pool shapes used at a ReLU site
@@ -139,20 +172,31 @@ class Gate:
 class Site:
     """One gated call in one forward pass.
 
-    name: the module path for calls made by an ``nn.ReLU`` / ``nn.MaxPool2d`` module (e.g. ``layer1.0.relu``),
-        or ``<module path>:<function>`` for functional calls (e.g. ``features:relu``; ``<root>`` for the model).
-    kind: ``relu`` or ``maxpool``.
+    name: the module path for calls made by an ``nn.ReLU`` / ``nn.MaxPool2d`` / ``nn.SiLU`` / ``nn.GELU``
+        module (e.g. ``layer1.0.relu``), or ``<module path>:<function>`` for functional calls (e.g.
+        ``features:relu``, ``<root>:gelu``; ``<root>`` for the model).
+    kind: ``relu``, ``maxpool``, ``silu`` or ``gelu`` (both GELU forms; ``approximate`` tells them apart).
     call: index of this call among the calls with the same name in this forward (a reused module is called
         several times).
     depth: index of this call among all calls of the same kind in this forward (0 = closest to the input).
     module_type: class name of the innermost module making the call.
+    channel_dim: the dim of z that per-channel temperatures index: 1, or the last dim when z is the output
+        of an ``nn.Linear`` (features-last layouts, e.g. ConvNeXt's (N, H, W, C) MLP blocks).
+    approximate: GELU sites: ``none`` (erf) or ``tanh``; ``none`` for other kinds.
     """
 
     name: str
-    kind: Literal["relu", "maxpool"]
+    kind: Literal["relu", "maxpool", "silu", "gelu"]
     call: int = 0
     depth: int = 0
     module_type: str = ""
+    channel_dim: int = 1
+    approximate: str = "none"
+
+    @property
+    def activation(self) -> str:
+        """The kind with GELU's variant: relu, maxpool, silu, gelu or gelu_tanh (what ``Gate.resolve`` takes)."""
+        return "gelu_tanh" if self.kind == "gelu" and self.approximate == "tanh" else self.kind
 
     @property
     def key(self) -> str:
@@ -182,15 +226,32 @@ def _default_pool_gate(relu: Gate, pool_temperature: Temperature | None, pool_de
     return Gate("softmax", t, detach=pool_detach)
 
 
+def _default_smooth_gate(relu: Gate, smooth_temperature: Temperature | None, smooth_gate: str) -> Gate:
+    if smooth_temperature is None:
+        if relu.is_hard:
+            return Gate("hard", 0.0)
+        if relu.is_none:
+            return Gate("none", math.inf)
+    return Gate(smooth_gate, relu.temperature if smooth_temperature is None else smooth_temperature)
+
+
 @dataclass(frozen=True)
 class ByType(Schedule):
-    """One gate for every ReLU call and one for every max-pool call."""
+    """One gate per kind of call: ReLU, max-pool, SiLU and GELU (``own``: sigmoid(z/T), resp. Phi(z/T))."""
 
     relu: Gate = field(default_factory=Gate)
     maxpool: Gate = field(default_factory=lambda: Gate("softmax", 0.3))
+    silu: Gate = field(default_factory=lambda: Gate("own", 0.3))
+    gelu: Gate = field(default_factory=lambda: Gate("own", 0.3))
 
     def rule(self, site: Site) -> Gate:
-        return self.relu if site.kind == "relu" else self.maxpool
+        return getattr(self, site.kind)
+
+    @property
+    def is_hard(self) -> bool:
+        """True when every kind's gate is hard: the schedule gives the vanilla gradient, native ops only."""
+        gates = {"relu": self.relu, "maxpool": self.maxpool, "silu": self.silu, "gelu": self.gelu}
+        return all(g.resolve(kind).is_hard for kind, g in gates.items())
 
 
 @dataclass(frozen=True)
@@ -198,7 +259,7 @@ class ByName(Schedule):
     """Gates chosen by fnmatch patterns on the site name (first match wins), else ``default``.
 
     rules: {pattern: Gate}, e.g. {"layer4.*": Gate("sigmoid", 0.5), "*maxpool*": Gate("hard")}.
-    kind: restrict the patterns to ``relu`` or ``maxpool`` sites (None: both).
+    kind: restrict the patterns to sites of one kind (``relu``, ``maxpool``, ``silu``, ``gelu``; None: all).
     """
 
     rules: Mapping[str, Gate]
@@ -253,7 +314,8 @@ class PerChannel(Schedule):
     """Per-channel (per-neuron) temperatures keyed by ``Site.key``, usually from :func:`calibrate`.
 
     temperatures: {site key: tensor (C,)}; sites without an entry use ``default`` when given, else raise.
-    shape: ReLU gate shape; max-pool sites in ``temperatures`` use the softmax pool with their tensor.
+    shape: ReLU gate shape; max-pool sites in ``temperatures`` use the softmax pool with their tensor, SiLU and
+        GELU sites their own gate (shape ``own``).
     """
 
     temperatures: Mapping[str, Tensor]
@@ -270,7 +332,8 @@ class PerChannel(Schedule):
                     f"another model (it knows {len(self.temperatures)} sites, e.g. {next(iter(self.temperatures), '-')!r})"
                 )
             return self.default.rule(site)
-        return Gate(self.shape if site.kind == "relu" else "softmax", t)
+        shape = {"relu": self.shape, "maxpool": "softmax"}.get(site.kind, "own")
+        return Gate(shape, t)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the schedule as a torch file (tensors on CPU)."""
@@ -299,22 +362,34 @@ def make_schedule(
     gate: str = "sigmoid",
     pool_temperature: Temperature | None = None,
     pool_detach: bool = False,
+    smooth_temperature: Temperature | None = None,
+    smooth_gate: str = "own",
     schedule: Schedule | None = None,
 ) -> Schedule:
     """The schedule the keyword arguments of ``excitation``/``pullback`` describe.
 
-    With ``schedule`` given it wins. Otherwise one ReLU gate ``Gate(gate, temperature)`` and a max-pool gate
+    With ``schedule`` given it wins. Otherwise one ReLU gate ``Gate(gate, temperature)``; a max-pool gate
     at ``pool_temperature`` when given (0: hard max gradient), else following the ReLU gate: hard when it is
-    hard (T = 0 gives the exact vanilla gradient), uniform when it is none, else the softmax pool at T.
+    hard (T = 0 gives the exact vanilla gradient) or ``own``, uniform when it is none, else the softmax pool
+    at T; and one gate ``Gate(smooth_gate, smooth_temperature)`` at SiLU and GELU sites when
+    ``smooth_temperature`` is given (0: their exact derivative; 1 with ``own``: the network's own gates,
+    detached), else following the ReLU gate: native derivative when it is hard, 1 when it is none, else
+    ``smooth_gate`` at T (default ``own``: sigmoid(z/T) at SiLU, Phi(z/T) at GELU).
     """
     _check_temperature(temperature)
     if pool_temperature is not None:
         _check_temperature(pool_temperature)
+    if smooth_temperature is not None:
+        _check_temperature(smooth_temperature)
     if schedule is not None:
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
         return schedule
-    if gate in ("softmax",):
-        raise ValueError("'softmax' is a max-pool gate; choose a ReLU gate shape: " + ", ".join(RELU_SHAPES))
+    for shape in (gate, smooth_gate):
+        if shape in ("softmax",):
+            raise ValueError("'softmax' is a max-pool gate; choose a ReLU gate shape: " + ", ".join(RELU_SHAPES))
     relu = Gate(gate, temperature)
-    return ByType(relu=relu, maxpool=_default_pool_gate(relu, pool_temperature, pool_detach))
+    pool = Gate("hard", 0.0) if relu.shape == "own" and pool_temperature is None else (
+        _default_pool_gate(relu, pool_temperature, pool_detach))
+    smooth = _default_smooth_gate(relu, smooth_temperature, smooth_gate)
+    return ByType(relu=relu, maxpool=pool, silu=smooth, gelu=smooth)

@@ -1,8 +1,10 @@
 """Path kernel K_Gamma(x, x') = <x, x'> * prod_l <gamma_l(x), gamma_l(x')> (paper eq. 23).
 
 K_Gamma is the dot product of the path-space features phi_Gamma(x) = Gamma~(x) (x) x: it compares two
-inputs through the excitation of every path. Only ReLU gates enter the product (the paper's eq. 23 is for
-ReLU networks; max-pool is a spatial selection and is not a factor here).
+inputs through the excitation of every path. The gates of ReLU, SiLU and GELU calls enter the product
+(max-pool is a spatial selection and is not a factor here). At SiLU/GELU sites the gate must be soft: their
+hard gate is the native derivative, not a gating; ``gate="own", temperature=1`` gives every site the
+network's own gate (1[z>0] at ReLU, sigmoid(z) at SiLU, Phi(z) at GELU).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ def path_kernel(
     """K_Gamma for every pair of a batch.
 
     images: (N, ...) the model's inputs. Returns (N, N) float64.
-    gate / temperature / schedule: the gating Gamma (``gate="hard"`` gives the network's own gates G).
+    gate / temperature / schedule: the gating Gamma (``gate="hard"`` gives a ReLU network's own gates G;
+        ``gate="own", temperature=1`` those of a network with ReLU, SiLU and GELU calls).
     bias: use the augmented vectors [x; 1] and [gamma_l; 1] of a network with biases (paper Sec. 2.1).
     normalize: return K(x, x') / sqrt(K(x, x) K(x', x')), computed in log space so it stays finite for
         deep networks, where K itself overflows float64.
@@ -52,14 +55,19 @@ def path_kernel(
         sign = sign * torch.sign(dots)
 
     def observe(site: Site, z: Tensor, g: Gate) -> None:
-        accumulate(g(z.detach()))
+        if site.kind == "maxpool":
+            return
+        if site.kind != "relu" and g.is_hard:
+            raise ValueError(f"path_kernel: the hard gate at {site.kind} site {site.key!r} is the activation's "
+                             "derivative, not a gating; use a soft gate (gate='own', temperature=1: its own gate)")
+        accumulate(g(z.detach(), site.channel_dim))
 
     accumulate(images)
     engine = Excitation(model, sched, observer=observe)
     with engine as report:
         model(images)
-    if report.relu_calls == 0:
-        raise ValueError("the model made no ReLU call: the path kernel has no gates")
+    if report.relu_calls + report.silu_calls + report.gelu_calls == 0:
+        raise ValueError("the model made no ReLU, SiLU or GELU call: the path kernel has no gates")
     if normalize:
         d = log_k.diagonal()
         return sign * torch.exp(log_k - 0.5 * (d[:, None] + d[None, :]))

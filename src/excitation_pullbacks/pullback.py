@@ -137,7 +137,7 @@ def _neuron_value(out, neuron: Neuron) -> Tensor:
 def engine_for(model: nn.Module, schedule: Schedule) -> Excitation:
     """The engine used with frozen parameters: lean BatchNorm backward unless every gate is hard (then the
     native ops run untouched and the result is the vanilla gradient bit for bit)."""
-    all_hard = isinstance(schedule, ByType) and schedule.relu.is_hard and schedule.maxpool.is_hard
+    all_hard = isinstance(schedule, ByType) and schedule.is_hard
     return Excitation(model, schedule, lean_batchnorm=not all_hard)
 
 
@@ -149,7 +149,7 @@ def _warn_if_training(model: nn.Module) -> None:
 
 def _check_gated(report: Report) -> None:
     if report.total == 0:
-        raise ValueError("the model made no ReLU or max-pool call: there is nothing to gate")
+        raise ValueError("the model made no ReLU, SiLU, GELU or max-pool call: there is nothing to gate")
 
 
 def _forward(engine: Excitation, x: Tensor, neuron: Neuron | None):
@@ -197,7 +197,8 @@ def pullback(
         N lists of K ints, or an (N, K) tensor -> returns (N, K, C, H, W), one forward per image batch and
         K backward passes sharing it; or a :class:`Neuron` -> (N, C, H, W).
     temperature, gate, pool_temperature, pool_detach, schedule: see ``excitation``; temperature=0 gives
-        the exact vanilla input gradient.
+        the exact vanilla input gradient. SiLU and GELU sites follow ``temperature`` with their own gate
+        shape (sigmoid(z/T), Phi(z/T)); set them apart with ``schedule=make_schedule(smooth_temperature=...)``.
     batch_size: images per forward pass (None: all at once), to bound memory.
     """
     if not isinstance(model, nn.Module):

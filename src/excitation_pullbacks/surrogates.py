@@ -1,6 +1,8 @@
 """Autograd functions with an exact forward and a surrogate backward.
 
 ``soft_relu(z, gate)``: forward relu(z) bit for bit; backward grad * gate(z).
+``soft_silu(z, gate)``, ``soft_gelu(z, gate, approximate)``: forward F.silu / F.gelu bit for bit; backward
+    grad * gate(z) in place of the exact derivative (a hard gate keeps the native backward).
 ``soft_max_pool2d(x, ...)``: forward F.max_pool2d bit for bit; backward the gradient of the softmax pool
     s = sum_j x_j w_j, w = softmax(x / T) over each window (padding excluded, as in the max), i.e.
     ds/dx_j = w_j (1 + (x_j - s) / T), or w_j alone with detached weights.
@@ -22,16 +24,30 @@ from torch.nn.modules.utils import _pair
 
 from .gates import Gate
 
-__all__ = ["soft_relu", "soft_max_pool2d", "pool_geometry", "soft_pool_backward", "frozen_batch_norm"]
+__all__ = [
+    "soft_relu", "soft_silu", "soft_gelu", "soft_max_pool2d", "pool_geometry", "soft_pool_backward",
+    "frozen_batch_norm",
+]
 
 
 _SIGMOID_ONE = {torch.float64: 40.0, torch.float32: 20.0}
 
 
+def _gated_grad(grad: Tensor, z: Tensor, gate: Gate, channel_dim: int) -> Tensor:
+    """grad * gate(z) for a resolved, soft gate."""
+    t = gate.temperature
+    if gate.shape == "sigmoid" and not isinstance(t, Tensor) and 0 < t < math.inf:
+        # grad * sigmoid(z / T) in one fused pass: the derivative of T * softplus(z / T). Above the
+        # threshold sigmoid is 1 to the dtype's precision (and exp would overflow half precision).
+        threshold = _SIGMOID_ONE.get(z.dtype, 10.0)
+        return torch.ops.aten.softplus_backward(grad, z, 1.0 / t, threshold)
+    return gate(z, channel_dim).mul_(grad)
+
+
 class _SoftReLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z: Tensor, gate: Gate) -> Tensor:
-        ctx.gate = gate
+    def forward(ctx, z: Tensor, gate: Gate, channel_dim: int) -> Tensor:
+        ctx.gate, ctx.channel_dim = gate, channel_dim
         ctx.save_for_backward(z)
         return torch.relu(z)
 
@@ -39,31 +55,87 @@ class _SoftReLU(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor):
         (z,) = ctx.saved_tensors
-        gate = ctx.gate
-        t = gate.temperature
-        if gate.shape == "sigmoid" and not isinstance(t, Tensor) and 0 < t < math.inf:
-            # grad * sigmoid(z / T) in one fused pass: the derivative of T * softplus(z / T). Above the
-            # threshold sigmoid is 1 to the dtype's precision (and exp would overflow half precision).
-            threshold = _SIGMOID_ONE.get(z.dtype, 10.0)
-            return torch.ops.aten.softplus_backward(grad, z, 1.0 / t, threshold), None
-        return gate(z).mul_(grad), None
+        return _gated_grad(grad, z, ctx.gate, ctx.channel_dim), None, None
 
 
-class _NoGateReLU(torch.autograd.Function):
+class _NoGate(torch.autograd.Function):
+    """Forward fn(z), backward the identity (the gate fixed at 1)."""
+
     @staticmethod
-    def forward(ctx, z: Tensor) -> Tensor:
-        return torch.relu(z)
+    def forward(ctx, z: Tensor, fn) -> Tensor:
+        return fn(z)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return grad
+        return grad, None
 
 
-def soft_relu(z: Tensor, gate: Gate) -> Tensor:
-    """relu(z) with backward grad * gate(z). z: any shape; per-channel gates index dim 1."""
+def soft_relu(z: Tensor, gate: Gate, channel_dim: int = 1) -> Tensor:
+    """relu(z) with backward grad * gate(z). z: any shape; per-channel gates index ``channel_dim``."""
+    gate = gate.resolve("relu")
     if gate.is_none:
-        return _NoGateReLU.apply(z)
-    return _SoftReLU.apply(z, gate)
+        return _NoGate.apply(z, torch.relu)
+    if gate.is_hard:
+        return torch.relu(z)
+    return _SoftReLU.apply(z, gate, channel_dim)
+
+
+def _smooth_forward(z: Tensor, approximate: str | None) -> Tensor:
+    return F.silu(z) if approximate is None else F.gelu(z, approximate=approximate)
+
+
+def _smooth_native_backward(grad: Tensor, z: Tensor, approximate: str | None) -> Tensor:
+    if approximate is None:
+        return torch.ops.aten.silu_backward(grad, z)
+    return torch.ops.aten.gelu_backward(grad, z, approximate=approximate)
+
+
+class _SoftSmooth(torch.autograd.Function):
+    """Forward F.silu (approximate None) or F.gelu; backward grad * gate(z), the native backward on
+    channels whose temperature is 0."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, gate: Gate, channel_dim: int, approximate: str | None) -> Tensor:
+        ctx.gate, ctx.channel_dim, ctx.approximate = gate, channel_dim, approximate
+        ctx.save_for_backward(z)
+        return _smooth_forward(z, approximate)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        (z,) = ctx.saved_tensors
+        gate, dim = ctx.gate, ctx.channel_dim
+        g = _gated_grad(grad, z, gate, dim)
+        t = gate.temperature
+        if isinstance(t, Tensor) and t.numel() > 1 and (t == 0).any():  # hard channels: exact derivative
+            hard = gate.temperature_like(z, dim) == 0
+            g = torch.where(hard, _smooth_native_backward(grad, z, ctx.approximate), g)
+        return g, None, None, None
+
+
+def _soft_smooth(z: Tensor, gate: Gate, channel_dim: int, approximate: str | None) -> Tensor:
+    gate = gate.resolve("silu" if approximate is None else "gelu_tanh" if approximate == "tanh" else "gelu")
+    if gate.is_hard:
+        return _smooth_forward(z, approximate)  # the native op and its exact derivative
+    if gate.is_none:
+        return _NoGate.apply(z, lambda v: _smooth_forward(v, approximate))
+    return _SoftSmooth.apply(z, gate, channel_dim, approximate)
+
+
+def soft_silu(z: Tensor, gate: Gate, channel_dim: int = 1) -> Tensor:
+    """F.silu(z) = z * sigmoid(z) with backward grad * gate(z) (``own``: sigmoid(z / T), exact at T = 1 for
+    the detached gate); a hard gate keeps the exact derivative. z: any shape; per-channel gates index
+    ``channel_dim``."""
+    return _soft_smooth(z, gate, channel_dim, None)
+
+
+def soft_gelu(z: Tensor, gate: Gate, approximate: str = "none", channel_dim: int = 1) -> Tensor:
+    """F.gelu(z, approximate=approximate) = z * Phi(z) (or its tanh approximation) with backward
+    grad * gate(z) (``own``: Phi(z / T), or the tanh approximation of Phi at z / T for ``approximate="tanh"``,
+    so that T = 1 is the detached gate of either form); a hard gate keeps the exact derivative."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    return _soft_smooth(z, gate, channel_dim, approximate)
 
 
 def pool_geometry(kernel_size, stride, padding, dilation):
