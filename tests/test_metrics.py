@@ -242,6 +242,9 @@ def test_ssim_matches_skimage():
     ref = [structural_similarity(a[i, 0].numpy(), b[i, 0].numpy(), **kw) for i in range(3)]
     np.testing.assert_allclose(ours.numpy(), ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(M.ssim(a, a), torch.ones(3, dtype=torch.float64))
+    small = torch.rand(2, 6, 6, generator=g, dtype=torch.float64)  # smaller than the window: clipped window
+    torch.testing.assert_close(M.ssim(small, small), torch.ones(2, dtype=torch.float64))
+    assert torch.isfinite(M.ssim(small, small.flip(-1))).all()
 
 
 def test_spearman_matches_scipy():
@@ -306,6 +309,25 @@ def test_randomization_options_and_model_unchanged_on_error():
     assert same_state(model, before)
     with pytest.raises(ValueError, match="unknown layer"):
         M.randomization_check(model, x, t, gradient, layers=["nope"])
+
+
+def test_randomization_block_names_reinitialise_the_whole_block():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Sequential(nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3)), nn.Flatten(), nn.Linear(4 * 10 * 10, 3)).double().eval()
+    before = state(model)
+    seen = []
+
+    def recording(m, x, t):
+        seen.append(state(m))
+        return gradient(m, x, t)
+
+    x, t = disc_images(2, 16), torch.tensor([0, 1])
+    res = M.randomization_check(model, x, t, recording, layers=["2"])
+    assert res.layers == ["2"] and len(seen) == 2
+    changed = {k for k in before if not torch.equal(seen[1][k], before[k])}
+    assert changed == {"2.0.weight", "2.0.bias", "2.3.weight", "2.3.bias"}  # BatchNorm skipped by default
+    assert same_state(model, before)
 
 
 def test_randomization_with_excitation_pullback():

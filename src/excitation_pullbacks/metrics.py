@@ -291,7 +291,9 @@ def ssim(
     Local means, variances and covariance under a Gaussian window of std ``sigma`` and radius
     int(truncate * sigma + 0.5) (11 x 11 by default), population (not sample) covariance,
     C1 = (k1 L)^2, C2 = (k2 L)^2 with L = data_range; the SSIM map is averaged over the positions where the
-    window lies inside the image (and over channels). Equals ``skimage.metrics.structural_similarity(a, b,
+    window lies inside the image (and over channels); images smaller than the window get the largest window
+    radius that fits (the same Gaussian weights, truncated). For images at least as large as the window it
+    equals ``skimage.metrics.structural_similarity(a, b,
     gaussian_weights=True, sigma=sigma, use_sample_covariance=False, data_range=data_range)``.
     Higher: more similar (1 for identical inputs).
     """
@@ -300,9 +302,7 @@ def ssim(
     if a.dim() == 3:
         a, b = a[:, None], b[:, None]
     n, c, h, w = a.shape
-    r = int(truncate * sigma + 0.5)
-    if h < 2 * r + 1 or w < 2 * r + 1:
-        raise ValueError(f"ssim needs images of at least {2 * r + 1} x {2 * r + 1} pixels, got {h} x {w}")
+    r = min(int(truncate * sigma + 0.5), (min(h, w) - 1) // 2)  # window clipped to fit small images
     d = torch.arange(-r, r + 1, device=a.device, dtype=torch.float64)
     k = torch.exp(-0.5 * (d / sigma) ** 2)
     k = (k / k.sum()).to(a.dtype)
@@ -339,7 +339,7 @@ class RandomizationResult:
 
 def _parameterised_layers(model: nn.Module, x: Tensor, batchnorm: str) -> list[str]:
     """Names of modules holding parameters of their own, in the order of their first forward call."""
-    named = [(name, m) for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
+    named = [(name, m) for name, m in model.named_modules() if _own_parameters(m)]
     if batchnorm == "skip":
         named = [(name, m) for name, m in named if not isinstance(m, nn.modules.batchnorm._NormBase)]
     called: list[str] = []
@@ -378,14 +378,25 @@ def randomization_layers(model: nn.Module, x: Tensor, *, layers: int | Sequence[
     return names
 
 
-def _reinitialise(module: nn.Module) -> None:
-    if isinstance(module, nn.modules.batchnorm._NormBase) or hasattr(module, "reset_parameters"):
-        module.reset_parameters()
-        return
-    with torch.no_grad():
-        for p in module.parameters(recurse=False):
-            std = float(p.std()) if p.numel() > 1 else 0.0
-            p.normal_(0.0, std if std > 0 else 1.0)
+def _own_parameters(m: nn.Module) -> bool:
+    return any(True for _ in m.parameters(recurse=False))
+
+
+def _reinitialise(module: nn.Module, batchnorm: str) -> None:
+    """Re-initialise every module under ``module`` (itself included) that holds parameters of its own."""
+    for m in module.modules():
+        if not _own_parameters(m):
+            continue
+        if isinstance(m, nn.modules.batchnorm._NormBase):
+            if batchnorm == "reset":
+                m.reset_parameters()
+        elif hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+        else:
+            with torch.no_grad():
+                for p in m.parameters(recurse=False):
+                    std = float(p.std()) if p.numel() > 1 else 0.0
+                    p.normal_(0.0, std if std > 0 else 1.0)
 
 
 def _similarities(ref_abs: Tensor, ref_unit: Tensor, maps: Tensor, which: Sequence[str]) -> dict[str, Tensor]:
@@ -415,13 +426,16 @@ def randomization_check(
     Works on a deep copy: the user's model is never modified. The parameterised layers (modules holding
     parameters of their own) are ordered by their first call in a forward pass on x[:1] and re-initialised
     one at a time from the last called towards the input, cumulatively; after each step the maps are
-    recomputed. layers: None (all), an int k (the top k), or names in the order to randomise.
+    recomputed. layers: None (all), an int k (the top k), or module names in the order to randomise (a
+    block's name re-initialises every parameterised module in it at once).
     Re-initialisation: the module's ``reset_parameters()`` (PyTorch's default init, e.g. Kaiming-uniform
     for Conv/Linear) with the RNG seeded by ``seed + step`` (the caller's RNG state is left as it was);
     a module without it gets N(0, s^2) draws, s its parameter's std (1 if 0).
     batchnorm: ``skip`` (default: BatchNorm layers stay as trained, affine parameters and running
     statistics, so the cascade walks the conv / linear layers) or ``reset`` (BatchNorm layers are steps
-    too: ``reset_parameters()`` sets weight 1, bias 0, running mean 0, running var 1).
+    too: ``reset_parameters()`` sets weight 1, bias 0, running mean 0, running var 1). Quantus's
+    ``ModelParameterRandomisation`` resets every module with ``reset_parameters`` (BatchNorm included, as
+    ``reset``) in reverse registration order, reseeding the global RNG with the same seed at each step.
     similarity: any of ``spearman`` (:func:`spearman` of the absolute channel-summed maps) and ``ssim``
     (:func:`ssim` of the absolute channel-summed maps, each min-max scaled to [0, 1]).
     Returns a :class:`RandomizationResult` with (L, N) tensors. **Lower** similarity after randomization
@@ -446,7 +460,7 @@ def randomization_check(
     for step, name in enumerate(names):
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed + step)
-            _reinitialise(modules[name])
+            _reinitialise(modules[name], batchnorm)
         maps = explain(work, x, t).detach()
         for k, v in _similarities(ref_abs, ref_unit, maps, which).items():
             rows[k].append(v)
