@@ -49,6 +49,7 @@ METRICS = {
     "map_tv": "normalised total variation of the map; lower: smoother",
     "randomization_spearman": "rank correlation with the map after randomising the model; lower passes the check",
     "randomization_ssim": "SSIM with the map after randomising the model; lower passes the check",
+    "ascent_gain": "target logit gain of the counterfactual (ascent toward another class, fixed L2 budget)",
     "ascent_gain_per_l2": "target logit gain of the counterfactual per unit L2 norm of its perturbation",
     "ascent_flip_rate": "fraction of counterfactuals whose top-1 class became the ascent target",
     "ascent_hf_energy": "high-frequency energy fraction of the counterfactual's perturbation; lower: smoother",
@@ -146,7 +147,7 @@ class EvaluateModule(L.LightningModule):
         self.transfer = nn.ModuleDict(transfer or {})
         self.seed = int(seed)
         self.model_seconds = 0.0
-        self.layer_names: list[str] = []
+        self.layer_names: list[str] = []  # set by run_evaluate: the randomization check's layers, top first
 
     def predict_step(self, batch, batch_idx: int = 0) -> dict[str, Tensor]:
         start = time.perf_counter()
@@ -192,21 +193,21 @@ class EvaluateModule(L.LightningModule):
             cols["insertion_auc"][:, i] = ins.cpu().double()
             cols["map_hf_energy"][:, i] = M.high_frequency_energy(maps, **self.structure).cpu().double()
             cols["map_tv"][:, i] = M.total_variation(maps).cpu().double()
-            if rand_rows.any():
+            curve = torch.full((n, 2, len(self.layer_names)), math.nan, dtype=torch.float64)
+            if rand_rows.any() and self.layer_names:
                 res = M.randomization_check(self.model, x[rand_rows], t[rand_rows], explain,
-                                            layers=self.randomization_layers, seed=self.seed)
-                self.layer_names = list(res.layers)
-                curve = torch.full((n, 2, len(res.layers)), math.nan, dtype=torch.float64)
+                                            layers=self.layer_names, seed=self.seed)
                 curve[rand_rows, 0] = res.spearman.T.cpu().double()
                 curve[rand_rows, 1] = res.ssim.T.cpu().double()
-                curves.append(curve)
                 cols["randomization_spearman"][rand_rows, i] = res.spearman[-1].cpu().double()
                 cols["randomization_ssim"][rand_rows, i] = res.ssim[-1].cpu().double()
+            curves.append(curve)
             if s.ascent and self.steps > 0:
                 direction = as_direction(self.model, explain)
                 x_adv = ascent(self.model, x, t_asc, steps=self.steps, step_size=self.step_size, eps=self.eps,
                                direction=direction)
                 scores = M.ascent_scores(self.model, x, x_adv, t_asc)
+                cols["ascent_gain"][:, i] = scores.gain.cpu().double()
                 cols["ascent_gain_per_l2"][:, i] = scores.gain_per_l2.cpu().double()
                 cols["ascent_flip_rate"][:, i] = scores.flipped.cpu().double()
                 delta = x_adv - x
@@ -218,8 +219,7 @@ class EvaluateModule(L.LightningModule):
                     cols[f"transfer_flip/{name}"][:, i] = sc.flipped.cpu().double()
         out.update(cols)
         out["maps"] = torch.stack(maps_all, 1)  # (B, J, C, H, W)
-        if curves:
-            out["randomization_curves"] = torch.stack(curves, 1)  # (B, J, 2, L)
+        out["randomization_curves"] = torch.stack(curves, 1)  # (B, J, 2, L), NaN for unchecked images
         return {k: v.detach().cpu() for k, v in out.items()}
 
 
@@ -267,7 +267,7 @@ class EvaluateFinalizer:
         self.objective = float(value) if value != "" else math.nan
         _write_csv(staging / "metrics_table.csv", table)
         _write_csv(staging / "per_image.csv", self._per_image(merged))
-        curves = merged.get("randomization_curves")
+        curves = merged["randomization_curves"] if self.module.layer_names else None
         data = {"objective": {"metric": objective_key, "setting": table[self.main]["setting"], "value": self.objective},
                 "metrics": METRICS, "table": table,
                 "randomization": None if curves is None else {
@@ -378,6 +378,8 @@ def run_evaluate(cfg) -> dict:
             step_size=float(cfg.ascent.step_size), eps=float(cfg.ascent.eps),
             randomization_images=int(ev.randomization_images), randomization_layers=ev.randomization_layers,
             transfer=transfer, seed=int(cfg.seed))
+        if int(ev.randomization_images) > 0:
+            module.layer_names = M.randomization_layers(model, images[:1], layers=ev.randomization_layers)
         finalize = EvaluateFinalizer(resolved, out, settings, main, imagenet_classes(), module, _run_name(cfg))
         trainer = L.Trainer(
             accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=int(cfg.trainer.num_nodes),

@@ -164,7 +164,10 @@ def metric_curves(table: Sequence[dict], metrics: Sequence[str]) -> Image.Image:
         if pts:
             t, v, e = zip(*sorted(pts))
             ax.errorbar(t, v, yerr=e, marker="o", color="black", label="excitation", capsize=2)
-            ax.set_xscale("log")
+            if min(t) > 0:
+                ax.set_xscale("log")
+            ax.set_xticks(t, [f"{x:g}" for x in t])
+            ax.minorticks_off()
         for i, r in enumerate(base):
             if r.get(m, "") != "":
                 ax.axhline(r[m], linestyle="--", color=colors[i % len(colors)], label=r["method"])

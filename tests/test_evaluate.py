@@ -1,0 +1,146 @@
+"""The evaluate task: metric table, agreement with direct metric calls, transfer, W&B, Optuna search."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import yaml
+
+from excitation_pullbacks import Excitation, build_model
+from excitation_pullbacks import metrics as M
+from excitation_pullbacks.baselines import explainer
+from excitation_pullbacks.pipeline import PipelineError
+from excitation_pullbacks.pipeline.data import build_dataset
+from excitation_pullbacks.pipeline.evaluate import depth_schedule, evaluation_images
+from excitation_pullbacks.pipeline.job import run
+
+from test_pipeline import tiny_cfg
+from test_pipeline_cli import cli
+
+SMALL = [
+    "experiment=evaluate", "evaluate.num_images=3", "evaluate.perturbation_steps=4", "evaluate.smoothgrad_samples=2",
+    "evaluate.ig_steps=2", "ascent.steps=1", "evaluate.randomization_images=2", "evaluate.randomization_layers=2",
+    "temperatures=[0.3,1.0]", "batch_size=2",
+]
+
+
+def _rows(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    out = tmp_path_factory.mktemp("evaluate")
+    cfg = tiny_cfg(out, *SMALL, "evaluate.transfer_models=[resnet18]", "logger=wandb", "logger.mode=offline")
+    return cfg, run(cfg)
+
+
+def test_table_files_and_objective(evaluated):
+    cfg, result = evaluated
+    res = result["results"]
+    for name in ("metrics_table.csv", "metrics.json", "per_image.csv", "curves.png", "randomization.png",
+                 "methods.png", "config.yaml", "timing.json"):
+        assert (res / name).is_file(), name
+    table = _rows(res / "metrics_table.csv")
+    assert [r["setting"] for r in table] == ["vanilla", "smoothgrad", "guided_backprop", "integrated_gradients",
+                                             "excitation T=0.3", "excitation T=1"]
+    data = json.loads((res / "metrics.json").read_text())
+    assert data["objective"] == {"metric": "insertion_auc", "setting": "excitation T=0.3", "value": result["objective"]}
+    per_image = [r for r in _rows(res / "per_image.csv") if r["setting"] == "excitation T=0.3"]
+    assert len(per_image) == 3
+    mean = sum(float(r["insertion_auc"]) for r in per_image) / 3
+    assert result["objective"] == pytest.approx(mean, rel=1e-12)
+    assert float(table[4]["insertion_auc"]) == pytest.approx(mean, rel=1e-12)
+    # integrated gradients is not an ascent direction by default: its ascent cells are empty
+    assert table[3]["ascent_gain"] == "" and table[0]["ascent_gain"] != ""
+
+
+def test_per_image_metrics_match_direct_calls(evaluated):
+    cfg, result = evaluated
+    torch.manual_seed(int(cfg.seed))
+    model = build_model(cfg.model.name, cfg.model.weights)
+    dataset = build_dataset(cfg.data, [0, 497])
+    x, labels, _ = evaluation_images(dataset, 3, int(cfg.seed))
+    rows = _rows(result["results"] / "per_image.csv")
+    for setting, explain in [("vanilla", explainer("vanilla")),
+                             ("excitation T=1", explainer("excitation", temperature=1.0))]:
+        maps = explain(model, x, labels)
+        got = [r for r in rows if r["setting"] == setting]
+        dele = M.deletion(model, x, maps, labels, steps=4, baseline="blur")
+        ins = M.insertion(model, x, maps, labels, steps=4, baseline="blur")
+        tv = M.total_variation(maps)
+        for i in range(3):
+            assert float(got[i]["deletion_auc"]) == pytest.approx(float(dele[i]), rel=1e-5)
+            assert float(got[i]["insertion_auc"]) == pytest.approx(float(ins[i]), rel=1e-5)
+            assert float(got[i]["map_tv"]) == pytest.approx(float(tv[i]), rel=1e-5)
+
+
+def test_transfer_to_an_identical_model_equals_the_source(evaluated):
+    _, result = evaluated
+    for r in _rows(result["results"] / "per_image.csv"):
+        if r["ascent_gain"]:
+            assert float(r["transfer_gain/resnet18"]) == pytest.approx(float(r["ascent_gain"]), rel=1e-5, abs=1e-6)
+            assert r["transfer_flip/resnet18"] == r["ascent_flip_rate"]
+
+
+def test_guided_backprop_control_and_randomization_curves(evaluated):
+    _, result = evaluated
+    data = json.loads((result["results"] / "metrics.json").read_text())
+    rand = data["randomization"]
+    assert rand["layers"] == ["backbone.fc", "backbone.layer4.1.conv2"]
+    table = {r["setting"]: r for r in data["table"]}
+    # the classic control: guided backprop's maps barely change when the top layers are randomised
+    assert table["guided_backprop"]["randomization_spearman"] > 0.95
+    assert table["guided_backprop"]["randomization_spearman"] > table["vanilla"]["randomization_spearman"] + 0.2
+    assert len(rand["ssim"]["vanilla"]) == 2
+
+
+def test_table_and_curves_logged_to_wandb(evaluated):
+    _, result = evaluated
+    run_dir = result["wandb"]
+    assert run_dir is not None and list(run_dir.glob("*.wandb"))
+    assert list(run_dir.glob("files/media/images/figures/curves_*.png"))
+    assert list(run_dir.glob("files/media/images/figures/randomization_*.png"))
+    assert list(run_dir.glob("files/media/table/metrics_*.table.json"))
+
+
+def test_depth_schedule_splits_relu_calls_into_groups():
+    net = nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(4, 4), nn.ReLU())]).double()
+    sched = depth_schedule(net, torch.zeros(1, 4, dtype=torch.float64), [0.1, 0.2, 0.3], shape="sigmoid",
+                           pool_temperature=None, pool_detach=False)
+    seen = []
+    with Excitation(net, sched, observer=lambda site, z, gate: seen.append(float(gate.temperature))):
+        net(torch.zeros(1, 4, dtype=torch.float64))
+    assert seen == [0.1, 0.1, 0.2, 0.2, 0.3, 0.3]
+
+
+def test_bad_method_and_objective_write_nothing(tmp_path):
+    with pytest.raises(PipelineError, match="unknown method"):
+        run(tiny_cfg(tmp_path / "a", *SMALL, "evaluate.methods=[vanilla,lrp]"))
+    assert not (tmp_path / "a" / "results").exists() and not (tmp_path / "a" / ".results.partial").exists()
+    with pytest.raises(PipelineError, match="not a table column"):
+        run(tiny_cfg(tmp_path / "b", *SMALL, "evaluate.methods=[excitation]", "evaluate.num_images=1",
+                     "evaluate.randomization_images=0", "evaluate.objective=accuracy"))
+    assert not (tmp_path / "b" / "results").exists() and not (tmp_path / "b" / ".results.partial").exists()
+
+
+def test_optuna_search_returns_the_objective_and_merges_tables(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = cli(tmp_path, "-m", "experiment=search_temperature", "hydra.sweeper.n_trials=2", "evaluate.num_images=2",
+               "evaluate.perturbation_steps=4", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    jobs = sorted(sweep.glob("*/results/metrics.json"))
+    assert len(jobs) == 2
+    values = {json.loads(p.read_text())["objective"]["value"]: p for p in jobs}
+    assert best["best_value"] == pytest.approx(max(values))
+    best_job = values[max(values)].parent.parent.name
+    assert f"gate.temperature={best['best_params']['gate.temperature']}," in best_job
+    merged = _rows(sweep / "metrics_table.csv")
+    assert sorted(r["job"] for r in merged) == sorted(p.parent.parent.name for p in jobs)
