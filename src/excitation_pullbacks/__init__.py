@@ -10,11 +10,21 @@ from .kernel import path_kernel
 from .models import ImageNetInput, build_model
 from .patching import Excitation, Report, UngatedActivationWarning, excitation
 from .pullback import Neuron, ascent, pullback
-from .surrogates import soft_max_pool2d, soft_relu
+from .surrogates import soft_gelu, soft_max_pool2d, soft_relu, soft_silu
 
 __all__ = [
-    "ByDepth", "ByName", "ByType", "Excitation", "Gate", "ImageNetInput", "Neuron", "POOL_SHAPES", "PerChannel",
-    "RELU_SHAPES", "Report", "Schedule", "Site", "UngatedActivationWarning", "ascent", "build_model", "calibrate",
-    "excitation", "make_schedule", "path_kernel", "pullback", "soft_max_pool2d", "soft_relu",
+    "ByDepth", "ByName", "ByType", "Excitation", "ExcitationPullback", "Gate", "ImageNetInput", "Neuron",
+    "POOL_SHAPES", "PerChannel", "RELU_SHAPES", "Report", "Schedule", "Site", "UngatedActivationWarning", "ascent",
+    "build_model", "calibrate", "excitation", "make_schedule", "path_kernel", "pullback", "soft_gelu",
+    "soft_max_pool2d", "soft_relu", "soft_silu",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``ExcitationPullback`` (Captum-style interface) is imported on first use: it needs Captum."""
+    if name == "ExcitationPullback":
+        from .attribution import ExcitationPullback
+
+        return ExcitationPullback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
