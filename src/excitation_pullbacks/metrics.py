@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Union
@@ -48,6 +49,12 @@ def _targets(target, n: int, device) -> Tensor:
     if t.is_floating_point() or t.shape != (n,):
         raise ValueError(f"target must be N = {n} integer class indices, got {tuple(t.shape)} {t.dtype}")
     return t.long()
+
+
+def _warn_if_training(model: nn.Module) -> None:
+    if any(m.training for m in model.modules() if isinstance(m, (nn.modules.batchnorm._NormBase, nn.Dropout))):
+        warnings.warn("the model is in training mode (BatchNorm batch statistics make each image's score depend "
+                      "on the others in its chunk); call model.eval() first", stacklevel=3)
 
 
 def pixel_scores(maps: Tensor, *, reduce: str = "sum") -> Tensor:
@@ -145,10 +152,11 @@ def perturbation_curves(
         raise ValueError(f"x must have shape (N, C, H, W), got {tuple(x.shape)}")
     n, c, h, w = x.shape
     p, steps = h * w, int(steps)
-    s = pixel_scores(maps.to(x.device), reduce=reduce)
+    s = pixel_scores(maps.detach().to(x.device), reduce=reduce)
     if s.shape != (n, h, w):
         raise ValueError(f"maps {tuple(maps.shape)} do not match images {tuple(x.shape)}")
     t = _targets(target, n, x.device)
+    _warn_if_training(model)
     x = x.detach()
     base = _baseline_images(x, baseline, blur_sigma)
     order = torch.sort(s.reshape(n, p), dim=1, descending=True, stable=True).indices
