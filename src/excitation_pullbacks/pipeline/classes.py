@@ -1,4 +1,9 @@
-"""ImageNet class names (from torchvision's weights metadata, available offline) and name/index lookup."""
+"""Class spaces (the classes a model's logits stand for) with their names, and name/index lookup.
+
+``imagenet``: the 1000 ImageNet-1k classes (names from torchvision's weights metadata, available offline).
+``digits``: the ten digits of :mod:`excitation_pullbacks.digits`, named ``digit 0`` ... ``digit 9``.
+A model config names its space (``model.classes``; ImageNet when absent).
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,14 @@ from functools import lru_cache
 
 from .errors import PipelineError
 
-__all__ = ["IMAGENETTE", "imagenet_classes", "normalise_name", "resolve_class", "resolve_classes"]
+__all__ = ["CLASS_SPACES", "IMAGENETTE", "class_names", "class_space", "imagenet_classes", "normalise_name",
+           "resolve_class", "resolve_classes"]
 
 #: ImageNet indices of the ten Imagenette classes, in Imagenette's label order (sorted WordNet ids).
 IMAGENETTE = (0, 217, 482, 491, 497, 566, 569, 571, 574, 701)
+#: Names of the class spaces: the value of ``model.classes``.
+CLASS_SPACES = ("imagenet", "digits")
+_TITLES = {"imagenet": "ImageNet", "digits": "digits"}
 
 
 @lru_cache(maxsize=1)
@@ -23,37 +32,57 @@ def imagenet_classes() -> tuple[str, ...]:
     return tuple(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
 
 
+def class_names(space: str = "imagenet") -> tuple[str, ...]:
+    """The class names of ``space`` (one of :data:`CLASS_SPACES`), index = class id."""
+    if space == "imagenet":
+        return imagenet_classes()
+    if space == "digits":
+        return tuple(f"digit {d}" for d in range(10))
+    raise PipelineError(f"unknown class space {space!r}; choose one of {', '.join(CLASS_SPACES)}")
+
+
+def class_space(cfg) -> str:
+    """``cfg.model.classes`` of a run config (DictConfig or plain dict); ``imagenet`` when absent."""
+    space = str((cfg.get("model") or {}).get("classes") or "imagenet")
+    if space not in CLASS_SPACES:
+        raise PipelineError(f"unknown class space model.classes={space!r}; choose one of {', '.join(CLASS_SPACES)}")
+    return space
+
+
 def normalise_name(name: str) -> str:
     """'English_springer', 'english-springer' -> 'english springer'."""
     return re.sub(r"[\s_\-]+", " ", str(name)).strip().lower()
 
 
-@lru_cache(maxsize=1)
-def _by_name() -> dict[str, int]:
+@lru_cache(maxsize=None)
+def _by_name(space: str) -> dict[str, int]:
     table: dict[str, int] = {}
-    for i, n in enumerate(imagenet_classes()):
+    for i, n in enumerate(class_names(space)):
         table.setdefault(normalise_name(n), i)
     return table
 
 
-def resolve_class(spec: int | str) -> int:
-    """An ImageNet class index from an index (int or digit string) or a class name (case/underscore-insensitive)."""
+def resolve_class(spec: int | str, space: str = "imagenet") -> int:
+    """A class index of ``space`` from an index (int or digit string) or a class name (case/underscore-insensitive)."""
     if isinstance(spec, bool):
         raise PipelineError(f"invalid class {spec!r}")
+    n = len(class_names(space))
     if isinstance(spec, int) or (isinstance(spec, str) and spec.strip().isdigit()):
         i = int(spec)
-        if not 0 <= i < 1000:
-            raise PipelineError(f"class index {i} is out of range 0..999")
+        if not 0 <= i < n:
+            raise PipelineError(f"class index {i} is out of range 0..{n - 1}")
         return i
     key = normalise_name(spec)
-    table = _by_name()
+    table = _by_name(space)
     if key in table:
         return table[key]
     close = difflib.get_close_matches(key, list(table), n=3)
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    raise PipelineError(f"unknown ImageNet class name {spec!r}{hint}")
+    if space == "digits" and not close:
+        hint = "; digits are 0..9 or 'digit 0'..'digit 9' (targets=digits)"
+    raise PipelineError(f"unknown {_TITLES[space]} class name {spec!r}{hint}")
 
 
-def resolve_classes(specs: Sequence[int | str]) -> list[int]:
+def resolve_classes(specs: Sequence[int | str], space: str = "imagenet") -> list[int]:
     """resolve_class for each entry, in order."""
-    return [resolve_class(s) for s in specs]
+    return [resolve_class(s, space) for s in specs]

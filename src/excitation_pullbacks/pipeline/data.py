@@ -1,6 +1,8 @@
-"""Datasets (Imagenette via Hugging Face or torchvision, image folders, synthetic) and the paper's selection.
+"""Datasets (Imagenette via Hugging Face or torchvision, image folders, scikit-learn digits, synthetic) and the
+paper's selection.
 
-Every dataset yields ``(image, label)``: image (3, crop, crop) float in [-1, 1], label an ImageNet class index.
+Every dataset yields ``(image, label)``: image (3, H, W) float in [-1, 1] (H = W = crop, or data.size for
+digits), label a class index in the model's class space (:mod:`.classes`: ImageNet, or digits 0..9).
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .classes import IMAGENETTE, normalise_name, resolve_class
+from .classes import IMAGENETTE, class_names, normalise_name, resolve_class
 from .errors import PipelineError
 
-__all__ = ["build_dataset", "build_transform", "FolderDataset", "SyntheticDataset", "select_images"]
+__all__ = ["build_dataset", "build_transform", "DigitsDataset", "FolderDataset", "SyntheticDataset", "select_images"]
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+#: The class space whose labels a data kind yields; kinds not named here label in the model's space.
+DATA_CLASS_SPACE = {"imagenette_hf": "imagenet", "imagenette_tv": "imagenet", "digits": "digits"}
 
 
 def build_transform(resize: int = 256, crop: int = 224):
@@ -97,12 +101,14 @@ def _imagenette_tv(cfg, transform) -> Dataset:
 
 class FolderDataset(Dataset):
     """Images under ``root`` (recursively, sorted). Class: the sub-folder name for files in a sub-folder,
-    else the file name without a leading ``<number>_`` (``3_chain_saw.jpg`` -> chain saw); names or indices.
+    else the file name without a leading ``<number>_`` (``3_chain_saw.jpg`` -> chain saw); names or indices
+    of the class space ``space``.
     """
 
-    def __init__(self, root: str | os.PathLike, transform, label_from: str = "auto"):
+    def __init__(self, root: str | os.PathLike, transform, label_from: str = "auto", space: str = "imagenet"):
         self.root = Path(os.path.expanduser(str(root)))
         self.transform = transform
+        self.space = space
         if not self.root.is_dir():
             raise PipelineError(f"image folder {self.root} does not exist or is not a directory")
         try:
@@ -127,7 +133,7 @@ class FolderDataset(Dataset):
             head, sep, tail = stem.partition("_")
             name = tail if sep and head.isdigit() else stem
         try:
-            return resolve_class(normalise_name(name))
+            return resolve_class(normalise_name(name), self.space)
         except PipelineError as err:
             raise PipelineError(f"cannot tell the class of {path}: {err}") from None
 
@@ -168,10 +174,40 @@ class SyntheticDataset(Dataset):
         return x[0], self.classes[i % len(self.classes)]
 
 
-def build_dataset(cfg, classes: Sequence[int]) -> Dataset:
-    """The dataset ``cfg`` (a ``data`` config group node) names; ``classes`` label synthetic images."""
-    transform = build_transform(int(cfg.resize), int(cfg.crop))
+class DigitsDataset(Dataset):
+    """scikit-learn's digits (:func:`excitation_pullbacks.digits.digits_images`): split "train" | "test" | "all",
+    images (3, size, size) in [-1, 1], labels 0..9."""
+
+    def __init__(self, split: str = "test", size: int = 32):
+        from excitation_pullbacks.digits import digits_images
+
+        try:
+            self.images, labels = digits_images(split, int(size))
+        except ValueError as err:
+            raise PipelineError(f"data=digits: {err}") from None
+        self.labels = labels.tolist()
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i]
+
+
+def build_dataset(cfg, classes: Sequence[int], space: str = "imagenet") -> Dataset:
+    """The dataset ``cfg`` (a ``data`` config group node) names, labelled in the class space ``space`` (the
+    model's); ``classes`` label synthetic images. A kind whose labels live in another space is an error."""
     kind = cfg.kind
+    own = DATA_CLASS_SPACE.get(kind)
+    if own is not None and own != space:
+        fits = [k for k, v in DATA_CLASS_SPACE.items() if v == space] + ["folder", "synthetic"]
+        raise PipelineError(f"data={kind} holds {own} classes but the model's classes are {space} (model.classes); "
+                            f"choose data={' | '.join(fits)}")
+    if kind == "digits":
+        return DigitsDataset(cfg.get("split", "test"), cfg.get("size", 32))
+    if kind == "synthetic":
+        return SyntheticDataset(classes, cfg.num_images, cfg.crop, cfg.get("seed", 0))
+    transform = build_transform(int(cfg.resize), int(cfg.crop))
     if kind == "imagenette_hf":
         return _imagenette_hf(cfg, transform)
     if kind == "imagenette_tv":
@@ -179,17 +215,16 @@ def build_dataset(cfg, classes: Sequence[int]) -> Dataset:
     if kind == "folder":
         if cfg.root is None:
             raise PipelineError("data=folder needs data.root=<image dir>")
-        return FolderDataset(cfg.root, transform, cfg.get("label_from", "auto"))
-    if kind == "synthetic":
-        return SyntheticDataset(classes, cfg.num_images, cfg.crop, cfg.get("seed", 0))
+        return FolderDataset(cfg.root, transform, cfg.get("label_from", "auto"), space)
     raise PipelineError(f"unknown data kind {kind!r}")
 
 
 def select_images(
-    dataset: Dataset, classes: Sequence[int], *, batch_size: int = 5, seed: int = 314
+    dataset: Dataset, classes: Sequence[int], *, batch_size: int = 5, seed: int = 314, space: str = "imagenet"
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The paper's selection: the first image of each class in a seeded shuffled DataLoader pass.
 
+    classes: class indices of ``space`` (named in the error when the data holds none of a class).
     Returns images (R, 3, H, W) in [-1, 1], labels (R,), dataset indices (R,), row r holding ``classes[r]``.
     """
     if len(dataset) == 0:
@@ -210,9 +245,7 @@ def select_images(
             break
     missing = [c for c in classes if c not in found]
     if missing:
-        from .classes import imagenet_classes
-
-        names = ", ".join(f"{imagenet_classes()[c]} ({c})" for c in missing)
+        names = ", ".join(f"{class_names(space)[c]} ({c})" for c in missing)
         raise PipelineError(f"the data holds no image of class {names}")
     images = torch.stack([found[c][0] for c in classes])
     return images, torch.tensor(list(classes)), torch.tensor([found[c][1] for c in classes])

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from excitation_pullbacks import build_model
 from excitation_pullbacks.gates import PerChannel, make_schedule
 
-from .classes import imagenet_classes, resolve_classes
+from .classes import class_names, class_space, resolve_classes
 from .errors import PipelineError
 
 __all__ = ["run", "FIGURES", "RESULTS", "STAGING"]
@@ -118,7 +118,7 @@ class Finalizer:
         from . import figures as F
         from .runner import write_metrics_csv
 
-        staging, names = self.out / STAGING, imagenet_classes()
+        staging, names = self.out / STAGING, class_names(class_space(self.cfg))
         col_names = [names[c] for c in self.columns]
         row_names = [names[c] for c in self.rows]
         steps = self.cfg["ascent"]["steps"]
@@ -246,8 +246,9 @@ def run(cfg: DictConfig) -> dict:
     started = time.perf_counter()
     resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     _validate(cfg)
-    rows = resolve_classes(list(cfg.targets.rows))
-    columns = rows + resolve_classes(list(cfg.targets.extra))
+    space = class_space(cfg)  # the classes the model's logits stand for: names and lookup of the targets
+    rows = resolve_classes(list(cfg.targets.rows), space)
+    columns = rows + resolve_classes(list(cfg.targets.extra), space)
     if not rows:
         raise PipelineError("targets.rows is empty: name at least one class")
     if len(set(rows)) != len(rows):
@@ -262,9 +263,9 @@ def run(cfg: DictConfig) -> dict:
     try:
         torch.manual_seed(int(cfg.seed))  # random weights (weights=null) are the same on every rank and run
         model = build_model(cfg.model.name, cfg.model.weights, checkpoint=cfg.model.checkpoint)
-        dataset = build_dataset(cfg.data, rows)
+        dataset = build_dataset(cfg.data, rows, space)
         images, labels, index = select_images(dataset, rows, batch_size=int(cfg.selection_batch_size),
-                                              seed=int(cfg.seed))
+                                              seed=int(cfg.seed), space=space)
         settings, main = _settings(cfg, model, dataset, staging)
         import lightning as L
         from torch.utils.data import DataLoader, TensorDataset
