@@ -50,7 +50,8 @@ def test_every_config_option_composes(group, option):
     if group == "experiment":
         assert cfg.name == option
     elif group == "model":
-        assert cfg.model.name == option and cfg.model.weights == "IMAGENET1K_V1"
+        assert cfg.model.name == option
+        assert cfg.model.weights == ("DEFAULT" if option == "digits_cnn" else "IMAGENET1K_V1")
     elif group == "data":
         assert cfg.data.kind == option
     elif group == "gate":
@@ -58,11 +59,11 @@ def test_every_config_option_composes(group, option):
 
 
 def test_config_groups_have_the_documented_options():
-    assert options("model") == ["densenet121", "resnet50", "vgg11_bn"]
-    assert options("data") == ["folder", "imagenette_hf", "imagenette_tv", "synthetic"]
+    assert options("model") == ["densenet121", "digits_cnn", "resnet50", "vgg11_bn"]
+    assert options("data") == ["digits", "folder", "imagenette_hf", "imagenette_tv", "synthetic"]
     assert options("gate") == ["calibrated", "hard", "none", "normal_cdf", "sigmoid", "softsign"]
-    assert set(options("experiment")) >= {"all_figures", "evaluate", "fig1", "fig2", "fig3_fig4", "search_by_depth",
-                                          "search_by_type", "search_temperature", "temperature_sweep"}
+    assert options("experiment") == ["all_figures", "digits", "evaluate", "evaluate_digits", "fig1", "fig2", "fig3_fig4",
+                                     "search_by_depth", "search_by_type", "search_temperature", "temperature_sweep"]
 
 
 def test_paper_targets_and_ascent():

@@ -47,8 +47,10 @@ METRICS = {
     "insertion_auc": "higher is better: the target score rises fast as top-attributed pixels are revealed",
     "map_hf_energy": "fraction of the map's spectral energy above the cutoff; lower: smoother, image-like",
     "map_tv": "normalised total variation of the map; lower: smoother",
-    "randomization_spearman": "rank correlation with the map after randomising the model; lower passes the check",
-    "randomization_ssim": "SSIM with the map after randomising the model; lower passes the check",
+    "randomization_spearman_top": "rank correlation with the map after randomising the top layer; lower passes",
+    "randomization_spearman_mean": "rank correlation with the map, mean over the cascade's steps; lower passes",
+    "randomization_ssim_top": "SSIM with the map after randomising the top layer; lower passes the check",
+    "randomization_ssim_mean": "SSIM with the map, mean over the cascade's steps; lower passes the check",
     "ascent_gain": "target logit gain of the counterfactual (ascent toward another class, fixed L2 budget)",
     "ascent_gain_per_l2": "target logit gain of the counterfactual per unit L2 norm of its perturbation",
     "ascent_flip_rate": "fraction of counterfactuals whose top-1 class became the ascent target",
@@ -187,6 +189,8 @@ class EvaluateModule(L.LightningModule):
             explain = _make_explain(s)
             maps = explain(self.model, x, t)
             maps_all.append(maps)
+            if i == 0 and rand_rows.any():
+                log.info("rank %d: randomization check over %d layers", self.global_rank, len(self.layer_names))
             dele = M.deletion(self.model, x, maps, t, **self.perturbation)
             ins = M.insertion(self.model, x, maps, t, **self.perturbation)
             cols["deletion_auc"][:, i] = dele.cpu().double()
@@ -199,8 +203,9 @@ class EvaluateModule(L.LightningModule):
                                             layers=self.layer_names, seed=self.seed)
                 curve[rand_rows, 0] = res.spearman.T.cpu().double()
                 curve[rand_rows, 1] = res.ssim.T.cpu().double()
-                cols["randomization_spearman"][rand_rows, i] = res.spearman[-1].cpu().double()
-                cols["randomization_ssim"][rand_rows, i] = res.ssim[-1].cpu().double()
+                for key, sim in (("spearman", res.spearman), ("ssim", res.ssim)):
+                    cols[f"randomization_{key}_top"][rand_rows, i] = sim[0].cpu().double()
+                    cols[f"randomization_{key}_mean"][rand_rows, i] = sim.mean(0).cpu().double()
             curves.append(curve)
             if s.ascent and self.steps > 0:
                 direction = as_direction(self.model, explain)
@@ -357,13 +362,14 @@ def run_evaluate(cfg) -> dict:
         from excitation_pullbacks import build_model
         from torch.utils.data import DataLoader, TensorDataset
 
-        from .classes import imagenet_classes, resolve_classes
+        from .classes import class_names, class_space, resolve_classes
         from .data import build_dataset
         from .runner import ResultWriter
 
+        space = class_space(cfg)
         torch.manual_seed(int(cfg.seed))
         model = build_model(cfg.model.name, cfg.model.weights, checkpoint=cfg.model.checkpoint)
-        dataset = build_dataset(cfg.data, resolve_classes(list(cfg.targets.rows)))
+        dataset = build_dataset(cfg.data, resolve_classes(list(cfg.targets.rows), space), space)
         images, labels, index = evaluation_images(dataset, int(ev.num_images), int(cfg.seed))
         settings, main = settings_from_config(cfg, model, images[:1], dataset, staging)
         transfer = {}
@@ -372,7 +378,7 @@ def run_evaluate(cfg) -> dict:
             transfer[str(name)] = build_model(str(name), cfg.model.weights)
         module = EvaluateModule(
             model, settings, target=str(ev.target),
-            perturbation=dict(steps=int(ev.perturbation_steps), baseline=str(ev.perturbation_baseline),
+            perturbation=dict(steps=int(ev.perturbation_steps), baseline=_baseline(ev.perturbation_baseline),
                               score=str(ev.score), batch_size=int(ev.perturbation_batch_size)),
             structure=dict(cutoff=float(ev.hf_cutoff)), steps=int(cfg.ascent.steps),
             step_size=float(cfg.ascent.step_size), eps=float(cfg.ascent.eps),
@@ -380,7 +386,7 @@ def run_evaluate(cfg) -> dict:
             transfer=transfer, seed=int(cfg.seed))
         if int(ev.randomization_images) > 0:
             module.layer_names = M.randomization_layers(model, images[:1], layers=ev.randomization_layers)
-        finalize = EvaluateFinalizer(resolved, out, settings, main, imagenet_classes(), module, _run_name(cfg))
+        finalize = EvaluateFinalizer(resolved, out, settings, main, class_names(space), module, _run_name(cfg))
         trainer = L.Trainer(
             accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=int(cfg.trainer.num_nodes),
             strategy=cfg.trainer.strategy, inference_mode=False, logger=False,
@@ -403,6 +409,15 @@ def run_evaluate(cfg) -> dict:
     timing = _write_timing(final, time.perf_counter() - started, module.model_seconds)
     return {"results": final, "wandb": _wandb_dir(final), "skipped": False, "timing": timing,
             "objective": _stored_objective(final)}
+
+
+def _baseline(value) -> str | float:
+    """evaluate.perturbation_baseline: blur, mean, or a constant (e.g. -1: black in [-1, 1] images)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if str(value) not in ("blur", "mean"):
+        raise PipelineError(f"evaluate.perturbation_baseline must be blur, mean or a number, got {value!r}")
+    return str(value)
 
 
 def _stored_objective(final: Path) -> float | None:
