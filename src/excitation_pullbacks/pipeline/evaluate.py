@@ -286,7 +286,9 @@ class EvaluateFinalizer:
         if curves is not None:
             figs["randomization"] = (F.randomization_curves(data["randomization"]),
                                      "Cascading randomization: similarity to the original maps")
-        figs["methods"] = (F.methods_grid(merged["images"], merged["maps"], [r[0] for r in self.rows],
+        short = {"guided_backprop": "guided BP", "integrated_gradients": "IG", "smoothgrad": "SmoothGrad"}
+        titles = [short.get(r[0], r[0]).replace("excitation ", "exc. ") for r in self.rows]
+        figs["methods"] = (F.methods_grid(merged["images"], merged["maps"], titles,
                                           [self.class_names[int(c)] for c in merged["target"]]),
                            "Maps of every method for the target class (each cell min-max scaled)")
         for key, (im, _) in figs.items():
