@@ -12,7 +12,7 @@ import torch.nn as nn
 import yaml
 from hydra import compose, initialize_config_dir
 
-from excitation_pullbacks import Excitation, build_model
+from excitation_pullbacks import Excitation, Site, build_model
 from excitation_pullbacks import metrics as M
 from excitation_pullbacks.baselines import explainer
 from excitation_pullbacks.pipeline import PipelineError
@@ -116,11 +116,13 @@ def test_table_and_curves_logged_to_wandb(evaluated):
 def test_depth_schedule_splits_relu_calls_into_groups():
     net = nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(4, 4), nn.ReLU())]).double()
     sched = depth_schedule(net, torch.zeros(1, 4, dtype=torch.float64), [0.1, 0.2, 0.3], shape="sigmoid",
-                           pool_temperature=None, pool_detach=False)
+                           temperature=0.7, pool_temperature=None, pool_detach=False)
     seen = []
     with Excitation(net, sched, observer=lambda site, z, gate: seen.append(float(gate.temperature))):
         net(torch.zeros(1, 4, dtype=torch.float64))
     assert seen == [0.1, 0.1, 0.2, 0.2, 0.3, 0.3]
+    pool = sched(Site("pool", "maxpool"))
+    assert pool.shape == "softmax" and pool.temperature == 0.7
 
 
 def test_bad_method_and_objective_write_nothing(tmp_path):
@@ -160,3 +162,22 @@ def test_digits_preset_runs_on_the_trained_model(tmp_path):
     assert [r["setting"] for r in table][-5:] == [f"excitation T={t}" for t in ("0.1", "0.2", "0.3", "0.5", "1")]
     assert all(r["model"] == "digits_cnn" for r in table)
     assert json.loads((result["results"] / "metrics.json").read_text())["randomization"]["layers"][0] == "classifier"
+
+
+def test_ddp_spawn_two_processes_equal_one(tmp_path):
+    common = [*SMALL, "evaluate.methods=[vanilla,excitation]", "temperatures=[0.3]", "batch_size=1",
+              "evaluate.randomization_images=1"]
+    one = run(tiny_cfg(tmp_path / "one", *common))
+    two = run(tiny_cfg(tmp_path / "two", *common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                       "trainer.strategy=ddp_spawn"))
+    a, b = (_rows(r["results"] / "per_image.csv") for r in (one, two))
+    assert [r["row"] for r in b] == ["0", "0", "1", "1", "2", "2"]  # three images over two ranks, merged in order
+    numeric = [k for k in a[0] if k.startswith(("deletion", "insertion", "map_", "randomization", "ascent_g",
+                                                 "ascent_hf", "ascent_tv"))]
+    for ra, rb in zip(a, b):
+        for key in ra:
+            if key in numeric and ra[key]:
+                assert float(ra[key]) == pytest.approx(float(rb[key]), rel=1e-5, abs=1e-7), key
+            else:
+                assert ra[key] == rb[key], key
+    assert one["objective"] == pytest.approx(two["objective"], rel=1e-6)

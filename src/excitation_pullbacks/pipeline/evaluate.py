@@ -71,14 +71,15 @@ class EvalSetting:
 
 
 def depth_schedule(model: nn.Module, example: Tensor, temperatures: Sequence[float], *, shape: str,
-                   pool_temperature, pool_detach: bool):
+                   temperature: float, pool_temperature, pool_detach: bool):
     """ReLU calls split by depth into len(temperatures) equal groups (input side first), group g gated at
-    temperatures[g]; max-pool calls as ``make_schedule`` sets them. example: (1, C, H, W) for the call count."""
+    temperatures[g]; other sites (max-pool, SiLU, GELU) as ``make_schedule(temperature=temperature, ...)``
+    sets them. example: (1, C, H, W), run once to count the ReLU calls."""
     temps = [float(t) for t in temperatures]
     with excitation(model, temperature=0.0, gate="hard") as report, torch.no_grad():
         model(example)
     n = max(report.relu_calls, 1)
-    base = make_schedule(temperature=temps[len(temps) // 2], gate=shape, pool_temperature=pool_temperature,
+    base = make_schedule(temperature=float(temperature), gate=shape, pool_temperature=pool_temperature,
                          pool_detach=pool_detach)
     gates = [Gate(shape, t) for t in temps]
     return ByDepth(lambda d: gates[min(d * len(gates) // n, len(gates) - 1)], default=base)
@@ -113,9 +114,9 @@ def settings_from_config(cfg, model: nn.Module, example: Tensor, dataset=None,
                         pool_detach=bool(g.pool_detach))
             label = f"excitation T={t:g}"
             if depth:
-                opts["schedule"] = depth_schedule(model, example, list(depth), shape=g.shape,
+                opts["schedule"] = depth_schedule(model, example, list(depth), shape=g.shape, temperature=t,
                                                   pool_temperature=g.pool_temperature, pool_detach=bool(g.pool_detach))
-                label = f"excitation depth T={'/'.join(f'{float(d):g}' for d in depth)}"
+                label = f"excitation T={t:g} depth {'/'.join(f'{float(d):g}' for d in depth)}"
             settings.append(EvalSetting(label, "excitation", f"{t:g}", opts, "excitation" in ascent_methods))
         first = len(settings) - len(temps)
         main = first + min(range(len(temps)), key=lambda i: abs(temps[i] - float(g.temperature)))
@@ -124,32 +125,29 @@ def settings_from_config(cfg, model: nn.Module, example: Tensor, dataset=None,
     return settings, (main if main is not None else 0)
 
 
-def _make_explain(s: EvalSetting):
-    return explainer(s.method, **s.options)
-
-
 class EvaluateModule(L.LightningModule):
     """Per-image metrics of every setting, for ``Trainer.predict``.
 
     model: images (N, C, H, W) -> logits. settings: the table rows. target: ``label`` or ``predicted`` (the
     class whose maps are scored). Ascent goes to a seeded random class other than the target, with the
     ``steps``/``step_size``/``eps`` budget. transfer: {name: model} scored on each counterfactual.
+    randomization_layers: the layer names the randomization check walks (top first), on the images whose
+    row is below ``randomization_images``.
     """
 
     def __init__(self, model: nn.Module, settings: Sequence[EvalSetting], *, target: str = "label",
                  perturbation: dict, structure: dict, steps: int, step_size: float, eps: float,
-                 randomization_images: int, randomization_layers: int | None, transfer: dict | None = None,
+                 randomization_images: int, randomization_layers: Sequence[str], transfer: dict | None = None,
                  seed: int = 0):
         super().__init__()
         self.model = model
         self.settings = list(settings)
         self.target, self.perturbation, self.structure = target, dict(perturbation), dict(structure)
         self.steps, self.step_size, self.eps = int(steps), float(step_size), float(eps)
-        self.randomization_images, self.randomization_layers = int(randomization_images), randomization_layers
+        self.randomization_images, self.layer_names = int(randomization_images), list(randomization_layers)
         self.transfer = nn.ModuleDict(transfer or {})
         self.seed = int(seed)
         self.model_seconds = 0.0
-        self.layer_names: list[str] = []  # set by run_evaluate: the randomization check's layers, top first
 
     def predict_step(self, batch, batch_idx: int = 0) -> dict[str, Tensor]:
         start = time.perf_counter()
@@ -186,11 +184,9 @@ class EvaluateModule(L.LightningModule):
         rand_rows = rows < self.randomization_images
         for i, s in enumerate(self.settings):
             log.info("rank %d: %s on %d images", self.global_rank, s.label, n)
-            explain = _make_explain(s)
+            explain = explainer(s.method, **s.options)
             maps = explain(self.model, x, t)
             maps_all.append(maps)
-            if i == 0 and rand_rows.any():
-                log.info("rank %d: randomization check over %d layers", self.global_rank, len(self.layer_names))
             dele = M.deletion(self.model, x, maps, t, **self.perturbation)
             ins = M.insertion(self.model, x, maps, t, **self.perturbation)
             cols["deletion_auc"][:, i] = dele.cpu().double()
@@ -199,6 +195,7 @@ class EvaluateModule(L.LightningModule):
             cols["map_tv"][:, i] = M.total_variation(maps).cpu().double()
             curve = torch.full((n, 2, len(self.layer_names)), math.nan, dtype=torch.float64)
             if rand_rows.any() and self.layer_names:
+                log.info("rank %d: randomization check over %d layers", self.global_rank, len(self.layer_names))
                 res = M.randomization_check(self.model, x[rand_rows], t[rand_rows], explain,
                                             layers=self.layer_names, seed=self.seed)
                 curve[rand_rows, 0] = res.spearman.T.cpu().double()
@@ -240,10 +237,10 @@ class EvaluateFinalizer:
     """Rank 0, after the merge: the table (CSV, JSON), curves, grids, loggers; then staging -> results."""
 
     def __init__(self, cfg: dict, out: Path, settings: Sequence[EvalSetting], main: int, class_names: Sequence[str],
-                 layer_names_from: EvaluateModule, run_name: str):
+                 layer_names: Sequence[str], run_name: str):
         self.cfg, self.out, self.main = cfg, out, main
         self.rows = [(s.label, s.method, s.temperature) for s in settings]
-        self.class_names, self.module, self.run_name = list(class_names), layer_names_from, run_name
+        self.class_names, self.layer_names, self.run_name = list(class_names), list(layer_names), run_name
         self.objective: float | None = None
 
     def table(self, merged: dict) -> list[dict]:
@@ -272,11 +269,11 @@ class EvaluateFinalizer:
         self.objective = float(value) if value != "" else math.nan
         _write_csv(staging / "metrics_table.csv", table)
         _write_csv(staging / "per_image.csv", self._per_image(merged))
-        curves = merged["randomization_curves"] if self.module.layer_names else None
+        curves = merged["randomization_curves"] if self.layer_names else None
         data = {"objective": {"metric": objective_key, "setting": table[self.main]["setting"], "value": self.objective},
                 "metrics": METRICS, "table": table,
                 "randomization": None if curves is None else {
-                    "layers": self.module.layer_names,
+                    "layers": self.layer_names,
                     "spearman": {r[0]: _nanmean0(curves[:, i, 0]) for i, r in enumerate(self.rows)},
                     "ssim": {r[0]: _nanmean0(curves[:, i, 1]) for i, r in enumerate(self.rows)}}}
         (staging / "metrics.json").write_text(json.dumps(data, indent=1) + "\n")
@@ -378,17 +375,17 @@ def run_evaluate(cfg) -> dict:
         for name in ev.transfer_models or []:
             torch.manual_seed(int(cfg.seed))
             transfer[str(name)] = build_model(str(name), cfg.model.weights)
+        layer_names = (M.randomization_layers(model, images[:1], layers=ev.randomization_layers)
+                       if int(ev.randomization_images) > 0 else [])
         module = EvaluateModule(
             model, settings, target=str(ev.target),
             perturbation=dict(steps=int(ev.perturbation_steps), baseline=_baseline(ev.perturbation_baseline),
                               score=str(ev.score), batch_size=int(ev.perturbation_batch_size)),
             structure=dict(cutoff=float(ev.hf_cutoff)), steps=int(cfg.ascent.steps),
             step_size=float(cfg.ascent.step_size), eps=float(cfg.ascent.eps),
-            randomization_images=int(ev.randomization_images), randomization_layers=ev.randomization_layers,
+            randomization_images=int(ev.randomization_images), randomization_layers=layer_names,
             transfer=transfer, seed=int(cfg.seed))
-        if int(ev.randomization_images) > 0:
-            module.layer_names = M.randomization_layers(model, images[:1], layers=ev.randomization_layers)
-        finalize = EvaluateFinalizer(resolved, out, settings, main, class_names(space), module, _run_name(cfg))
+        finalize = EvaluateFinalizer(resolved, out, settings, main, class_names(space), layer_names, _run_name(cfg))
         trainer = L.Trainer(
             accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=int(cfg.trainer.num_nodes),
             strategy=cfg.trainer.strategy, inference_mode=False, logger=False,
