@@ -181,3 +181,16 @@ def test_ddp_spawn_two_processes_equal_one(tmp_path):
             else:
                 assert ra[key] == rb[key], key
     assert one["objective"] == pytest.approx(two["objective"], rel=1e-6)
+
+
+def test_baselines_figure_shares_the_paper_grid(tmp_path):
+    result = run(tiny_cfg(tmp_path, "experiment=baselines", "baselines.smoothgrad_samples=2", "baselines.ig_steps=2"))
+    res = result["results"]
+    assert (res / "baselines.png").is_file()
+    tensors = torch.load(res / "tensors.pt", weights_only=True)
+    rows, methods, cols = tensors["baselines"].shape[:3]
+    assert (rows, methods, cols) == (2, 4, 2)
+    # Captum's Saliency column is the engine's vanilla gradient of the same image and target
+    torch.testing.assert_close(tensors["baselines"][:, 0], tensors["vanilla"], rtol=1e-5, atol=1e-8)
+    with pytest.raises(PipelineError, match="baselines.methods"):
+        run(tiny_cfg(tmp_path / "bad", "experiment=baselines", "baselines.methods=[excitation]"))

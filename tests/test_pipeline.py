@@ -62,7 +62,7 @@ def test_config_groups_have_the_documented_options():
     assert options("model") == ["densenet121", "digits_cnn", "resnet50", "vgg11_bn"]
     assert options("data") == ["digits", "folder", "imagenette_hf", "imagenette_tv", "synthetic"]
     assert options("gate") == ["calibrated", "hard", "none", "normal_cdf", "sigmoid", "softsign"]
-    assert options("experiment") == ["all_figures", "digits", "evaluate", "evaluate_digits", "fig1", "fig2", "fig3_fig4",
+    assert options("experiment") == ["all_figures", "baselines", "digits", "evaluate", "evaluate_digits", "fig1", "fig2", "fig3_fig4",
                                      "search_by_depth", "search_by_type", "search_temperature", "temperature_sweep"]
 
 

@@ -12,8 +12,8 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from torchvision.utils import make_grid
 
-__all__ = ["labelled_grid", "stack_panels", "fig1", "fig2", "fig_ascent", "fig_sweep", "methods_grid", "metric_curves",
-           "randomization_curves"]
+__all__ = ["labelled_grid", "stack_panels", "fig1", "fig2", "fig_ascent", "fig_sweep", "fig_baselines", "methods_grid",
+           "metric_curves", "randomization_curves"]
 
 PAD = 2
 
@@ -123,6 +123,18 @@ def fig_sweep(image: Tensor, pullbacks: Tensor, temperatures: Sequence[str], col
     cells = _with_original(image[None].expand(len(temperatures), *image.shape), pullbacks)
     panel = labelled_grid(cells, ["original", *columns], [f"T = {t}" for t in temperatures])
     return stack_panels([panel], [title or "Pullbacks by gate temperature"])
+
+
+def fig_baselines(images: Tensor, baselines: Tensor, excitation: Tensor, methods: Sequence[str],
+                  columns: Sequence[str], rows: Sequence[str] | None = None, *, temperature: str = "0.3") -> Image.Image:
+    """Fig 2's grid for each Captum baseline, then for excitation pullbacks: images (R, 3, H, W), baselines
+    (R, nB, K, 3, H, W), excitation (R, K, 3, H, W)."""
+    titles = ["original", *columns]
+    panels = [labelled_grid(_with_original(images, baselines[:, i]), titles, rows) for i in range(len(methods))]
+    panels.append(labelled_grid(_with_original(images, excitation), titles, rows))
+    names = {"vanilla": "Vanilla gradients (Captum Saliency)", "smoothgrad": "SmoothGrad (Captum NoiseTunnel)",
+             "guided_backprop": "Guided backprop (Captum)", "integrated_gradients": "Integrated gradients (Captum)"}
+    return stack_panels(panels, [names.get(m, m) for m in methods] + [f"Excitation pullbacks (T = {temperature})"])
 
 
 def methods_grid(images: Tensor, maps: Tensor, methods: Sequence[str], targets: Sequence[str],

@@ -2,7 +2,7 @@
 
 Layout of a finished run in the output directory::
 
-    results/  figures (fig*.png, sweep_*.png), tensors.pt, metrics.csv, config.yaml, calibration.pt,
+    results/  figures (fig*.png, sweep_*.png, baselines.png), tensors.pt, metrics.csv, config.yaml, calibration.pt,
               csv/ (CSV logger), wandb/ (offline W&B run)
 
 Everything is written to ``.results.partial`` first and renamed to ``results`` at the end.
@@ -29,7 +29,7 @@ from .errors import PipelineError
 
 __all__ = ["run", "FIGURES", "RESULTS", "STAGING"]
 
-FIGURES = ("fig1", "fig2", "fig3", "fig4", "sweep")
+FIGURES = ("fig1", "fig2", "fig3", "fig4", "sweep", "baselines")
 RESULTS = "results"
 STAGING = ".results.partial"
 
@@ -70,6 +70,13 @@ def _validate(cfg: DictConfig) -> None:
     temps = list(cfg.temperatures)
     if not temps or not all(isinstance(t, (int, float)) and math.isfinite(t) and t >= 0 for t in temps):
         raise PipelineError(f"temperatures must be a non-empty list of numbers >= 0, got {temps}")
+    if "baselines" in cfg.figures:
+        from excitation_pullbacks.baselines import BASELINES
+
+        methods = list(cfg.baselines.methods)
+        bad = [m for m in methods if m not in BASELINES]
+        if not methods or bad:
+            raise PipelineError(f"baselines.methods must name some of {', '.join(BASELINES)}; got {methods}")
     if int(cfg.batch_size) < 1:
         raise PipelineError(f"batch_size must be >= 1, got {cfg.batch_size}")
 
@@ -141,6 +148,11 @@ class Finalizer:
         if "fig4" in self.cfg["figures"]:
             im = F.fig_ascent(imgs, merged["van_ascent"][:, -1], col_names, steps=steps, method="vanilla gradients")
             figs["fig4"] = (im, f"Fig 4: {steps}-step ascent along vanilla gradients: images and differences")
+        if "baselines" in self.cfg["figures"]:
+            methods = list(self.cfg["baselines"]["methods"])
+            im = F.fig_baselines(imgs, merged["baselines"], merged["excitation"][:, self.main], methods, col_names,
+                                 temperature=self.labels[self.main])
+            figs["baselines"] = (im, "Captum baselines and excitation pullbacks for the same images and targets")
         if "sweep" in self.cfg["figures"]:
             for r, name in enumerate(row_names):
                 key = f"sweep_{r}_{name.replace(' ', '_')}"
@@ -274,8 +286,14 @@ def run(cfg: DictConfig) -> dict:
 
         steps = int(cfg.ascent.steps)
         keep = None if cfg.save_trajectories else [s for s in sorted({int(cfg.ascent.fig1_steps), steps}) if 0 < s <= steps]
+        baselines = None
+        if "baselines" in cfg.figures:
+            b = cfg.baselines
+            options = dict(smoothgrad_samples=int(b.smoothgrad_samples), smoothgrad_noise=float(b.smoothgrad_noise),
+                           ig_steps=int(b.ig_steps), ig_baseline=float(b.ig_baseline))
+            baselines = {str(m): options for m in b.methods}
         module = PullbackModule(model, columns, settings, steps=steps, step_size=float(cfg.ascent.step_size),
-                                eps=float(cfg.ascent.eps), keep_steps=keep)
+                                eps=float(cfg.ascent.eps), keep_steps=keep, baselines=baselines)
         finalize = Finalizer(resolved, out, rows, columns, [s.label for s in settings], main, module.keep_steps,
                              run_name=_run_name(cfg))
         writer = ResultWriter(staging, finalize)

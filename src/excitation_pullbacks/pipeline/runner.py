@@ -44,12 +44,15 @@ class PullbackModule(L.LightningModule):
 
     columns: K target classes (the same for every image). settings: nT gate settings.
     steps, step_size, eps: projected gradient ascent (steps=0: none). keep_steps: the trajectory steps kept
-    (None: all steps + 1).
+    (None: all steps + 1). baselines: {method: options} of :func:`excitation_pullbacks.baselines.explainer`,
+    computed for every image x target as well.
     """
 
     def __init__(self, model: torch.nn.Module, columns: Sequence[int], settings: Sequence[Setting], *,
-                 steps: int = 0, step_size: float = 20.0, eps: float = 100.0, keep_steps: Sequence[int] | None = None):
+                 steps: int = 0, step_size: float = 20.0, eps: float = 100.0, keep_steps: Sequence[int] | None = None,
+                 baselines: dict | None = None):
         super().__init__()
+        self.baselines = dict(baselines or {})  # {method: explainer options}: Captum maps for the same grid
         self.model = model
         self.columns = list(columns)
         self.settings = list(settings)
@@ -70,7 +73,8 @@ class PullbackModule(L.LightningModule):
 
     def predict_step(self, batch, batch_idx: int = 0) -> dict[str, Tensor]:
         """batch: (images (B, 3, H, W), labels (B,), dataset indices (B,), rows (B,)) -> dict of CPU tensors:
-        vanilla (B, K, 3, H, W), excitation (B, nT, K, 3, H, W), logit_before (B, K), top1_before (B,) and with
+        vanilla (B, K, 3, H, W), excitation (B, nT, K, 3, H, W), baselines (B, nB, K, 3, H, W) when asked,
+        logit_before (B, K), top1_before (B,) and with
         ascent exc_ascent (B, nT, S, K, 3, H, W), van_ascent (B, S, K, 3, H, W), exc_logit_after /
         exc_top1_after (B, nT, K), van_logit_after / van_top1_after (B, K).
         """
@@ -91,6 +95,15 @@ class PullbackModule(L.LightningModule):
         with torch.enable_grad():  # Lightning predicts under no_grad / inference_mode
             out["vanilla"] = pullback(self.model, x, t, temperature=0.0, gate="hard")
             out["excitation"] = torch.stack([pullback(self.model, x, t, **s.kwargs) for s in self.settings], 1)
+            if self.baselines:
+                from excitation_pullbacks.baselines import explainer
+
+                maps = []
+                for method, options in self.baselines.items():
+                    log.info("rank %d: %s maps (Captum)", self.global_rank, method)
+                    explain = explainer(method, **options)
+                    maps.append(torch.stack([explain(self.model, x, t[:, k]) for k in range(t.shape[1])], 1))
+                out["baselines"] = torch.stack(maps, 1)  # (B, nB, K, 3, H, W)
             with torch.no_grad():
                 logits = self.model(x)
             out["logit_before"] = logits.gather(1, t)
