@@ -95,7 +95,8 @@ def explainer(
         fn = _vanilla
     elif method == "smoothgrad":
         if smoothgrad_samples < 1 or not smoothgrad_noise >= 0:
-            raise ValueError(f"smoothgrad needs samples >= 1 and noise >= 0, got {smoothgrad_samples}, {smoothgrad_noise}")
+            raise ValueError(f"smoothgrad needs samples >= 1 and noise >= 0, got {smoothgrad_samples}, "
+                             f"{smoothgrad_noise}")
         fn = partial(_smoothgrad, samples=smoothgrad_samples, noise=smoothgrad_noise, batch_size=batch_size,
                      value_range=value_range)
     elif method == "guided_backprop":

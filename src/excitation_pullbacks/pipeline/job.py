@@ -2,8 +2,10 @@
 
 Layout of a finished run in the output directory::
 
-    results/  figures (fig*.png, sweep_*.png, baselines.png), tensors.pt, metrics.csv, config.yaml, calibration.pt,
-              csv/ (CSV logger), wandb/ (offline W&B run)
+    results/  figures (fig*.png, sweep_*.png, baselines.png), tensors.pt, metrics.csv, config.yaml,
+              calibration.pt, csv/ (CSV logger), wandb/ (offline W&B run)
+
+(``task: evaluate`` writes the metric table instead: see :mod:`.evaluate`.)
 
 Everything is written to ``.results.partial`` first and renamed to ``results`` at the end.
 """
@@ -242,7 +244,7 @@ def prepare_output(out: Path, launcher: bool) -> Path:
 
 def run(cfg: DictConfig) -> dict:
     """Run one experiment. Returns {"results": dir (None in DDP children), "wandb": offline run dir or None,
-    "skipped": bool}.
+    "skipped": bool}, and for ``task: evaluate`` also "objective" (the value the Optuna sweeper optimises).
 
     Raises PipelineError (or ValueError/OSError from the core and torchvision) for bad input; nothing is
     left under ``results`` unless the run completed.
