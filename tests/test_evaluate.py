@@ -194,3 +194,19 @@ def test_baselines_figure_shares_the_paper_grid(tmp_path):
     torch.testing.assert_close(tensors["baselines"][:, 0], tensors["vanilla"], rtol=1e-5, atol=1e-8)
     with pytest.raises(PipelineError, match="baselines.methods"):
         run(tiny_cfg(tmp_path / "bad", "experiment=baselines", "baselines.methods=[excitation]"))
+
+
+def test_transfer_models_from_names_and_checkpoints(tmp_path):
+    from omegaconf import OmegaConf
+
+    from excitation_pullbacks.pipeline.evaluate import transfer_models
+
+    ckpt = tmp_path / "other.pt"
+    torch.save(build_model("digits_cnn", None).state_dict(), ckpt)
+    entries = OmegaConf.create(["digits_cnn", {"name": "digits_cnn", "checkpoint": str(ckpt)}])
+    models = transfer_models(entries, "DEFAULT", seed=0)
+    assert list(models) == ["digits_cnn", "digits_cnn:other"]
+    for (k, a), b in zip(models["digits_cnn:other"].state_dict().items(), torch.load(ckpt).values()):
+        assert torch.equal(a, b), k
+    with pytest.raises(PipelineError, match="twice"):
+        transfer_models(OmegaConf.create(["digits_cnn", "digits_cnn"]), "DEFAULT", seed=0)

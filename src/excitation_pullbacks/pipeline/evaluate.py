@@ -328,6 +328,29 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     path.write_text(buf.getvalue())
 
 
+def transfer_models(entries, weights, seed: int) -> dict[str, nn.Module]:
+    """evaluate.transfer_models -> {label: model}. An entry is a model name (built with the run's weights
+    setting) or a mapping {name, weights, checkpoint, label} (e.g. a second digits_cnn from its own
+    checkpoint); labels must differ."""
+    from excitation_pullbacks import build_model
+
+    models: dict[str, nn.Module] = {}
+    for entry in entries:
+        if isinstance(entry, str):
+            name, w, ckpt, label = entry, weights, None, entry
+        else:
+            entry = dict(entry)
+            if "name" not in entry:
+                raise PipelineError(f"evaluate.transfer_models entry {entry} needs a name")
+            name, w, ckpt = str(entry["name"]), entry.get("weights", weights), entry.get("checkpoint")
+            label = str(entry.get("label") or (f"{name}:{Path(str(ckpt)).stem}" if ckpt else name))
+        if label in models:
+            raise PipelineError(f"evaluate.transfer_models names {label!r} twice; give each entry a label")
+        torch.manual_seed(seed)  # random weights (weights=null) are reproducible
+        models[label] = build_model(name, w, checkpoint=ckpt)
+    return models
+
+
 def evaluation_images(dataset, num_images: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
     """The first ``num_images`` of a seeded shuffle of the dataset -> images (N, C, H, W), labels (N,), indices (N,)."""
     if len(dataset) == 0:
@@ -371,10 +394,7 @@ def run_evaluate(cfg) -> dict:
         dataset = build_dataset(cfg.data, resolve_classes(list(cfg.targets.rows), space), space)
         images, labels, index = evaluation_images(dataset, int(ev.num_images), int(cfg.seed))
         settings, main = settings_from_config(cfg, model, images[:1], dataset, staging)
-        transfer = {}
-        for name in ev.transfer_models or []:
-            torch.manual_seed(int(cfg.seed))
-            transfer[str(name)] = build_model(str(name), cfg.model.weights)
+        transfer = transfer_models(ev.transfer_models or [], cfg.model.weights, int(cfg.seed))
         layer_names = (M.randomization_layers(model, images[:1], layers=ev.randomization_layers)
                        if int(ev.randomization_images) > 0 else [])
         module = EvaluateModule(
