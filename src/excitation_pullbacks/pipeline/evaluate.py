@@ -365,7 +365,8 @@ def evaluation_images(dataset, num_images: int, seed: int) -> tuple[Tensor, Tens
 def run_evaluate(cfg) -> dict:
     """The ``evaluate`` task (``task: evaluate``). Returns {"results", "wandb", "skipped", "timing",
     "objective"}: objective is evaluate.objective's mean for the excitation row at gate.temperature."""
-    from .job import RESULTS, _is_launcher, _output_dir, _run_name, _wandb_dir, _write_timing, prepare_output
+    from .job import (RESULTS, _is_launcher, _output_dir, _run_name, _wandb_dir, _write_timing, predict,
+                      prepare_output)
 
     started = time.perf_counter()
     resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
@@ -382,7 +383,6 @@ def run_evaluate(cfg) -> dict:
     staging = prepare_output(out, launcher)
     try:
         from excitation_pullbacks import build_model
-        from torch.utils.data import DataLoader, TensorDataset
 
         from .classes import class_names, class_space, resolve_classes
         from .data import build_dataset
@@ -406,15 +406,7 @@ def run_evaluate(cfg) -> dict:
             randomization_images=int(ev.randomization_images), randomization_layers=layer_names,
             transfer=transfer, seed=int(cfg.seed))
         finalize = EvaluateFinalizer(resolved, out, settings, main, class_names(space), layer_names, _run_name(cfg))
-        trainer = L.Trainer(
-            accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=int(cfg.trainer.num_nodes),
-            strategy=cfg.trainer.strategy, inference_mode=False, logger=False,
-            callbacks=[ResultWriter(staging, finalize)], enable_progress_bar=False, enable_model_summary=False,
-            default_root_dir=str(out),
-        )
-        loader = DataLoader(TensorDataset(images, labels, index, torch.arange(len(images))),
-                            batch_size=int(cfg.batch_size), shuffle=False)
-        trainer.predict(module, dataloaders=loader, return_predictions=False)
+        predict(cfg, module, ResultWriter(staging, finalize), images, labels, index, out)
     except BaseException:
         if launcher and staging.exists():
             import shutil

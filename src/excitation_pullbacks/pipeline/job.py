@@ -227,6 +227,23 @@ def finish_staging(out: Path) -> None:
     os.replace(out / STAGING, final)
 
 
+def predict(cfg: DictConfig, module, writer, images, labels, index, out: Path) -> None:
+    """``Trainer.predict`` of ``module`` over (image, label, dataset index, row) batches of ``cfg.batch_size``
+    on ``cfg.trainer``'s devices; ``writer`` (a ResultWriter) gathers the ranks' results.
+    images (N, C, H, W), labels (N,), index (N,): row r is the r-th image."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    trainer = L.Trainer(
+        accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=int(cfg.trainer.num_nodes),
+        strategy=cfg.trainer.strategy, inference_mode=False, logger=False, callbacks=[writer],
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(out),
+    )
+    loader = DataLoader(TensorDataset(images, labels, index, torch.arange(len(images))),
+                        batch_size=int(cfg.batch_size), shuffle=False)
+    trainer.predict(module, dataloaders=loader, return_predictions=False)
+
+
 def prepare_output(out: Path, launcher: bool) -> Path:
     """Create ``out`` and an empty staging folder in it (the launcher clears an old one) -> the staging path."""
     staging = out / STAGING
@@ -281,9 +298,6 @@ def run(cfg: DictConfig) -> dict:
         images, labels, index = select_images(dataset, rows, batch_size=int(cfg.selection_batch_size),
                                               seed=int(cfg.seed), space=space)
         settings, main = _settings(cfg, model, dataset, staging)
-        import lightning as L
-        from torch.utils.data import DataLoader, TensorDataset
-
         from .runner import PullbackModule, ResultWriter
 
         steps = int(cfg.ascent.steps)
@@ -298,15 +312,7 @@ def run(cfg: DictConfig) -> dict:
                                 eps=float(cfg.ascent.eps), keep_steps=keep, baselines=baselines)
         finalize = Finalizer(resolved, out, rows, columns, [s.label for s in settings], main, module.keep_steps,
                              run_name=_run_name(cfg))
-        writer = ResultWriter(staging, finalize)
-        trainer = L.Trainer(
-            accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=int(cfg.trainer.num_nodes),
-            strategy=cfg.trainer.strategy, inference_mode=False, logger=False, callbacks=[writer],
-            enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(out),
-        )
-        loader = DataLoader(TensorDataset(images, labels, index, torch.arange(len(rows))),
-                            batch_size=int(cfg.batch_size), shuffle=False)
-        trainer.predict(module, dataloaders=loader, return_predictions=False)
+        predict(cfg, module, ResultWriter(staging, finalize), images, labels, index, out)
     except BaseException:
         if launcher and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
