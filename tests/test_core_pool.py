@@ -1,6 +1,5 @@
 """The max-pool surrogate: exact max forward, softmax-pool gradient (paper Sec. 6.3, Listing 2)."""
 
-import itertools
 
 import pytest
 import torch

@@ -11,7 +11,6 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from excitation_pullbacks import build_model, pullback
-from excitation_pullbacks.pipeline import PipelineError
 from excitation_pullbacks.pipeline.cli import CONFIG_DIR
 from excitation_pullbacks.pipeline.data import FolderDataset, build_transform, select_images
 from excitation_pullbacks.pipeline.figures import PAD, labelled_grid

@@ -13,7 +13,7 @@ import torch
 from excitation_pullbacks.pipeline import PipelineError
 from excitation_pullbacks.pipeline.job import run
 
-from test_pipeline import TINY, tiny_cfg, tiny_overrides
+from test_pipeline import tiny_cfg, tiny_overrides
 
 CLI = [sys.executable, "-m", "excitation_pullbacks.pipeline.cli"]
 

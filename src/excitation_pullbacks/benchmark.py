@@ -20,7 +20,6 @@ import argparse
 import copy
 import gc
 import json
-import os
 import platform
 import re
 import statistics
