@@ -225,12 +225,18 @@ class EvaluateModule(L.LightningModule):
         return {k: v.detach().cpu() for k, v in out.items()}
 
 
-def _mean_sem(v: Tensor) -> tuple[float | str, float | str, int]:
+def _is_metric(key: str) -> bool:
+    """A per-image metric column (METRICS, or transfer_gain/<model>, transfer_flip/<model>)."""
+    return key in METRICS or key.startswith("transfer_")
+
+
+def _mean_sem(v: Tensor) -> tuple[float | str, float | str]:
+    """Mean and standard error over the finite entries of v (N,); ("", "") when there are none."""
     v = v[~torch.isnan(v)]
     if v.numel() == 0:
-        return "", "", 0
+        return "", ""
     sem = float(v.std() / math.sqrt(v.numel())) if v.numel() > 1 else 0.0
-    return float(v.mean()), sem, int(v.numel())
+    return float(v.mean()), sem
 
 
 class EvaluateFinalizer:
@@ -245,13 +251,13 @@ class EvaluateFinalizer:
 
     def table(self, merged: dict) -> list[dict]:
         """One dict per setting: model, method, temperature, n_images, and mean and standard error per metric."""
-        metric_keys = [k for k in merged if k in METRICS or k.startswith("transfer_")]
+        metric_keys = [k for k in merged if _is_metric(k)]
         table = []
         for i, (label, method, temp) in enumerate(self.rows):
             row = {"model": self.cfg["model"]["name"], "setting": label, "method": method, "temperature": temp,
                    "n_images": int(merged["row"].numel())}
             for k in metric_keys:
-                mean, sem, _ = _mean_sem(merged[k][:, i])
+                mean, sem = _mean_sem(merged[k][:, i])
                 row[k], row[f"{k}_sem"] = mean, sem
             table.append(row)
         return table
@@ -264,7 +270,7 @@ class EvaluateFinalizer:
         objective_key = self.cfg["evaluate"]["objective"]
         if objective_key not in table[self.main]:
             raise PipelineError(f"evaluate.objective {objective_key!r} is not a table column; choose one of "
-                                f"{', '.join(k for k in table[0] if k in METRICS or k.startswith('transfer_'))}")
+                                f"{', '.join(k for k in table[0] if _is_metric(k))}")
         value = table[self.main][objective_key]
         self.objective = float(value) if value != "" else math.nan
         _write_csv(staging / "metrics_table.csv", table)
@@ -291,7 +297,7 @@ class EvaluateFinalizer:
         for key, (im, _) in figs.items():
             im.save(staging / f"{key}.png")
         (staging / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(self.cfg)))
-        summary = {f"{r['setting']}/{k}": r[k] for r in table for k in r if (k in METRICS or k.startswith("transfer_"))
+        summary = {f"{r['setting']}/{k}": r[k] for r in table for k in r if _is_metric(k)
                    and r[k] != ""}
         summary["objective"] = self.objective
         log_results(self.cfg, staging, self.out, figs, table=[list(table[0])] + [list(r.values()) for r in table],
@@ -300,7 +306,7 @@ class EvaluateFinalizer:
 
     def _per_image(self, merged: dict) -> list[dict]:
         rows = []
-        keys = [k for k in merged if k in METRICS or k.startswith("transfer_")]
+        keys = [k for k in merged if _is_metric(k)]
         for b in range(merged["row"].numel()):
             for i, (label, method, temp) in enumerate(self.rows):
                 row = {"row": int(merged["row"][b]), "dataset_index": int(merged["index"][b]),
