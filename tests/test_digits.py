@@ -24,7 +24,7 @@ from excitation_pullbacks.pipeline import PipelineError
 from excitation_pullbacks.pipeline.classes import class_names, resolve_class, resolve_classes
 from excitation_pullbacks.pipeline.cli import CONFIG_DIR
 from excitation_pullbacks.pipeline.data import FolderDataset, build_dataset, build_transform
-from excitation_pullbacks.pipeline.job import run
+from excitation_pullbacks.pipeline.run import run
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_digits.py"
 

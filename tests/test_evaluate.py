@@ -2,38 +2,29 @@
 
 from __future__ import annotations
 
-import csv
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 import yaml
-from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from excitation_pullbacks import Excitation, Site, build_model
 from excitation_pullbacks import metrics as M
 from excitation_pullbacks.baselines import explainer
 from excitation_pullbacks.pipeline import PipelineError
-from excitation_pullbacks.pipeline.cli import CONFIG_DIR
 from excitation_pullbacks.pipeline.data import build_dataset
-from excitation_pullbacks.pipeline.evaluate import depth_schedule, evaluation_images
-from excitation_pullbacks.pipeline.job import run
-
-from test_pipeline import tiny_cfg
-from test_pipeline_cli import cli
+from excitation_pullbacks.pipeline.run import run
+from excitation_pullbacks.pipeline.schedules import gate_settings
+from excitation_pullbacks.pipeline.tasks.evaluate import evaluation_images, transfer_models
+from helpers import cli, compose_config, read_rows, tiny_cfg
 
 SMALL = [
-    "experiment=evaluate", "evaluate.num_images=3", "evaluate.perturbation_steps=4", "evaluate.smoothgrad_samples=2",
-    "evaluate.ig_steps=2", "ascent.steps=1", "evaluate.randomization_images=2", "evaluate.randomization_layers=2",
+    "experiment=evaluate", "evaluate.num_images=3", "evaluate.perturbation_steps=4", "baselines.smoothgrad_samples=2",
+    "baselines.ig_steps=2", "ascent.steps=1", "evaluate.randomization_images=2", "evaluate.randomization_layers=2",
     "temperatures=[0.3,1.0]", "batch_size=2",
 ]
-
-
-def _rows(path: Path) -> list[dict]:
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +40,12 @@ def test_table_files_and_objective(evaluated):
     for name in ("metrics_table.csv", "metrics.json", "per_image.csv", "curves.png", "randomization.png",
                  "methods.png", "config.yaml", "timing.json"):
         assert (res / name).is_file(), name
-    table = _rows(res / "metrics_table.csv")
+    table = read_rows(res / "metrics_table.csv")
     assert [r["setting"] for r in table] == ["vanilla", "smoothgrad", "guided_backprop", "integrated_gradients",
                                              "excitation T=0.3", "excitation T=1"]
     data = json.loads((res / "metrics.json").read_text())
     assert data["objective"] == {"metric": "insertion_auc", "setting": "excitation T=0.3", "value": result["objective"]}
-    per_image = [r for r in _rows(res / "per_image.csv") if r["setting"] == "excitation T=0.3"]
+    per_image = [r for r in read_rows(res / "per_image.csv") if r["setting"] == "excitation T=0.3"]
     assert len(per_image) == 3
     mean = sum(float(r["insertion_auc"]) for r in per_image) / 3
     assert result["objective"] == pytest.approx(mean, rel=1e-12)
@@ -69,7 +60,7 @@ def test_per_image_metrics_match_direct_calls(evaluated):
     model = build_model(cfg.model.name, cfg.model.weights)
     dataset = build_dataset(cfg.data, [0, 497])
     x, labels, _ = evaluation_images(dataset, 3, int(cfg.seed))
-    rows = _rows(result["results"] / "per_image.csv")
+    rows = read_rows(result["results"] / "per_image.csv")
     for setting, explain in [("vanilla", explainer("vanilla")),
                              ("excitation T=1", explainer("excitation", temperature=1.0))]:
         maps = explain(model, x, labels)
@@ -85,7 +76,7 @@ def test_per_image_metrics_match_direct_calls(evaluated):
 
 def test_transfer_to_an_identical_model_equals_the_source(evaluated):
     _, result = evaluated
-    for r in _rows(result["results"] / "per_image.csv"):
+    for r in read_rows(result["results"] / "per_image.csv"):
         if r["ascent_gain"]:
             assert float(r["transfer_gain/resnet18"]) == pytest.approx(float(r["ascent_gain"]), rel=1e-5, abs=1e-6)
             assert r["transfer_flip/resnet18"] == r["ascent_flip_rate"]
@@ -115,8 +106,9 @@ def test_table_and_curves_logged_to_wandb(evaluated):
 
 def test_depth_schedule_splits_relu_calls_into_groups():
     net = nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(4, 4), nn.ReLU())]).double()
-    sched = depth_schedule(net, torch.zeros(1, 4, dtype=torch.float64), [0.1, 0.2, 0.3], shape="sigmoid",
-                           temperature=0.7, pool_temperature=None, pool_detach=False)
+    gate = compose_config("gate=by_depth", "gate.depth_temperatures=[0.1,0.2,0.3]").gate
+    (setting,) = gate_settings(gate, [0.7], model=net, example=torch.zeros(1, 4, dtype=torch.float64))
+    sched = setting.schedule
     seen = []
     with Excitation(net, sched, observer=lambda site, z, gate: seen.append(float(gate.temperature))):
         net(torch.zeros(1, 4, dtype=torch.float64))
@@ -147,18 +139,17 @@ def test_optuna_search_returns_the_objective_and_merges_tables(tmp_path):
     assert best["best_value"] == pytest.approx(max(values))
     best_job = values[max(values)].parent.parent.name
     assert f"gate.temperature={best['best_params']['gate.temperature']}," in best_job
-    merged = _rows(sweep / "metrics_table.csv")
+    merged = read_rows(sweep / "metrics_table.csv")
     assert sorted(r["job"] for r in merged) == sorted(p.parent.parent.name for p in jobs)
 
 
 def test_digits_preset_runs_on_the_trained_model(tmp_path):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        cfg = compose("config", overrides=[
-            "experiment=evaluate_digits", "logger=none", f"output_dir={tmp_path}", "evaluate.num_images=4",
-            "evaluate.randomization_images=2", "evaluate.smoothgrad_samples=2", "evaluate.ig_steps=2",
-            "evaluate.perturbation_steps=4", "ascent.steps=1"])
+    cfg = compose_config(
+        "experiment=evaluate_digits", "logger=none", f"output_dir={tmp_path}", "evaluate.num_images=4",
+        "evaluate.randomization_images=2", "baselines.smoothgrad_samples=2", "baselines.ig_steps=2",
+        "evaluate.perturbation_steps=4", "ascent.steps=1")
     result = run(cfg)
-    table = _rows(result["results"] / "metrics_table.csv")
+    table = read_rows(result["results"] / "metrics_table.csv")
     assert [r["setting"] for r in table][-5:] == [f"excitation T={t}" for t in ("0.1", "0.2", "0.3", "0.5", "1")]
     assert all(r["model"] == "digits_cnn" for r in table)
     assert json.loads((result["results"] / "metrics.json").read_text())["randomization"]["layers"][0] == "classifier"
@@ -170,7 +161,7 @@ def test_ddp_spawn_two_processes_equal_one(tmp_path):
     one = run(tiny_cfg(tmp_path / "one", *common))
     two = run(tiny_cfg(tmp_path / "two", *common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
                        "trainer.strategy=ddp_spawn"))
-    a, b = (_rows(r["results"] / "per_image.csv") for r in (one, two))
+    a, b = (read_rows(r["results"] / "per_image.csv") for r in (one, two))
     assert [r["row"] for r in b] == ["0", "0", "1", "1", "2", "2"]  # three images over two ranks, merged in order
     numeric = [k for k in a[0] if k.startswith(("deletion", "insertion", "map_", "randomization", "ascent_g",
                                                  "ascent_hf", "ascent_tv"))]
@@ -197,10 +188,6 @@ def test_baselines_figure_shares_the_paper_grid(tmp_path):
 
 
 def test_transfer_models_from_names_and_checkpoints(tmp_path):
-    from omegaconf import OmegaConf
-
-    from excitation_pullbacks.pipeline.evaluate import transfer_models
-
     ckpt = tmp_path / "other.pt"
     torch.save(build_model("digits_cnn", None).state_dict(), ckpt)
     entries = OmegaConf.create(["digits_cnn", {"name": "digits_cnn", "checkpoint": str(ckpt)}])

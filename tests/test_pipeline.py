@@ -7,44 +7,28 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from excitation_pullbacks import build_model, pullback
+from excitation_pullbacks.pipeline.classes import resolve_classes
 from excitation_pullbacks.pipeline.cli import CONFIG_DIR
 from excitation_pullbacks.pipeline.data import FolderDataset, build_transform, select_images
-from excitation_pullbacks.pipeline.figures import PAD, labelled_grid
-from excitation_pullbacks.pipeline.job import run
+from excitation_pullbacks.pipeline.plots import PAD, labelled_grid
+from excitation_pullbacks.pipeline.run import run
+from helpers import compose_config, tiny_cfg
 
-GROUPS = ["model", "data", "gate", "ascent", "targets", "trainer", "logger", "experiment"]
-TINY = [
-    "model.name=resnet18", "model.weights=null", "data=synthetic", "data.num_images=6", "data.crop=32",
-    "data.resize=32", "targets=custom", "targets.rows=[tench,church]", "targets.extra=[]", "logger=csv",
-]
-
-
-def tiny_overrides(*overrides: str) -> list[str]:
-    """TINY followed by ``overrides``; another data source replaces the synthetic one."""
-    base = TINY
-    if any(o.startswith("data=") for o in overrides):
-        base = [o for o in TINY if not o.startswith(("data=", "data.num_images"))]
-    return [*base, *overrides]
-
-
-def tiny_cfg(tmp_path: Path, *overrides: str):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        return compose("config", overrides=tiny_overrides(f"output_dir={tmp_path}", *overrides))
+GROUPS = ["model", "data", "gate", "ascent", "baselines", "targets", "trainer", "logger", "experiment"]
 
 
 def options(group: str) -> list[str]:
+    """The YAML options of a config group (the ``schema`` option is the group's structured config)."""
     return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_config_option_composes(group, option):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        cfg = compose("config", overrides=[f"{group}={option}"])
-    for key in ("model", "data", "gate", "ascent", "targets", "trainer", "logger"):
+    cfg = compose_config(f"{group}={option}")
+    for key in GROUPS[:-1]:
         assert key in cfg
     if group == "experiment":
         assert cfg.name == option
@@ -54,22 +38,22 @@ def test_every_config_option_composes(group, option):
     elif group == "data":
         assert cfg.data.kind == option
     elif group == "gate":
-        assert cfg.gate.shape == ("sigmoid" if option == "calibrated" else option)
+        assert cfg.gate.shape == (option if option in ("hard", "none", "normal_cdf", "softsign") else "sigmoid")
+        assert cfg.gate.kind == {"calibrated": "calibrated", "by_depth": "by_depth"}.get(option, "uniform")
+        assert cfg.gate.compat == ("author" if option == "author" else "default")
 
 
 def test_config_groups_have_the_documented_options():
     assert options("model") == ["densenet121", "digits_cnn", "resnet50", "vgg11_bn"]
     assert options("data") == ["digits", "folder", "imagenette_hf", "imagenette_tv", "synthetic"]
-    assert options("gate") == ["calibrated", "hard", "none", "normal_cdf", "sigmoid", "softsign"]
+    assert options("gate") == ["author", "by_depth", "calibrated", "hard", "none", "normal_cdf", "sigmoid", "softsign"]
+    assert options("baselines") == ["captum"]
     assert options("experiment") == ["all_figures", "baselines", "digits", "evaluate", "evaluate_digits", "fig1", "fig2", "fig3_fig4",
                                      "search_by_depth", "search_by_type", "search_temperature", "temperature_sweep"]
 
 
 def test_paper_targets_and_ascent():
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        cfg = compose("config", overrides=["experiment=fig3_fig4"])
-    from excitation_pullbacks.pipeline.classes import resolve_classes
-
+    cfg = compose_config("experiment=fig3_fig4")
     assert resolve_classes(cfg.targets.rows) == [0, 482, 497, 569, 574]
     assert resolve_classes(cfg.targets.extra) == [9]
     assert (cfg.ascent.steps, cfg.ascent.step_size, cfg.ascent.eps) == (10, 20.0, 100.0)

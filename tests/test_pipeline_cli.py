@@ -2,40 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from excitation_pullbacks.pipeline import PipelineError
-from excitation_pullbacks.pipeline.job import run
-
-from test_pipeline import tiny_cfg, tiny_overrides
-
-CLI = [sys.executable, "-m", "excitation_pullbacks.pipeline.cli"]
-
-
-def cli(tmp_path: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    environ = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", **(env or {}))
-    flags = [o for o in overrides if o.startswith("-")]
-    overrides = tuple(o for o in overrides if not o.startswith("-"))
-    return subprocess.run([*CLI, *flags, *tiny_overrides(*overrides)], cwd=tmp_path, env=environ, capture_output=True, text=True,
-                          timeout=300)
-
-
-def assert_one_error_line(proc: subprocess.CompletedProcess, *fragments: str) -> None:
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode != 0
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
-
-
-def assert_nothing_written(out: Path) -> None:
-    assert not (out / "results").exists() and not (out / ".results.partial").exists()
+from excitation_pullbacks.pipeline import plots
+from excitation_pullbacks.pipeline.run import run
+from helpers import assert_nothing_written, assert_one_error_line, cli, cli_in_process, tiny_cfg
 
 
 @pytest.mark.parametrize("overrides,error", [
@@ -52,14 +25,28 @@ def test_bad_config_values(tmp_path, overrides, error):
     assert_nothing_written(tmp_path)
 
 
-def test_cli_prints_one_error_line(tmp_path):
+def test_console_script_prints_one_error_line(tmp_path):
     proc = cli(tmp_path, "model.name=resnet_nope", f"output_dir={tmp_path / 'out'}")
-    assert_one_error_line(proc, "unknown model 'resnet_nope'")
+    assert_one_error_line(proc.returncode, proc.stderr, "unknown model 'resnet_nope'")
     assert_nothing_written(tmp_path / "out")
 
 
-def test_cli_missing_mandatory_value(tmp_path):
-    assert_one_error_line(cli(tmp_path, "data=folder", f"output_dir={tmp_path / 'out'}"), "data.root")
+@pytest.mark.parametrize("args, fragment", [
+    (("data=folder",), "data.root"),
+    (("no_such_key=1",), "Could not override 'no_such_key'"),
+    (("gate=nosuchgate",), "Could not find 'gate/nosuchgate'"),
+    (("-m", "gate.temperature=0.1,0.2", "gate=sigmoid,nosuchgate"), "Could not find 'gate/nosuchgate'"),
+    (("gate.temperature=warm",), "gate.temperature"),
+    (("gate.kind=per_pixel",), "gate.kind"),
+    (("gate.shape=sigmiod",), "gate.shape"),
+    (("ascent.steps=many",), "ascent.steps"),
+    (("gate.temperature=0.5", "temperatures=[0.3]", "figures=[fig2]"), "gate.temperature=0.5 is not one of"),
+])
+def test_bad_command_lines_fail_before_running(tmp_path, monkeypatch, capsys, args, fragment):
+    code, _, err = cli_in_process(monkeypatch, capsys, tmp_path, *args, f"output_dir={tmp_path / 'out'}",
+                                  f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert_one_error_line(code, err, fragment)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "sweep").exists()
 
 
 def test_empty_and_missing_image_folders(tmp_path):
@@ -82,27 +69,17 @@ def test_corrupt_image_and_unknown_class_in_file_name(tmp_path):
         run(tiny_cfg(tmp_path / "out", "data=folder", f"data.root={tmp_path / 'imgs'}"))
 
 
-def test_unwritable_output_dir(tmp_path):
+def test_unwritable_output_dir(tmp_path, monkeypatch, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    assert_one_error_line(cli(tmp_path, f"output_dir={blocker / 'sub'}"), "not writable")
-
-
-@pytest.mark.parametrize("args, fragment", [
-    (("no_such_key=1",), "Could not override 'no_such_key'"),
-    (("gate=nosuchgate",), "Could not find 'gate/nosuchgate'"),
-    (("-m", "gate.temperature=0.1,0.2", "gate=sigmoid,nosuchgate"), "Could not find 'gate/nosuchgate'"),
-])
-def test_wrong_override_fails_before_running(tmp_path, args, fragment):
-    proc = cli(tmp_path, *args, f"output_dir={tmp_path / 'out'}")
-    assert_one_error_line(proc, fragment)
-    assert not (tmp_path / "out").exists() and not (tmp_path / "multirun").exists()
+    code, _, err = cli_in_process(monkeypatch, capsys, tmp_path, f"output_dir={blocker / 'sub'}")
+    assert_one_error_line(code, err, "not writable")
 
 
 def test_offline_hf_dataset_fails_with_a_hint(tmp_path):
     proc = cli(tmp_path, "data=imagenette_hf", "data.resize=32", "data.crop=32", f"output_dir={tmp_path / 'out'}",
                env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")})
-    assert_one_error_line(proc, "frgfm/imagenette", "data=folder", "HF_DATASETS_CACHE")
+    assert_one_error_line(proc.returncode, proc.stderr, "frgfm/imagenette", "data=folder", "HF_DATASETS_CACHE")
     assert_nothing_written(tmp_path / "out")
 
 
@@ -160,20 +137,18 @@ def test_cli_ddp_two_processes_equals_one(tmp_path):
         torch.testing.assert_close(a[key], b[key], msg=key)
 
 
-def test_multirun_refuses_a_shared_output_dir(tmp_path):
-    proc = cli(tmp_path, "-m", "gate.temperature=0.2,0.4", f"output_dir={tmp_path / 'out'}",
-               f"hydra.sweep.dir={tmp_path / 'sweep'}")
-    assert_one_error_line(proc, "shared by every multirun job")
+def test_multirun_refuses_a_shared_output_dir(tmp_path, monkeypatch, capsys):
+    code, _, err = cli_in_process(monkeypatch, capsys, tmp_path, "-m", "gate.temperature=0.2,0.4",
+                                  f"output_dir={tmp_path / 'out'}", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert_one_error_line(code, err, "shared by every multirun job")
     assert not (tmp_path / "out").exists()
 
 
 def test_failure_while_writing_results_leaves_nothing(tmp_path, monkeypatch):
-    from excitation_pullbacks.pipeline import figures
-
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(figures, "fig2", broken)
+    monkeypatch.setattr(plots, "fig2", broken)
     with pytest.raises(OSError, match="disk full"):
         run(tiny_cfg(tmp_path, "experiment=fig2"))
     assert_nothing_written(tmp_path)
@@ -181,8 +156,9 @@ def test_failure_while_writing_results_leaves_nothing(tmp_path, monkeypatch):
     assert (run(tiny_cfg(tmp_path, "experiment=fig2"))["results"] / "fig2.png").is_file()
 
 
-def test_missing_pretrained_weights_name_the_file(tmp_path):
-    proc = cli(tmp_path, "model.weights=IMAGENET1K_V1", f"output_dir={tmp_path / 'out'}",
-               env={"TORCH_HOME": str(tmp_path / "torch")})
-    assert_one_error_line(proc, "resnet18", "IMAGENET1K_V1", "weights=null")
+def test_missing_pretrained_weights_name_the_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    code, _, err = cli_in_process(monkeypatch, capsys, tmp_path, "model.weights=IMAGENET1K_V1",
+                                  f"output_dir={tmp_path / 'out'}")
+    assert_one_error_line(code, err, "resnet18", "IMAGENET1K_V1", "weights=null")
     assert_nothing_written(tmp_path / "out")

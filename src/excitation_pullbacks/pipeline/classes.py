@@ -12,6 +12,8 @@ import re
 from collections.abc import Sequence
 from functools import lru_cache
 
+from torchvision.models import ResNet50_Weights
+
 from .errors import PipelineError
 
 __all__ = ["CLASS_SPACES", "IMAGENETTE", "class_names", "class_space", "imagenet_classes", "normalise_name",
@@ -27,8 +29,6 @@ _TITLES = {"imagenet": "ImageNet", "digits": "digits"}
 @lru_cache(maxsize=1)
 def imagenet_classes() -> tuple[str, ...]:
     """The 1000 ImageNet-1k class names, index = class id."""
-    from torchvision.models import ResNet50_Weights
-
     return tuple(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
 
 

@@ -1,28 +1,27 @@
-"""Command line: ``pullbacks [overrides]`` (Hydra) -> :func:`excitation_pullbacks.pipeline.job.run`.
+"""Command line: ``pullbacks [overrides]`` (Hydra) -> :func:`excitation_pullbacks.pipeline.run.run`.
 
-The configs live in ``conf/`` at the repository root (an editable install); set
-``EXCITATION_PULLBACKS_CONF`` to use another config directory.
+The configs ship inside the package (:data:`~.config.CONFIG_DIR`); add your own with Hydra's search path
+(``pullbacks --config-dir <dir> experiment=mine`` or ``hydra.searchpath=[file://<dir>]``).
 """
 
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
 
 import hydra
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import IntervalSweep
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from excitation_pullbacks.models import WeightsUnavailableError
 
+from .config import CONFIG_DIR
 from .errors import PipelineError
-from .job import report, run
+from .run import report, run
 
-__all__ = ["CONFIG_DIR", "main"]
-
-#: conf/ at the repository root: src/excitation_pullbacks/pipeline/cli.py -> parents[3].
-CONFIG_DIR = str(Path(os.environ.get("EXCITATION_PULLBACKS_CONF", Path(__file__).resolve().parents[3] / "conf")))
+__all__ = ["CONFIG_DIR", "EXPECTED", "main", "check_overrides"]
 
 EXPECTED = (PipelineError, WeightsUnavailableError, ValueError, OSError, KeyError, OmegaConfBaseException)
 
@@ -61,8 +60,6 @@ def _one_line(message: str) -> str:
 
 def _sweep_values(override) -> list[str]:
     """``key=value`` for each value of a choice/range sweep; an interval (Optuna) sweep's two ends."""
-    from hydra.core.override_parser.types import IntervalSweep
-
     key = override.get_key_element()
     value = override.value()
     if isinstance(value, IntervalSweep):
@@ -79,9 +76,6 @@ def check_overrides(args: list[str]) -> str | None:
     flags = [a for a in args if a.startswith("-")]
     if any(f not in ("-m", "--multirun") for f in flags):
         return None
-    from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     try:
         parsed = OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-")])
         choices = [[o.input_line] if not o.is_sweep_override() else _sweep_values(o) for o in parsed]
@@ -99,10 +93,6 @@ def check_overrides(args: list[str]) -> str | None:
 
 def main() -> None:
     """Console entry point."""
-    if not Path(CONFIG_DIR, "config.yaml").is_file():
-        print(f"error: no config.yaml in {CONFIG_DIR}; set EXCITATION_PULLBACKS_CONF to the conf/ folder",
-              file=sys.stderr)
-        sys.exit(1)
     problem = check_overrides(sys.argv[1:])
     if problem:
         print(f"error: {problem}", file=sys.stderr)

@@ -12,8 +12,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+from torchvision.datasets import Imagenette
+
+from excitation_pullbacks.digits import digits_images
 
 from .classes import IMAGENETTE, class_names, normalise_name, resolve_class
 from .errors import PipelineError
@@ -27,8 +32,6 @@ DATA_CLASS_SPACE = {"imagenette_hf": "imagenet", "imagenette_tv": "imagenet", "d
 
 def build_transform(resize: int = 256, crop: int = 224):
     """PIL image (any mode) -> (3, crop, crop) in [-1, 1]: RGB, Resize(resize), CenterCrop(crop)."""
-    from torchvision import transforms as T
-
     return T.Compose([
         T.Lambda(lambda im: im.convert("RGB")),
         T.Resize(resize),
@@ -38,7 +41,7 @@ def build_transform(resize: int = 256, crop: int = 224):
     ])
 
 
-class _Mapped(Dataset):
+class ImagenetteAsImageNet(Dataset):
     """Imagenette samples with labels mapped from Imagenette's 0..9 to ImageNet indices."""
 
     def __init__(self, base, transform, image_key=None):
@@ -68,10 +71,8 @@ class _Mapped(Dataset):
 
 
 def _imagenette_hf(cfg, transform) -> Dataset:
-    try:
-        import datasets
-    except ImportError as err:  # pragma: no cover - a declared dependency
-        raise PipelineError(f"data=imagenette_hf needs the 'datasets' package: {err}") from None
+    import datasets  # imported on use: it takes seconds to import and only this data kind needs it
+
     try:
         ds = datasets.load_dataset(cfg.path, cfg.name, split=cfg.split, cache_dir=cfg.get("cache_dir"))
     except Exception as err:  # noqa: BLE001 - hub/network/cache errors come in many types
@@ -80,12 +81,10 @@ def _imagenette_hf(cfg, transform) -> Dataset:
             f"cannot load Hugging Face dataset {cfg.path} ({cfg.name}, {cfg.split}): {first} - use data=folder "
             f"data.root=<image dir>, or set HF_DATASETS_CACHE / data.cache_dir to a cache that holds it"
         ) from None
-    return _Mapped(ds, transform, image_key="image")
+    return ImagenetteAsImageNet(ds, transform, image_key="image")
 
 
 def _imagenette_tv(cfg, transform) -> Dataset:
-    from torchvision.datasets import Imagenette
-
     root = Path(os.path.expanduser(str(cfg.root)))
     try:
         ds = Imagenette(str(root), split=cfg.split, size=cfg.size, download=bool(cfg.download))
@@ -96,7 +95,7 @@ def _imagenette_tv(cfg, transform) -> Dataset:
             f"cannot load torchvision Imagenette ({cfg.size}, {cfg.split}) under {root}: {first} - use "
             f"data=folder data.root=<image dir>, or extract {Path(archive).name} under {root}"
         ) from None
-    return _Mapped(ds, transform)
+    return ImagenetteAsImageNet(ds, transform)
 
 
 class FolderDataset(Dataset):
@@ -141,8 +140,6 @@ class FolderDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        from PIL import Image, UnidentifiedImageError
-
         path = self.files[i]
         try:
             with Image.open(path) as im:
@@ -179,8 +176,6 @@ class DigitsDataset(Dataset):
     images (3, size, size) in [-1, 1], labels 0..9."""
 
     def __init__(self, split: str = "test", size: int = 32):
-        from excitation_pullbacks.digits import digits_images
-
         try:
             self.images, labels = digits_images(split, int(size))
         except ValueError as err:

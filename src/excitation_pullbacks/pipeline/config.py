@@ -1,0 +1,142 @@
+"""Typed schemas of the config groups whose values the code reads by type (Hydra structured configs).
+
+Each schema is stored in Hydra's ConfigStore as the option ``schema`` of its group; the YAML options of the
+group (``conf/gate/*.yaml``, ...) list it first in their defaults and state only what differs, so a wrong type
+or an unknown choice (``gate.temperature=warm``, ``gate.kind=per_pixel``) fails when the config is composed,
+before anything runs. The packaged configs live in ``excitation_pullbacks/conf`` (:data:`CONFIG_DIR`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+__all__ = ["CONFIG_DIR", "GateKind", "GateShape", "Compat", "GateConfig", "AscentConfig", "BaselinesConfig",
+           "TrainerConfig", "LoggerConfig", "LoggerMode", "register_schemas"]
+
+#: The packaged config directory (``conf/`` inside the installed package).
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+class GateKind(str, Enum):
+    """How gate temperatures are set: one T per run setting, per channel from calibration, or by depth."""
+
+    uniform = "uniform"
+    calibrated = "calibrated"
+    by_depth = "by_depth"
+
+
+class GateShape(str, Enum):
+    """The ReLU gate shape (:data:`excitation_pullbacks.gates.RELU_SHAPES`)."""
+
+    sigmoid = "sigmoid"
+    normal_cdf = "normal_cdf"
+    normal_cdf_tanh = "normal_cdf_tanh"
+    softsign = "softsign"
+    own = "own"
+    hard = "hard"
+    none = "none"
+
+
+class Compat(str, Enum):
+    """``default``: this project's gates; ``author``: the published reference code's (zero padding inside the
+    soft max-pool window, functional ReLU calls left hard)."""
+
+    default = "default"
+    author = "author"
+
+
+class LoggerMode(str, Enum):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+@dataclass
+class GateConfig:
+    """The backward gate of a run (``gate=``). ``kind`` says which of the fields below apply:
+
+    uniform: Gate(shape, T) at every ReLU, T from ``temperatures`` (figures and tables: one row per T;
+        ``temperature`` is the row the figures draw and the objective reads).
+    calibrated: per-channel T_c = calibration_scale * std_c(z) from ``calibration`` (a PerChannel file) or
+        calibrated on ``calibration_batches`` batches of the data; ``temperature`` for sites the file lacks.
+    by_depth: the ReLU calls split into len(depth_temperatures) equal groups by depth, group g at
+        depth_temperatures[g]; max-pool (and SiLU/GELU) sites follow each row's T.
+    pool_temperature: max-pool softmax temperature (null: follow the ReLU gate); pool_detach: detach the
+        softmax weights (the author's later code) instead of the paper's full gradient.
+    """
+
+    kind: GateKind = GateKind.uniform
+    shape: GateShape = GateShape.sigmoid
+    temperature: float = 0.3
+    pool_temperature: Optional[float] = None
+    pool_detach: bool = False
+    compat: Compat = Compat.default
+    calibration: Optional[str] = None
+    calibration_scale: float = 0.3
+    calibration_batches: int = 4
+    depth_temperatures: Optional[List[float]] = None
+
+
+@dataclass
+class AscentConfig:
+    """Projected gradient ascent (``ascent=``): steps of ``step_size`` along the normalised pullback, L2 radius
+    ``eps`` around the image; Fig 1 reads step ``fig1_steps`` of the same run."""
+
+    steps: int = 10
+    step_size: float = 20.0
+    eps: float = 100.0
+    fig1_steps: int = 5
+
+
+@dataclass
+class BaselinesConfig:
+    """Captum baseline methods (``baselines=``): the ``baselines`` figure's panels and the options every
+    baseline explainer takes (figures and the evaluate task)."""
+
+    methods: List[str] = field(default_factory=lambda: ["vanilla", "smoothgrad", "guided_backprop",
+                                                        "integrated_gradients"])
+    smoothgrad_samples: int = 16
+    smoothgrad_noise: float = 0.15   # noise std as a fraction of the [-1, 1] range
+    ig_steps: int = 16
+    ig_baseline: float = -1.0        # integrated gradients from the black image
+    batch_size: Optional[int] = None  # SmoothGrad samples / IG steps per forward (null: all)
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning ``Trainer`` placement (``trainer=``)."""
+
+    accelerator: str = "cpu"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+
+
+@dataclass
+class LoggerConfig:
+    """Loggers (``logger=``): W&B (offline by default) and a CSV logger beside it."""
+
+    wandb: bool = True
+    csv: bool = True
+    project: str = "excitation-pullbacks"
+    group: Optional[str] = None  # W&B group (null: the experiment name, so a multirun's jobs are grouped)
+    mode: LoggerMode = LoggerMode.offline
+
+
+SCHEMAS = {"gate": GateConfig, "ascent": AscentConfig, "baselines": BaselinesConfig, "trainer": TrainerConfig,
+           "logger": LoggerConfig}
+
+
+def register_schemas() -> None:
+    """Store every schema as ``<group>/schema`` in Hydra's ConfigStore (idempotent)."""
+    store = ConfigStore.instance()
+    for group, node in SCHEMAS.items():
+        store.store(group=group, name="schema", node=node)
+
+
+register_schemas()

@@ -1,0 +1,124 @@
+"""Gate config -> the run's gate settings: every ``Schedule`` the pipeline uses is built here.
+
+A :class:`GateSetting` is one setting a run computes pullbacks and ascent at (a figure row, a table row):
+a label (``0.3``, ``calibrated``), the temperature it stands for (None for per-channel gates) and its schedule.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from excitation_pullbacks import calibrate, excitation
+from excitation_pullbacks.gates import ByDepth, Gate, PerChannel, Schedule, make_schedule
+
+from .config import GateKind
+from .errors import PipelineError
+
+__all__ = ["GateSetting", "VANILLA", "gate_settings", "main_setting", "check_temperatures", "check_main_temperature"]
+
+
+@dataclass(frozen=True)
+class GateSetting:
+    """label: how tables and figures name the setting (``f"{T:g}"``, or ``calibrated``); temperature: the
+    setting's T (None for per-channel gates); schedule: the gates."""
+
+    label: str
+    temperature: float | None
+    schedule: Schedule
+
+
+#: The vanilla gradient: hard gates everywhere (native ops only, bit for bit the plain input gradient).
+VANILLA = GateSetting("0", 0.0, make_schedule(temperature=0.0, gate="hard"))
+
+
+def check_temperatures(temperatures: Sequence) -> list[float]:
+    """``temperatures`` of a run config -> floats; PipelineError unless a non-empty list of numbers >= 0."""
+    temps = list(temperatures)
+    ok = temps and all(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0
+                       for t in temps)
+    if not ok:
+        raise PipelineError(f"temperatures must be a non-empty list of numbers >= 0, got {temps}")
+    return [float(t) for t in temps]
+
+
+def _uniform(gate, temperature: float) -> Schedule:
+    compat = {} if gate.compat.value == "default" else {"compat": gate.compat.value}
+    return make_schedule(temperature=temperature, gate=gate.shape.value, pool_temperature=gate.pool_temperature,
+                         pool_detach=bool(gate.pool_detach), **compat)
+
+
+def _by_depth(gate, temperature: float, relu_calls: int) -> Schedule:
+    """ReLU calls in len(depth_temperatures) equal depth groups (input side first), group g at
+    depth_temperatures[g]; other sites as the uniform schedule at ``temperature`` sets them."""
+    gates = [Gate(gate.shape.value, float(t)) for t in gate.depth_temperatures]
+    n = max(relu_calls, 1)
+    return ByDepth(lambda d: gates[min(d * len(gates) // n, len(gates) - 1)], default=_uniform(gate, temperature))
+
+
+def relu_calls(model: nn.Module, example: Tensor) -> int:
+    """ReLU calls in one forward pass of ``model`` on ``example`` (1, C, H, W)."""
+    with excitation(model, temperature=0.0, gate="hard") as report, torch.no_grad():
+        model(example)
+    return report.relu_calls
+
+
+def gate_settings(gate, temperatures: Sequence[float], *, model: nn.Module, example: Tensor,
+                  batches: Callable[[], Iterable[Tensor]] | None = None, save_to: Path | None = None
+                  ) -> list[GateSetting]:
+    """The run's gate settings from its ``gate`` config (a :class:`~.config.GateConfig` node).
+
+    uniform / by_depth: one setting per temperature. calibrated: one setting, ``calibrated``, read from
+    ``gate.calibration`` or calibrated now on ``batches()`` (image batches (B, C, H, W)) and saved to
+    ``save_to`` when given. example: (1, C, H, W), counts the ReLU calls for ``by_depth``.
+    """
+    kind = GateKind(gate.kind)
+    if kind == GateKind.calibrated:
+        fallback = _uniform(gate, float(gate.temperature))
+        if gate.calibration:
+            path = Path(os.path.expanduser(str(gate.calibration)))
+            if not path.is_file():
+                raise PipelineError(f"calibration file {path} does not exist (gate.calibration=null calibrates now)")
+            schedule = PerChannel.load(path, default=fallback)
+        else:
+            if batches is None:
+                raise PipelineError("gate=calibrated needs data to calibrate on, or gate.calibration=<file>")
+            schedule = calibrate(model, batches(), scale=float(gate.calibration_scale), shape=gate.shape.value,
+                                 default=fallback)
+            if save_to is not None:
+                schedule.save(save_to)
+        return [GateSetting("calibrated", None, schedule)]
+    if kind == GateKind.by_depth:
+        if not gate.depth_temperatures:
+            raise PipelineError("gate.kind=by_depth needs gate.depth_temperatures, e.g. [0.15,0.3,0.5]")
+        check_temperatures(gate.depth_temperatures)
+        n = relu_calls(model, example)
+        return [GateSetting(f"{t:g}", t, _by_depth(gate, t, n)) for t in temperatures]
+    return [GateSetting(f"{t:g}", t, _uniform(gate, t)) for t in temperatures]
+
+
+def check_main_temperature(gate, temperatures: Sequence[float]) -> None:
+    """PipelineError unless ``gate.temperature`` is one of ``temperatures`` (per-channel gates need not be)."""
+    if GateKind(gate.kind) != GateKind.calibrated and float(gate.temperature) not in temperatures:
+        raise PipelineError(f"gate.temperature={float(gate.temperature):g} is not one of temperatures "
+                            f"[{', '.join(f'{t:g}' for t in temperatures)}]: add it, or set gate.temperature to one "
+                            f"of them")
+
+
+def main_setting(settings: Sequence[GateSetting], gate) -> int:
+    """Index of the setting figures draw and objectives read: the only one for per-channel gates, else the one
+    at ``gate.temperature`` (PipelineError when ``temperatures`` lacks it)."""
+    if len(settings) == 1 and settings[0].temperature is None:
+        return 0
+    for i, s in enumerate(settings):
+        if s.temperature == float(gate.temperature):
+            return i
+    raise PipelineError(f"gate.temperature={float(gate.temperature):g} is not one of temperatures "
+                        f"[{', '.join(s.label for s in settings)}]: add it, or set gate.temperature to one of them")

@@ -1,0 +1,10 @@
+"""The pipeline's tasks, one file each; ``task: <name>`` in the config picks one (see :mod:`.base`)."""
+
+from .base import Task
+from .evaluate import EvaluateTask
+from .figures import FiguresTask
+
+__all__ = ["TASKS", "Task"]
+
+#: {name: task class}: a new task is a new file here and one entry below.
+TASKS: dict[str, type[Task]] = {"figures": FiguresTask, "evaluate": EvaluateTask}

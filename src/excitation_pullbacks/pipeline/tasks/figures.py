@@ -1,0 +1,280 @@
+"""The ``figures`` task: the paper's figures for one model and data set.
+
+Per batch of selected images (one per target row class) and for every target column: the vanilla gradient,
+the excitation pullback at each gate setting, optionally Captum baselines, and projected gradient ascent
+along both. Rank 0 writes::
+
+    results/  fig1.png ... fig4.png, sweep_<r>_<class>.png, baselines.png, tensors.pt (pullbacks and ascent
+              images), metrics.csv (target logit and top-1 before/after ascent per image x target x setting)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from excitation_pullbacks import ascent, build_model, pullback
+from excitation_pullbacks.baselines import BASELINES, explainer
+
+from .. import plots
+from ..classes import class_names, class_space, resolve_classes
+from ..data import build_dataset, select_images
+from ..errors import PipelineError
+from ..schedules import VANILLA, GateSetting, check_main_temperature, check_temperatures, gate_settings, main_setting
+from .base import Outputs, Plan, RunContext, Task
+
+__all__ = ["FIGURES", "FiguresTask", "PullbackModule", "baseline_options", "write_metrics_csv"]
+
+log = logging.getLogger(__name__)
+
+FIGURES = ("fig1", "fig2", "fig3", "fig4", "sweep", "baselines")
+
+
+def baseline_options(b) -> dict:
+    """The ``baselines`` config node -> keyword options of :func:`excitation_pullbacks.baselines.explainer`."""
+    return dict(smoothgrad_samples=int(b.smoothgrad_samples), smoothgrad_noise=float(b.smoothgrad_noise),
+                ig_steps=int(b.ig_steps), ig_baseline=float(b.ig_baseline), batch_size=b.get("batch_size"))
+
+
+class PullbackModule(L.LightningModule):
+    """Pullbacks, baselines and ascent of a batch of images for ``Trainer.predict``.
+
+    model: images (N, 3, H, W) in [-1, 1] -> logits. columns: target classes (K). settings: the gate settings
+    (nT). steps/step_size/eps: the ascent (steps 0: none); keep_steps: the trajectory steps kept (S).
+    baselines: {Captum method: explainer options} for the same grid.
+    """
+
+    def __init__(self, model: torch.nn.Module, columns: Sequence[int], settings: Sequence[GateSetting], *,
+                 steps: int = 0, step_size: float = 20.0, eps: float = 100.0, keep_steps: Sequence[int] | None = None,
+                 baselines: dict | None = None):
+        super().__init__()
+        self.baselines = dict(baselines or {})
+        self.model = model
+        self.columns = list(columns)
+        self.settings = list(settings)
+        self.steps, self.step_size, self.eps = int(steps), float(step_size), float(eps)
+        self.keep_steps = list(range(self.steps + 1)) if keep_steps is None else sorted(set(keep_steps))
+        self.model_seconds = 0.0  # wall time of predict steps in this process (model passes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def _ascent(self, x: Tensor, t: Tensor, setting: GateSetting) -> tuple[Tensor, Tensor]:
+        """-> kept trajectory steps (B, S, K, 3, H, W) and the final images' logits (B, K, classes)."""
+        final, traj = ascent(self.model, x, t, steps=self.steps, step_size=self.step_size, eps=self.eps,
+                             schedule=setting.schedule, return_trajectory=True)
+        with torch.no_grad():
+            logits = self.model(final.flatten(0, 1)).view(*final.shape[:2], -1)
+        return traj[self.keep_steps].transpose(0, 1), logits
+
+    def predict_step(self, batch, batch_idx: int = 0) -> dict[str, Tensor]:
+        """batch: (images (B, 3, H, W), labels (B,), dataset indices (B,), rows (B,)) -> dict of CPU tensors:
+        vanilla (B, K, 3, H, W), excitation (B, nT, K, 3, H, W), baselines (B, nB, K, 3, H, W) when asked,
+        logit_before (B, K), top1_before (B,) and with ascent exc_ascent (B, nT, S, K, 3, H, W),
+        van_ascent (B, S, K, 3, H, W), exc_logit_after / exc_top1_after (B, nT, K), van_logit_after /
+        van_top1_after (B, K).
+        """
+        start = time.perf_counter()
+        try:
+            with torch.enable_grad():  # Lightning predicts under no_grad / inference_mode
+                return self._predict(batch)
+        finally:
+            if batch[0].is_cuda:  # count the queued kernels in this step's time
+                torch.cuda.synchronize()
+            self.model_seconds += time.perf_counter() - start
+
+    def _predict(self, batch) -> dict[str, Tensor]:
+        x, labels, index, rows = batch
+        t = torch.tensor(self.columns, device=x.device).expand(x.shape[0], -1)
+        out: dict[str, Tensor] = {"images": x, "label": labels, "index": index, "row": rows}
+        log.info("rank %d: pullbacks of %d images x %d targets at %d gate settings", self.global_rank, x.shape[0],
+                 t.shape[1], len(self.settings))
+        out["vanilla"] = pullback(self.model, x, t, schedule=VANILLA.schedule)
+        out["excitation"] = torch.stack([pullback(self.model, x, t, schedule=s.schedule) for s in self.settings], 1)
+        if self.baselines:
+            maps = []
+            for method, options in self.baselines.items():
+                log.info("rank %d: %s maps (Captum)", self.global_rank, method)
+                explain = explainer(method, **options)
+                maps.append(torch.stack([explain(self.model, x, t[:, k]) for k in range(t.shape[1])], 1))
+            out["baselines"] = torch.stack(maps, 1)  # (B, nB, K, 3, H, W)
+        with torch.no_grad():
+            logits = self.model(x)
+        out["logit_before"] = logits.gather(1, t)
+        out["top1_before"] = logits.argmax(1)
+        if self.steps > 0:
+            runs = []
+            for s in self.settings:
+                log.info("rank %d: %d ascent steps along excitation pullbacks (T = %s)", self.global_rank,
+                         self.steps, s.label)
+                runs.append(self._ascent(x, t, s))
+            out["exc_ascent"] = torch.stack([r[0] for r in runs], 1)
+            after = torch.stack([r[1] for r in runs], 1)  # (B, nT, K, classes)
+            out["exc_logit_after"] = after.gather(3, t[:, None, :, None].expand(-1, len(runs), -1, 1))[..., 0]
+            out["exc_top1_after"] = after.argmax(3)
+            log.info("rank %d: %d ascent steps along vanilla gradients", self.global_rank, self.steps)
+            out["van_ascent"], van = self._ascent(x, t, VANILLA)
+            out["van_logit_after"] = van.gather(2, t[..., None])[..., 0]
+            out["van_top1_after"] = van.argmax(2)
+        return {k: v.detach().cpu() for k, v in out.items()}
+
+
+def write_metrics_csv(path: Path, merged: dict[str, Tensor], columns: Sequence[int], labels: Sequence[str],
+                      names: Sequence[str]) -> list[list]:
+    """metrics.csv: one row per image x target x method (excitation at each setting, vanilla). Returns the
+    header and rows ("" where there was no ascent)."""
+    header = ["row", "dataset_index", "label", "label_name", "target", "target_name", "method", "temperature",
+              "logit_before", "top1_before", "top1_before_name", "logit_after", "top1_after", "top1_after_name",
+              "hit_after"]
+    rows = []
+    has_ascent = "exc_ascent" in merged
+    for i in range(merged["images"].shape[0]):
+        base = [int(merged["row"][i]), int(merged["index"][i]), int(merged["label"][i]), names[int(merged["label"][i])]]
+        top_b = int(merged["top1_before"][i])
+        for k, c in enumerate(columns):
+            before = [float(merged["logit_before"][i, k]), top_b, names[top_b]]
+            methods = [("excitation", lab, j) for j, lab in enumerate(labels)] + [("vanilla", VANILLA.label, None)]
+            for method, temp, j in methods:
+                if has_ascent:
+                    if j is None:
+                        la, ta = float(merged["van_logit_after"][i, k]), int(merged["van_top1_after"][i, k])
+                    else:
+                        la, ta = float(merged["exc_logit_after"][i, j, k]), int(merged["exc_top1_after"][i, j, k])
+                    after = [la, ta, names[ta], int(ta == c)]
+                else:
+                    after = ["", "", "", ""]
+                rows.append(base + [c, names[c], method, temp] + before + after)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    path.write_text(buf.getvalue())
+    return [header, *rows]
+
+
+def summary(table: list) -> dict[str, float]:
+    """Mean target logit before/after ascent and the fraction of targets reached, per method and setting."""
+    header, rows = table[0], table[1:]
+    col = {h: i for i, h in enumerate(header)}
+    out: dict[str, float] = {}
+    groups: dict[str, list] = {}
+    for r in rows:
+        groups.setdefault(f"{r[col['method']]}_T{r[col['temperature']]}", []).append(r)
+    for key, rs in groups.items():
+        out[f"{key}/logit_before"] = sum(r[col["logit_before"]] for r in rs) / len(rs)
+        if rs[0][col["logit_after"]] != "":
+            out[f"{key}/logit_after"] = sum(r[col["logit_after"]] for r in rs) / len(rs)
+            out[f"{key}/hit_rate"] = sum(r[col["hit_after"]] for r in rs) / len(rs)
+    return out
+
+
+class FiguresTask(Task):
+    """``task: figures``: the grids of Figs 1-4, temperature sweeps and Captum baselines for one model."""
+
+    name = "figures"
+
+    def validate(self, cfg) -> None:
+        unknown = [f for f in cfg.figures if f not in FIGURES]
+        if unknown:
+            raise PipelineError(f"unknown figure(s) {', '.join(map(str, unknown))}; choose from {', '.join(FIGURES)}")
+        steps = int(cfg.ascent.steps)
+        if steps < 0:
+            raise PipelineError(f"ascent.steps must be >= 0, got {steps}")
+        if ("fig3" in cfg.figures or "fig4" in cfg.figures) and steps == 0:
+            raise PipelineError("figures fig3/fig4 need ascent steps > 0 (use ascent=paper)")
+        if "fig1" in cfg.figures and not 0 < int(cfg.ascent.fig1_steps) <= steps:
+            raise PipelineError(f"fig1 needs 0 < ascent.fig1_steps <= ascent.steps (got {cfg.ascent.fig1_steps}, "
+                                f"{steps})")
+        temps = check_temperatures(cfg.temperatures)
+        if any(f != "sweep" for f in cfg.figures):  # the figures draw the setting at gate.temperature
+            check_main_temperature(cfg.gate, temps)
+        if "baselines" in cfg.figures:
+            methods = list(cfg.baselines.methods)
+            bad = [m for m in methods if m not in BASELINES]
+            if not methods or bad:
+                raise PipelineError(f"baselines.methods must name some of {', '.join(BASELINES)}; got {methods}")
+        space = class_space(cfg)
+        rows = resolve_classes(list(cfg.targets.rows), space)
+        if not rows:
+            raise PipelineError("targets.rows is empty: name at least one class")
+        if len(set(rows)) != len(rows):
+            raise PipelineError("targets.rows names a class twice")
+
+    def plan(self, ctx: RunContext) -> Plan:
+        cfg = ctx.cfg
+        space = class_space(cfg)  # the classes the model's logits stand for
+        self.rows = resolve_classes(list(cfg.targets.rows), space)
+        self.columns = self.rows + resolve_classes(list(cfg.targets.extra), space)
+        self.names = class_names(space)
+        self.figures, self.ascent = list(cfg.figures), dict(ctx.resolved["ascent"])
+        model = build_model(cfg.model.name, cfg.model.weights, checkpoint=cfg.model.checkpoint)
+        dataset = build_dataset(cfg.data, self.rows, space)
+        images, labels, index = select_images(dataset, self.rows, batch_size=int(cfg.selection_batch_size),
+                                              seed=int(cfg.seed), space=space)
+
+        def batches():
+            loader = DataLoader(dataset, batch_size=int(cfg.batch_size), shuffle=True,
+                                generator=torch.Generator().manual_seed(int(cfg.seed)))
+            return (b[0] for _, b in zip(range(int(cfg.gate.calibration_batches)), loader))
+
+        settings = gate_settings(cfg.gate, check_temperatures(cfg.temperatures), model=model, example=images[:1],
+                                 batches=batches, save_to=ctx.staging / "calibration.pt" if ctx.launcher else None)
+        self.labels = [s.label for s in settings]
+        needs_main = any(f != "sweep" for f in self.figures)
+        self.main = main_setting(settings, cfg.gate) if needs_main else 0
+        steps = int(cfg.ascent.steps)
+        keep = None if cfg.save_trajectories else [s for s in sorted({int(cfg.ascent.fig1_steps), steps})
+                                                   if 0 < s <= steps]
+        baselines = None
+        if "baselines" in self.figures:
+            baselines = {str(m): baseline_options(cfg.baselines) for m in cfg.baselines.methods}
+        module = PullbackModule(model, self.columns, settings, steps=steps, step_size=float(cfg.ascent.step_size),
+                                eps=float(cfg.ascent.eps), keep_steps=keep, baselines=baselines)
+        self.keep_steps = module.keep_steps
+        self.methods = list(baselines or [])
+        return Plan(module, images, labels, index)
+
+    def finalize(self, merged: dict[str, Tensor], staging: Path) -> Outputs:
+        col_names = [self.names[c] for c in self.columns]
+        row_names = [self.names[c] for c in self.rows]
+        steps, main, t_main = self.ascent["steps"], self.main, self.labels[self.main]
+        imgs = merged["images"]
+        figs: dict[str, tuple] = {}
+        if "fig1" in self.figures:
+            k = self.ascent["fig1_steps"]
+            im = plots.fig1(imgs, merged["exc_ascent"][:, main, self.keep_steps.index(k)], col_names, steps=k)
+            figs["fig1"] = (im, f"Fig 1: differences after {k} ascent steps along excitation pullbacks (T = {t_main})")
+        if "fig2" in self.figures:
+            im = plots.fig2(imgs, merged["vanilla"], merged["excitation"][:, main], col_names, temperature=t_main)
+            figs["fig2"] = (im, f"Fig 2: vanilla gradients (top) vs excitation pullbacks (bottom, T = {t_main})")
+        if "fig3" in self.figures:
+            im = plots.fig_ascent(imgs, merged["exc_ascent"][:, main, -1], col_names, steps=steps,
+                                  method=f"excitation pullbacks (T = {t_main})")
+            figs["fig3"] = (im, f"Fig 3: {steps}-step ascent along excitation pullbacks: images and differences")
+        if "fig4" in self.figures:
+            im = plots.fig_ascent(imgs, merged["van_ascent"][:, -1], col_names, steps=steps, method="vanilla gradients")
+            figs["fig4"] = (im, f"Fig 4: {steps}-step ascent along vanilla gradients: images and differences")
+        if "baselines" in self.figures:
+            im = plots.fig_baselines(imgs, merged["baselines"], merged["excitation"][:, main], self.methods,
+                                     col_names, temperature=t_main)
+            figs["baselines"] = (im, "Captum baselines and excitation pullbacks for the same images and targets")
+        if "sweep" in self.figures:
+            for r, name in enumerate(row_names):
+                key = f"sweep_{r}_{name.replace(' ', '_')}"
+                im = plots.fig_sweep(imgs[r], merged["excitation"][r], self.labels, col_names,
+                                     title=f"Excitation pullbacks of a {name} image by gate temperature")
+                figs[key] = (im, f"Temperature sweep, {name} image: rows are gate temperatures")
+        tensors = dict(merged, columns=torch.tensor(self.columns), column_names=col_names, temperatures=self.labels,
+                       ascent_steps=self.keep_steps)
+        torch.save(tensors, staging / "tensors.pt")
+        table = write_metrics_csv(staging / "metrics.csv", merged, self.columns, self.labels, self.names)
+        return Outputs(figs, table, summary(table))

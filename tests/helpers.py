@@ -1,0 +1,84 @@
+"""Helpers shared by the test modules: tiny pipeline configs, running the CLI, output checks."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from excitation_pullbacks.pipeline.cli import CONFIG_DIR, main
+
+#: A run small enough for 2 CPU cores: random-weight ResNet18 on six 32 x 32 synthetic images, two classes.
+TINY = [
+    "model.name=resnet18", "model.weights=null", "data=synthetic", "data.num_images=6", "data.crop=32",
+    "data.resize=32", "targets=custom", "targets.rows=[tench,church]", "targets.extra=[]", "logger=csv",
+]
+CLI = [sys.executable, "-m", "excitation_pullbacks.pipeline.cli"]
+
+
+def tiny_overrides(*overrides: str) -> list[str]:
+    """TINY followed by ``overrides``; another data source replaces the synthetic one."""
+    base = TINY
+    if any(o.startswith("data=") for o in overrides):
+        base = [o for o in TINY if not o.startswith(("data=", "data.num_images"))]
+    return [*base, *overrides]
+
+
+def compose_config(*overrides: str):
+    """The packaged config composed with ``overrides`` (Hydra's compose API, as the CLI composes it)."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        return compose("config", overrides=list(overrides))
+
+
+def tiny_cfg(tmp_path: Path, *overrides: str):
+    """A tiny run writing to ``tmp_path``."""
+    return compose_config(*tiny_overrides(f"output_dir={tmp_path}", *overrides))
+
+
+def cli(tmp_path: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``pullbacks`` in a subprocess (cwd ``tmp_path``) with the tiny overrides: for what needs a fresh
+    process (DDP relaunching the command line, environment read at import, W&B's service)."""
+    environ = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", **(env or {}))
+    flags = [o for o in overrides if o.startswith("-")]
+    overrides = tuple(o for o in overrides if not o.startswith("-"))
+    return subprocess.run([*CLI, *flags, *tiny_overrides(*overrides)], cwd=tmp_path, env=environ,
+                          capture_output=True, text=True, timeout=300)
+
+
+def cli_in_process(monkeypatch, capsys, tmp_path: Path, *overrides: str) -> tuple[int, str, str]:
+    """The console entry point called in this process (cwd ``tmp_path``) with the tiny overrides
+    -> (exit code, stdout, stderr)."""
+    monkeypatch.chdir(tmp_path)
+    flags = [o for o in overrides if o.startswith("-")]
+    overrides = tuple(o for o in overrides if not o.startswith("-"))
+    monkeypatch.setattr(sys, "argv", ["pullbacks", *flags, *tiny_overrides(*overrides)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+        sys.exit(0)
+    out = capsys.readouterr()
+    code = exit_info.value.code
+    return (0 if code is None else code), out.out, out.err
+
+
+def assert_one_error_line(returncode: int, stderr: str, *fragments: str) -> None:
+    """A non-zero exit with exactly one stderr line, ``error: ...``, holding every fragment."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert returncode != 0
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def assert_nothing_written(out: Path) -> None:
+    assert not (out / "results").exists() and not (out / ".results.partial").exists()
+
+
+def read_rows(path: Path) -> list[dict]:
+    """A CSV file's rows as dicts."""
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
