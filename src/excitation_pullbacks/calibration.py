@@ -13,9 +13,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .checks import check_images
 from .gates import ByType, Gate, PerChannel, Schedule, Site
-from .patching import Excitation
-from .pullback import check_images
+from .gating import Excitation
 
 __all__ = ["calibrate"]
 

@@ -6,9 +6,9 @@ PixelFlipping started from the baseline with a perturbation that copies the orig
 advances all N images one step per forward pass (steps passes of N images); ours scores the N * (steps + 1)
 perturbed images ``--batch-size`` at a time. Runs are interleaved; medians of ``--repeats`` are reported.
 
-    .venv/bin/python scripts/benchmark_metrics.py                       # resnet18, 48 x 48, N = 8, CPU
-    .venv/bin/python scripts/benchmark_metrics.py --model small --size 32
-    .venv/bin/python scripts/benchmark_metrics.py --device cuda
+    .venv/bin/python benchmarks/metrics.py                       # resnet18, 48 x 48, N = 8, CPU
+    .venv/bin/python benchmarks/metrics.py --model small --size 32
+    .venv/bin/python benchmarks/metrics.py --device cuda
 """
 
 from __future__ import annotations
