@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import ARCHS, EXPECTED_CALLS
+from helpers import ARCHS, EXPECTED_CALLS
 from excitation_pullbacks import ascent, excitation, pullback
 from reference import functional_relu, reference_pullback, swap
 

@@ -399,7 +399,7 @@ def make_schedule(
         three places: its soft max-pool is an unfold over the zero-padded input, so the padding takes part
         in the softmax (``Gate.padding="zero"``); it swaps ``nn.ReLU`` / ``nn.MaxPool2d`` modules, so
         functional ReLU and max-pool calls (sites named ``<module>:<function>``, e.g. DenseNet's
-        ``<root>:relu`` in ``DenseNet.forward``) keep the hard gate; and its later code detaches the softmax
+        ``F.relu`` in ``DenseNet.forward``: ``backbone:relu`` behind ImageNetInput) keep the hard gate; and its later code detaches the softmax
         weights (DESIGN notes: the paper's Listing 2 differentiates through them, the author's later code
         does not), so ``author`` sets ``pool_detach=True`` unless ``pool_detach`` is given; pass
         ``pool_detach=False`` for Listing 2 exactly.
