@@ -28,10 +28,9 @@ import sys
 import time
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-
 import torchvision.models as tvm
+from torch import nn
 
 from excitation_pullbacks import ImageNetInput, pullback
 

@@ -15,9 +15,8 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from excitation_pullbacks.models.checkpoint import save_state_dict
 from excitation_pullbacks.models.digits import CHECKPOINT, DigitsCNN, digits_images
@@ -122,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     x, y = digits_images("test")
     acc = accuracy(model, x, y)
     path = save_state_dict(model, args.out)
-    print(f"final test accuracy {acc:.4f} ({int(round(acc * len(y)))}/{len(y)}), training {seconds:.1f} s on "
+    print(f"final test accuracy {acc:.4f} ({round(acc * len(y))}/{len(y)}), training {seconds:.1f} s on "
           f"{torch.get_num_threads()} CPU threads; wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
     return 0
 

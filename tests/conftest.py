@@ -4,6 +4,7 @@ import torchvision.models as tvm
 
 from excitation_pullbacks import ImageNetInput
 
+
 @pytest.fixture(scope="session")
 def tv_models():
     """Random-weight torchvision classifiers in [-1, 1] wrappers, float64, eval mode, built once."""

@@ -2,7 +2,7 @@
 left exactly as it was (no leaked hooks or torch-function modes, same parameters, flags and modes)."""
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 ARCHS = ["resnet50", "vgg11_bn", "densenet121"]
 # Per forward pass, as a complete implementation must gate them (see DESIGN: call sites).

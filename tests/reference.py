@@ -13,8 +13,8 @@ import math
 from contextlib import contextmanager
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.modules.utils import _pair
 
 
@@ -107,7 +107,8 @@ def zero_padded_soft_pool(x, pool: nn.MaxPool2d, temperature=0.3, detach=False):
     if pool.ceil_mode:
         raise ValueError("the author's unfold pool has no ceil_mode")
     n, c, h, w = x.shape
-    k, s, p, d = _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size), _pair(pool.padding), _pair(pool.dilation)
+    k, s = _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size)
+    p, d = _pair(pool.padding), _pair(pool.dilation)
     cols = F.unfold(x, k, dilation=d, padding=p, stride=s).view(n, c, k[0] * k[1], -1)  # zeros where padded
     weights = torch.softmax(cols / temperature, dim=2)
     if detach:

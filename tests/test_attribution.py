@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 from captum.attr import NoiseTunnel, Saliency
+from helpers import assert_model_unchanged, model_state
+from torch import nn
 
 from excitation_pullbacks import ascent, pullback
 from excitation_pullbacks.attribution import ExcitationPullback, quantus_explain
 from excitation_pullbacks.baselines import METHODS, as_direction, explainer
-from helpers import assert_model_unchanged, model_state
 
 
 def small_net() -> nn.Module:

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from excitation_pullbacks import ByType, Gate, as_schedule, ascent, make_schedule, pullback
 from excitation_pullbacks.models import DigitsCNN, load_checkpoint, save_state_dict

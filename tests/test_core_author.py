@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from reference import author_pullback, zero_padded_soft_pool
+from torch import nn
 
 from excitation_pullbacks import Excitation, Gate, Site, excitation, make_schedule, pullback, soft_max_pool2d
-from reference import author_pullback, zero_padded_soft_pool
 
 TARGETS = torch.tensor([3, 917])
 

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-
 from helpers import ARCHS, EXPECTED_CALLS
-from excitation_pullbacks import ascent, excitation, pullback
 from reference import functional_relu, reference_pullback, swap
+from torch import nn
+
+from excitation_pullbacks import ascent, excitation, pullback
 
 pytestmark = pytest.mark.slow
 TARGETS = torch.tensor([3, 917])

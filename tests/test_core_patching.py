@@ -4,14 +4,22 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-
-from excitation_pullbacks import (
-    ByDepth, ByName, ByType, Gate, Neuron, PerChannel, calibrate, excitation, pullback,
-)
 from helpers import assert_model_unchanged, model_state
 from reference import RefReLU, soft_pool_reference
+from torch import nn
+
+from excitation_pullbacks import (
+    ByDepth,
+    ByName,
+    ByType,
+    Gate,
+    Neuron,
+    PerChannel,
+    calibrate,
+    excitation,
+    pullback,
+)
 
 
 class AllForms(nn.Module):
@@ -97,10 +105,9 @@ def test_model_restored_after_normal_exit_and_exception():
     class Boom(RuntimeError):
         pass
 
-    with pytest.raises(Boom):
-        with excitation(model):
-            model(x)
-            raise Boom
+    with pytest.raises(Boom), excitation(model):
+        model(x)
+        raise Boom
     assert_model_unchanged(model, before)
     # an exception inside the forward itself (the mode must not leak)
     model.conv3.register_forward_hook(lambda *a: (_ for _ in ()).throw(Boom()))

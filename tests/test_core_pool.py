@@ -4,10 +4,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import soft_pool_reference
 
 from excitation_pullbacks import Gate, soft_max_pool2d
 from excitation_pullbacks.surrogates import pool_geometry, soft_pool_backward
-from reference import soft_pool_reference
 
 GEOMETRIES = [
     # kernel, stride, padding, dilation, ceil_mode

@@ -11,18 +11,28 @@ from collections import Counter
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.models as tvm
+from helpers import assert_model_unchanged, model_state
+from reference import RefGELU, RefSiLU, reference_smooth_pullback
+from torch import nn
 
 from excitation_pullbacks import (
-    ByDepth, ByName, ByType, Gate, ImageNetInput, PerChannel, UngatedActivationWarning, calibrate, excitation,
-    make_schedule, path_kernel, pullback,
+    ByDepth,
+    ByName,
+    ByType,
+    Gate,
+    ImageNetInput,
+    PerChannel,
+    UngatedActivationWarning,
+    calibrate,
+    excitation,
+    make_schedule,
+    path_kernel,
+    pullback,
 )
 from excitation_pullbacks.gating import Excitation
 from excitation_pullbacks.surrogates import soft_gelu, soft_silu
-from helpers import assert_model_unchanged, model_state
-from reference import RefGELU, RefSiLU, reference_smooth_pullback
 
 # Calls per forward pass, counted by forward hooks on the nn.SiLU / nn.GELU modules; neither model's
 # forward calls F.silu or F.gelu directly. EfficientNet-B0: stem 1 + MBConv 16 blocks (the first without
@@ -144,17 +154,16 @@ def test_model_restored_also_after_exception(arch, models, images):
             pullback(model, images, TARGETS)
     finally:
         handle.remove()
-    with pytest.raises(Boom):
-        with excitation(model):
-            model(images)
-            raise Boom
+    with pytest.raises(Boom), excitation(model):
+        model(images)
+        raise Boom
     assert_model_unchanged(model, before)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_calibrated_per_channel_schedule(arch, models, images):
     model = models(arch)
-    kind, _, expected = EXPECTED[arch]
+    _, _, expected = EXPECTED[arch]
     sched = calibrate(model, [images])
     assert len(sched.temperatures) == expected
     if arch == "convnext_tiny":  # GELU acts on the (N, H, W, 4C) output of a Linear: channels are last

@@ -31,10 +31,33 @@ from .pullback import Neuron, pullback
 from .surrogates import soft_gelu, soft_max_pool2d, soft_relu, soft_silu
 
 __all__ = [
-    "ByDepth", "ByName", "ByType", "Excitation", "ExcitationPullback", "Gate", "ImageNetInput", "Neuron",
-    "POOL_SHAPES", "PerChannel", "RELU_SHAPES", "Report", "Schedule", "Site", "UngatedActivationWarning", "as_schedule",
-    "ascent", "build_model", "calibrate", "excitation", "make_schedule", "path_kernel", "pullback", "soft_gelu",
-    "soft_max_pool2d", "soft_relu", "soft_silu",
+    "POOL_SHAPES",
+    "RELU_SHAPES",
+    "ByDepth",
+    "ByName",
+    "ByType",
+    "Excitation",
+    "ExcitationPullback",
+    "Gate",
+    "ImageNetInput",
+    "Neuron",
+    "PerChannel",
+    "Report",
+    "Schedule",
+    "Site",
+    "UngatedActivationWarning",
+    "as_schedule",
+    "ascent",
+    "build_model",
+    "calibrate",
+    "excitation",
+    "make_schedule",
+    "path_kernel",
+    "pullback",
+    "soft_gelu",
+    "soft_max_pool2d",
+    "soft_relu",
+    "soft_silu",
 ]
 __version__ = "0.1.0"
 

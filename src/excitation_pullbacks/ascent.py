@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn as nn
-from torch import Tensor
+from torch import Tensor, nn
 
 from .checks import check_class_range, check_images, class_targets, warn_if_training
 from .gates import Schedule, as_schedule, resolve_schedule
@@ -55,7 +54,7 @@ def ascent(
         low, high = float(bounds[0]), float(bounds[1])
     check_images(model, images)
     if isinstance(targets, Neuron):
-        raise ValueError("ascent targets must be classes")
+        raise ValueError("ascent targets must be classes")  # noqa: TRY004
     warn_if_training(model)
     n = images.shape[0]
     t = class_targets(targets, n, images.device)

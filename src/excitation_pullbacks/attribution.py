@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn as nn
 from captum.attr import GradientAttribution
 from captum.log import log_usage
-from torch import Tensor
+from torch import Tensor, nn
 
 from .checks import captum_targets
 from .gates import GATE_OPTIONS, Schedule, resolve_schedule
@@ -31,8 +30,9 @@ class ExcitationPullback(GradientAttribution):
 
     def __init__(self, forward_func: nn.Module, schedule: Schedule | float | None = None, **gate) -> None:
         if not isinstance(forward_func, nn.Module):
-            raise ValueError("ExcitationPullback needs the model itself (an nn.Module), not a function: its "
-                             "ReLU and max-pool calls are found while the module runs")
+            raise ValueError(  # noqa: TRY004
+                "ExcitationPullback needs the model itself (an nn.Module), not a function: its ReLU and max-pool "
+                "calls are found while the module runs")
         super().__init__(forward_func)
         self.schedule = resolve_schedule(schedule, gate)
 

@@ -11,16 +11,15 @@ import warnings
 from collections.abc import Callable
 from functools import partial
 
-import torch.nn as nn
 from captum.attr import GuidedBackprop, IntegratedGradients, NoiseTunnel, Saliency
-from torch import Tensor
+from torch import Tensor, nn
 
 from .attribution import ExcitationPullback
 from .explain import Explain
 from .gates import Schedule, resolve_schedule
 from .pullback import frozen_parameters
 
-__all__ = ["METHODS", "BASELINES", "Explain", "explainer", "as_direction"]
+__all__ = ["BASELINES", "METHODS", "Explain", "as_direction", "explainer"]
 
 #: Baselines computed by Captum, and all methods (the baselines and excitation pullbacks).
 BASELINES = ("vanilla", "smoothgrad", "guided_backprop", "integrated_gradients")

@@ -1,6 +1,7 @@
 """Checks shared by the core: images against the model, class targets, and the model's mode.
 
-Each raises a ValueError naming what is wrong (or warns), so that callers fail before any forward pass.
+Each raises a ValueError naming what is wrong (or warns), so that callers fail before any forward pass; the
+core reports a wrong argument as a ValueError also where its type is wrong (ruff TRY004 is waived for that).
 """
 
 from __future__ import annotations
@@ -9,10 +10,9 @@ import warnings
 from collections.abc import Sequence
 
 import torch
-import torch.nn as nn
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["check_images", "class_targets", "captum_targets", "check_class_range", "warn_if_training"]
+__all__ = ["captum_targets", "check_class_range", "check_images", "class_targets", "warn_if_training"]
 
 
 def _first(model: nn.Module, types) -> nn.Module | None:
@@ -23,7 +23,7 @@ def check_images(model: nn.Module, images: Tensor) -> None:
     """Raise ValueError unless ``images`` fits the model's first layer: (N, C, H, W) for a conv net, (N, F) for
     an MLP; a non-empty, finite, floating-point tensor."""
     if not isinstance(images, Tensor):
-        raise ValueError(f"images must be a tensor, got {type(images).__name__}")
+        raise ValueError(f"images must be a tensor, got {type(images).__name__}")  # noqa: TRY004
     if not images.is_floating_point():
         raise ValueError(f"images must be a floating-point tensor, got {images.dtype}")
     first = _first(model, nn.Conv2d) or _first(model, nn.Linear)  # any conv: the input is an image
@@ -34,11 +34,8 @@ def check_images(model: nn.Module, images: Tensor) -> None:
             raise ValueError(
                 f"images have {images.shape[1]} channels but the model's first convolution takes {first.in_channels}"
             )
-    elif isinstance(first, nn.Linear):
-        if images.dim() < 2 or images.shape[-1] != first.in_features:
-            raise ValueError(
-                f"inputs must have shape (N, {first.in_features}) for this model, got {tuple(images.shape)}"
-            )
+    elif isinstance(first, nn.Linear) and (images.dim() < 2 or images.shape[-1] != first.in_features):
+        raise ValueError(f"inputs must have shape (N, {first.in_features}) for this model, got {tuple(images.shape)}")
     if images.shape[0] == 0:
         raise ValueError("images is an empty batch")
     if not torch.isfinite(images).all():
@@ -87,7 +84,8 @@ def captum_targets(target, n: int, device=None) -> Tensor:
                              "multi-dimensional output targets are not supported")
         t = torch.tensor(items)
     else:
-        raise ValueError(f"target must be an int, a list of ints or a tensor, got {type(target).__name__}")
+        raise ValueError(  # noqa: TRY004
+            f"target must be an int, a list of ints or a tensor, got {type(target).__name__}")
     if t.dim() != 1 or t.numel() not in (1, n):
         raise ValueError(f"target must hold 1 or {n} class indices, got shape {tuple(t.shape)}")
     return t.expand(n).to(device=device, dtype=torch.long)

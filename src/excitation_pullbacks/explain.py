@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch.nn as nn
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = ["Explain"]
 

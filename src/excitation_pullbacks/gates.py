@@ -20,27 +20,27 @@ import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 __all__ = [
-    "RELU_SHAPES",
-    "POOL_SHAPES",
-    "Gate",
-    "Site",
-    "Schedule",
-    "ByType",
-    "ByName",
-    "ByDepth",
-    "PerChannel",
-    "make_schedule",
-    "as_schedule",
-    "resolve_schedule",
+    "COMPAT",
     "GATE_OPTIONS",
     "POOL_PADDINGS",
-    "COMPAT",
+    "POOL_SHAPES",
+    "RELU_SHAPES",
+    "ByDepth",
+    "ByName",
+    "ByType",
+    "Gate",
+    "PerChannel",
+    "Schedule",
+    "Site",
+    "as_schedule",
+    "make_schedule",
+    "resolve_schedule",
 ]
 
 RELU_SHAPES = ("sigmoid", "normal_cdf", "normal_cdf_tanh", "softsign", "own", "hard", "none")
@@ -53,7 +53,7 @@ _OWN = {"silu": "sigmoid", "gelu": "normal_cdf", "gelu_tanh": "normal_cdf_tanh"}
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _ALIASES = {"phi": "normal_cdf", "ndtr": "normal_cdf", "vanilla": "hard", "identity": "none"}
 
-Temperature = Union[float, Tensor]
+Temperature = float | Tensor
 
 
 def _check_temperature(temperature: Temperature) -> None:
@@ -64,7 +64,7 @@ def _check_temperature(temperature: Temperature) -> None:
             raise ValueError("temperature must be >= 0 and not NaN (got a tensor with negative or NaN entries)")
         return
     if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
-        raise ValueError(f"temperature must be a number or a tensor, got {type(temperature).__name__}")
+        raise ValueError(f"temperature must be a number or a tensor, got {type(temperature).__name__}")  # noqa: TRY004
     if math.isnan(temperature) or temperature < 0:
         raise ValueError(f"temperature must be >= 0 and not NaN, got {temperature}")
 
@@ -347,7 +347,8 @@ class PerChannel(Schedule):
             if self.default is None:
                 raise ValueError(
                     f"per-channel schedule has no temperatures for site {site.key!r}; it was calibrated on "
-                    f"another model (it knows {len(self.temperatures)} sites, e.g. {next(iter(self.temperatures), '-')!r})"
+                    f"another model (it knows {len(self.temperatures)} sites, e.g. "
+                    f"{next(iter(self.temperatures), '-')!r})"
                 )
             return self.default.rule(site)
         shape = {"relu": self.shape, "maxpool": "softmax"}.get(site.kind, "own")
@@ -396,13 +397,14 @@ def make_schedule(
     ``smooth_gate`` at T (default ``own``: sigmoid(z/T) at SiLU, Phi(z/T) at GELU).
 
     compat: ``default``, or ``author`` for the paper author's published implementation, which differs in
-        three places: its soft max-pool is an unfold over the zero-padded input, so the padding takes part
-        in the softmax (``Gate.padding="zero"``); it swaps ``nn.ReLU`` / ``nn.MaxPool2d`` modules, so
-        functional ReLU and max-pool calls (sites named ``<module>:<function>``, e.g. DenseNet's
-        ``F.relu`` in ``DenseNet.forward``: ``backbone:relu`` behind ImageNetInput) keep the hard gate; and its later code detaches the softmax
-        weights (DESIGN notes: the paper's Listing 2 differentiates through them, the author's later code
-        does not), so ``author`` sets ``pool_detach=True`` unless ``pool_detach`` is given; pass
-        ``pool_detach=False`` for Listing 2 exactly.
+        three places. Its soft max-pool is an unfold over the zero-padded input, so the padding takes part
+        in the softmax (``Gate.padding="zero"``). It swaps ``nn.ReLU`` / ``nn.MaxPool2d`` modules, so
+        functional ReLU and max-pool calls (sites named ``<module>:<function>``, e.g. DenseNet's ``F.relu``
+        in ``DenseNet.forward``: ``backbone:relu`` behind ImageNetInput) keep the hard gate. And its later
+        code detaches the softmax weights (the design notes: the paper's Listing 2 differentiates through
+        them, the author's later code does not); we follow the later code, the one published with the
+        method, so ``author`` sets ``pool_detach=True`` unless ``pool_detach`` is given
+        (``pool_detach=False``: Listing 2 exactly).
     schedule: deprecated spelling of :func:`as_schedule`'s first argument; when given it wins.
     """
     _check_temperature(temperature)
@@ -433,7 +435,7 @@ def make_schedule(
     return ByName({"*:*": hard}, default=functional_hard, kind="relu")
 
 
-def as_schedule(schedule: Schedule | float | int | Tensor | None = None, /, **options) -> Schedule:
+def as_schedule(schedule: Schedule | float | Tensor | None = None, /, **options) -> Schedule:
     """The one schedule argument of the core functions, as a :class:`Schedule`.
 
     This is the convention of ``pullback``, ``ascent``, ``excitation`` / ``Excitation``, ``path_kernel``,

@@ -1,7 +1,7 @@
 """``excitation(model, ...)``: gate every ReLU, SiLU, GELU and max-pool call of a model's forward, reversibly.
 
-Nothing in the model is replaced (no module swap, no monkey-patching). While the context is open, forward hooks on the model's modules keep
-track of which module is running, and a ``TorchFunctionMode`` - active only while the model's own forward
+Nothing in the model is replaced (no module swap, no monkey-patching). While the context is open, forward
+hooks on the model's modules keep track of which module is running, and a ``TorchFunctionMode`` - active only while the model's own forward
 runs - reroutes each ReLU call (``nn.ReLU``, ``F.relu``, ``torch.relu``, ``Tensor.relu`` and their in-place
 forms), each SiLU and GELU call (``nn.SiLU``, ``nn.GELU``, ``F.silu`` also in place, ``F.gelu`` in both
 ``approximate`` forms) and each max-pool call (``nn.MaxPool2d``, ``F.max_pool2d``, ``torch.max_pool2d``) to
@@ -29,15 +29,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .gates import Gate, Schedule, Site, resolve_schedule
 from .surrogates import frozen_batch_norm, soft_gelu, soft_max_pool2d, soft_relu, soft_silu
 
-__all__ = ["excitation", "Excitation", "Report", "UngatedActivationWarning"]
+__all__ = ["Excitation", "Report", "UngatedActivationWarning", "excitation"]
 
 _RELU = {F.relu, torch.relu, Tensor.relu, torch.relu_, Tensor.relu_}
 _POOL = {F.max_pool2d, F.max_pool2d_with_indices, torch.max_pool2d}
@@ -100,8 +99,8 @@ class Report:
             if sites
         )
         lines = [
-            f"gated calls per forward: {self.relu_calls} ReLU at {len(self.relu)} sites, "
-            f"{self.maxpool_calls} max-pool at {len(self.maxpool)} sites{smooth} ({self.forwards} forward passes)"
+            (f"gated calls per forward: {self.relu_calls} ReLU at {len(self.relu)} sites, "
+             f"{self.maxpool_calls} max-pool at {len(self.maxpool)} sites{smooth} ({self.forwards} forward passes)")
         ]
         for kind, sites in (("relu", self.relu), ("maxpool", self.maxpool), ("silu", self.silu), ("gelu", self.gelu)):
             lines += [f"  {kind:8s} {name}" + (f" x{n}" if n > 1 else "") for name, n in sites.items()]
@@ -134,8 +133,8 @@ class _Mode(TorchFunctionMode):
 class Excitation:
     """Context manager that gates a model's ReLU, SiLU, GELU and max-pool calls; see :func:`excitation`.
 
-    schedule, **gate: the gate of every call site (:func:`~excitation_pullbacks.gates.as_schedule`). observer: called as observer(site, z, gate) with each gated
-    call's input and its gate (``own`` resolved for the site) during the forward (calibration, path
+    schedule, **gate: the gate of every call site (:func:`~excitation_pullbacks.gates.as_schedule`).
+    observer: called as observer(site, z, gate) with each gated call's input and its gate (``own`` resolved for the site) during the forward (calibration, path
     kernel). lean_batchnorm: run eval-mode BatchNorm with frozen parameters through ``frozen_batch_norm``
     (same output, backward keeps no activation); only meaningful while the parameters are frozen, as
     ``pullback`` and ``ascent`` do.

@@ -10,8 +10,7 @@ network's own gate (1[z>0] at ReLU, sigmoid(z) at SiLU, Phi(z) at GELU).
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
-from torch import Tensor
+from torch import Tensor, nn
 
 from .checks import check_images
 from .gates import Gate, Schedule, Site, resolve_schedule

@@ -4,7 +4,7 @@ import warnings
 
 from .gating import Excitation, Report, UngatedActivationWarning, excitation
 
-__all__ = ["excitation", "Excitation", "Report", "UngatedActivationWarning"]
+__all__ = ["Excitation", "Report", "UngatedActivationWarning", "excitation"]
 
 warnings.warn("excitation_pullbacks.patching is deprecated: import from excitation_pullbacks.gating (or the package)",
               DeprecationWarning, stacklevel=2)

@@ -13,17 +13,15 @@ import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Union
 
 import torch
-import torch.nn as nn
-from torch import Tensor
+from torch import Tensor, nn
 
 from .checks import check_class_range, check_images, class_targets, warn_if_training
 from .gates import ByType, Schedule, resolve_schedule
 from .gating import Excitation, Report
 
-__all__ = ["Neuron", "Targets", "pullback", "frozen_parameters", "engine_for", "gated_forward"]
+__all__ = ["Neuron", "Targets", "engine_for", "frozen_parameters", "gated_forward", "pullback"]
 
 
 @dataclass(frozen=True)
@@ -40,7 +38,7 @@ class Neuron:
     call: int = -1
 
 
-Targets = Union[int, Sequence[int], Sequence[Sequence[int]], Tensor, Neuron]
+Targets = int | Sequence[int] | Sequence[Sequence[int]] | Tensor | Neuron
 
 
 @contextmanager
@@ -68,7 +66,7 @@ def _resolve_module(model: nn.Module, layer: str) -> nn.Module:
 
 def _neuron_value(out, neuron: Neuron) -> Tensor:
     if not isinstance(out, Tensor):
-        raise ValueError(f"layer {neuron.layer!r} does not output a single tensor")
+        raise ValueError(f"layer {neuron.layer!r} does not output a single tensor")  # noqa: TRY004
     if out.dim() < 2 or not 0 <= neuron.channel < out.shape[1]:
         raise ValueError(f"channel {neuron.channel} is out of range for layer {neuron.layer!r} output {tuple(out.shape)}")
     a = out[:, neuron.channel]
@@ -139,7 +137,7 @@ def pullback(
     batch_size: images per forward pass (None: all at once), to bound memory.
     """
     if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")  # noqa: TRY004
     sched = resolve_schedule(schedule, gate)
     check_images(model, images)
     n = images.shape[0]

@@ -16,18 +16,23 @@ needs; windows that tile the input (stride == kernel) take a direct path.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
-from torch.nn.modules.utils import _pair
 
 from .gates import Gate
 
 __all__ = [
-    "soft_relu", "soft_silu", "soft_gelu", "soft_max_pool2d", "pool_geometry", "soft_pool_backward",
     "frozen_batch_norm",
+    "pool_geometry",
+    "soft_gelu",
+    "soft_max_pool2d",
+    "soft_pool_backward",
+    "soft_relu",
+    "soft_silu",
 ]
 
 
@@ -139,6 +144,11 @@ def soft_gelu(z: Tensor, gate: Gate, approximate: str = "none", channel_dim: int
     return _soft_smooth(z, gate, channel_dim, approximate)
 
 
+def _pair(v) -> tuple:
+    """An int or a pair -> a 2-tuple (as torch's pooling modules read their size arguments)."""
+    return tuple(v) if isinstance(v, Iterable) else (v, v)
+
+
 def pool_geometry(kernel_size, stride, padding, dilation):
     """Normalise max-pool arguments to 2-tuples (stride defaults to kernel_size, as in F.max_pool2d)."""
     k = _pair(kernel_size)
@@ -174,7 +184,7 @@ def soft_pool_backward(x: Tensor, out: Tensor, grad: Tensor, gate: Gate, k, s, p
     ds/dx_j = w_j (r_j + a) with a = 1 - sum_j(e_j r_j) / Z. With ``gate.padding == "zero"`` the explicit
     padding enters the sums as x_j = 0 (and m is the window max including those zeros).
     """
-    n, c, h, w = x.shape
+    h, w = x.shape[-2:]
     ho, wo = out.shape[-2:]
     extra_h = max(0, (ho - 1) * s[0] + (k[0] - 1) * d[0] + 1 - h - p[0])  # ceil_mode windows past the edge
     extra_w = max(0, (wo - 1) * s[1] + (k[1] - 1) * d[1] + 1 - w - p[1])

@@ -7,13 +7,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..ascent import ascent
 from ..checks import class_targets
 
-__all__ = ["AscentScores", "ascent_scores", "transfer_scores", "TransferResult", "transfer"]
+__all__ = ["AscentScores", "TransferResult", "ascent_scores", "transfer", "transfer_scores"]
 
 
 @dataclass

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["gaussian_kernel", "gaussian_blur"]
+__all__ = ["gaussian_blur", "gaussian_kernel"]
 
 
 def gaussian_kernel(radius: int, sigma: float, *, dtype: torch.dtype, device=None) -> Tensor:
@@ -41,7 +41,7 @@ def gaussian_blur(x: Tensor, *, sigma: float = 5.0, radius: int | None = None) -
     """
     if not sigma > 0:
         raise ValueError(f"blur sigma must be positive, got {sigma}")
-    r = int(math.ceil(3 * sigma)) if radius is None else int(radius)
+    r = math.ceil(3 * sigma) if radius is None else int(radius)
     k = gaussian_kernel(r, sigma, dtype=x.dtype, device=x.device)
     h, w = x.shape[-2:]
     return _blur_matrix(h, k, r) @ x @ _blur_matrix(w, k, r).T

@@ -3,18 +3,15 @@ baseline image, and the area under that curve."""
 
 from __future__ import annotations
 
-from typing import Union
-
 import torch
-import torch.nn as nn
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..checks import class_targets, warn_if_training
 from .filters import gaussian_blur
 
-__all__ = ["Baseline", "pixel_scores", "perturbation_curves", "perturbation_auc", "deletion", "insertion"]
+__all__ = ["Baseline", "deletion", "insertion", "perturbation_auc", "perturbation_curves", "pixel_scores"]
 
-Baseline = Union[str, float, int, Tensor]
+Baseline = str | float | int | Tensor
 
 
 def pixel_scores(maps: Tensor, *, reduce: str = "sum") -> Tensor:
@@ -84,7 +81,7 @@ def perturbation_curves(
         raise ValueError(f"steps and batch_size must be >= 1, got {steps}, {batch_size}")
     if x.dim() != 4:
         raise ValueError(f"x must have shape (N, C, H, W), got {tuple(x.shape)}")
-    n, c, h, w = x.shape
+    n, _, h, w = x.shape
     p, steps = h * w, int(steps)
     s = pixel_scores(maps.detach().to(x.device), reduce=reduce)
     if s.shape != (n, h, w):

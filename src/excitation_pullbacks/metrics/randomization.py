@@ -7,14 +7,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..checks import class_targets
 from ..explain import Explain
 from .similarity import spearman, ssim
 
-__all__ = ["RandomizationResult", "randomization_layers", "randomization_check"]
+__all__ = ["RandomizationResult", "randomization_check", "randomization_layers"]
 
 
 def _minmax(v: Tensor) -> Tensor:

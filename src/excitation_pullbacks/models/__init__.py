@@ -8,7 +8,17 @@ from .digits import DigitsCNN, digits_images, load_digits_cnn
 from .imagenet import IMAGENET_MEAN, IMAGENET_STD, ImageNetInput, WeightsUnavailableError, torchvision_model
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "ImageNetInput", "build_model", "WeightsUnavailableError", "torchvision_model",
-    "DIGITS_CNN", "DIGITS_WEIGHTS", "DigitsCNN", "digits_images", "load_digits_cnn", "load_checkpoint",
+    "DIGITS_CNN",
+    "DIGITS_WEIGHTS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "DigitsCNN",
+    "ImageNetInput",
+    "WeightsUnavailableError",
+    "build_model",
+    "digits_images",
+    "load_checkpoint",
+    "load_digits_cnn",
     "save_state_dict",
+    "torchvision_model",
 ]

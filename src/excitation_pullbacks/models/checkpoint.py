@@ -8,8 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = ["load_checkpoint", "save_state_dict"]
 
@@ -39,7 +38,8 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                              "save and load model.state_dict() instead") from None
         raise ValueError(f"checkpoint {path} is corrupt or truncated ({type(err).__name__})") from None
     except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError) as err:
-        raise ValueError(f"checkpoint {path} is corrupt, truncated or not a torch file ({type(err).__name__})") from None
+        raise ValueError(
+            f"checkpoint {path} is corrupt, truncated or not a torch file ({type(err).__name__})") from None
     if isinstance(state, Mapping) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):

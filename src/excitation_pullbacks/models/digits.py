@@ -12,14 +12,20 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .checkpoint import load_checkpoint, save_state_dict
 
-__all__ = ["DigitsCNN", "CHECKPOINT", "SPLIT_SEED", "TEST_FRACTION", "digits_images", "load_digits_cnn",
-           "save_state_dict"]
+__all__ = [
+    "CHECKPOINT",
+    "SPLIT_SEED",
+    "TEST_FRACTION",
+    "DigitsCNN",
+    "digits_images",
+    "load_digits_cnn",
+    "save_state_dict",
+]
 
 #: The committed checkpoint (a state dict of ``DigitsCNN()``).
 CHECKPOINT = Path(__file__).parent / "weights" / "digits_cnn.pt"

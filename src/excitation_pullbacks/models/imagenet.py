@@ -7,8 +7,7 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-from torch import Tensor
+from torch import Tensor, nn
 
 from .checkpoint import load_checkpoint
 
