@@ -1,4 +1,5 @@
-"""Helpers shared by the test modules: tiny pipeline configs, running the CLI, output checks."""
+"""Helpers shared by the test modules: the torchvision architectures and their call counts, one check that a
+model is left exactly as it was, tiny pipeline configs, running the CLI, output checks."""
 
 from __future__ import annotations
 
@@ -9,9 +10,39 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
+from torch import nn
 
 from excitation_pullbacks.pipeline.cli import CONFIG_DIR, main
+
+ARCHS = ["resnet50", "vgg11_bn", "densenet121"]
+# Per forward pass, as a complete implementation must gate them (see DESIGN: call sites).
+EXPECTED_CALLS = {"resnet50": (49, 1), "vgg11_bn": (10, 5), "densenet121": (121, 1)}
+
+
+def model_state(model: nn.Module) -> dict:
+    """Everything a gating context or a pullback could leave changed in ``model`` (and in torch)."""
+    return {
+        "modules": [(n, id(m)) for n, m in model.named_modules()],
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "flags": [p.requires_grad for p in model.parameters()],
+        "training": [m.training for m in model.modules()],
+        "inplace": [getattr(m, "inplace", None) for m in model.modules()],
+        "hooks": sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+                     for m in model.modules()),
+        "modes": torch._C._len_torch_function_stack(),
+    }
+
+
+def assert_model_unchanged(model: nn.Module, before: dict) -> None:
+    """Assert ``model`` is as :func:`model_state` recorded it in ``before``, and holds no hooks at all."""
+    after = model_state(model)
+    assert after["hooks"] == 0, "hooks left on the model"
+    assert {k: v for k, v in after.items() if k != "state"} == {k: v for k, v in before.items() if k != "state"}
+    assert after["state"].keys() == before["state"].keys()
+    assert all(torch.equal(after["state"][k], before["state"][k]) for k in before["state"])
+
 
 #: A run small enough for 2 CPU cores: random-weight ResNet18 on six 32 x 32 synthetic images, two classes.
 TINY = [
@@ -47,7 +78,7 @@ def cli(tmp_path: Path, *overrides: str, env: dict | None = None) -> subprocess.
     flags = [o for o in overrides if o.startswith("-")]
     overrides = tuple(o for o in overrides if not o.startswith("-"))
     return subprocess.run([*CLI, *flags, *tiny_overrides(*overrides)], cwd=tmp_path, env=environ,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
 
 
 def cli_in_process(monkeypatch, capsys, tmp_path: Path, *overrides: str) -> tuple[int, str, str]:

@@ -13,8 +13,8 @@ import math
 from contextlib import contextmanager
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.modules.utils import _pair
 
 
@@ -96,6 +96,47 @@ def reference_pullback(model, images, targets, temperature=0.3):
     with functional_relu(lambda z, inplace=False: RefReLU(temperature)(z)):
         out = ref(x)
     out.gather(1, targets[:, None]).sum().backward()
+    return x.grad
+
+
+# -- the paper author's implementation: module swap, zero-padded unfold soft pool, functional relu hard -----
+
+def zero_padded_soft_pool(x, pool: nn.MaxPool2d, temperature=0.3, detach=False):
+    """sum_j x_j softmax(x / T)_j over each window of ``pool``, the zero padding included in the window (what
+    F.unfold over the padded input gives, as the author's soft pool computes it). x: (N, C, H, W)."""
+    if pool.ceil_mode:
+        raise ValueError("the author's unfold pool has no ceil_mode")
+    n, c, h, w = x.shape
+    k, s = _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size)
+    p, d = _pair(pool.padding), _pair(pool.dilation)
+    cols = F.unfold(x, k, dilation=d, padding=p, stride=s).view(n, c, k[0] * k[1], -1)  # zeros where padded
+    weights = torch.softmax(cols / temperature, dim=2)
+    if detach:
+        weights = weights.detach()
+    ho = (h + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
+    wo = (w + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
+    return (cols * weights).sum(2).view(n, c, ho, wo)
+
+
+class AuthorMaxPool(nn.Module):
+    """Forward: the max pool; backward: the zero-padded soft pool's (strike-through)."""
+
+    def __init__(self, pool: nn.MaxPool2d, temperature, detach):
+        super().__init__()
+        self.pool, self.t, self.detach = pool, temperature, detach
+
+    def forward(self, x):
+        soft = zero_padded_soft_pool(x, self.pool, self.t, self.detach)
+        return self.pool(x).detach() + soft - soft.detach()
+
+
+def author_pullback(model, images, targets, temperature=0.3, detach=True):
+    """The author's approach: a deep copy with every nn.ReLU and nn.MaxPool2d module swapped (functional
+    relu calls, e.g. DenseNet's, left as they are: hard), sigmoid gate and zero-padded soft pool at
+    ``temperature``, softmax weights detached with ``detach``."""
+    ref = swap(model, relu=lambda: RefReLU(temperature), pool=lambda m: AuthorMaxPool(m, temperature, detach))
+    x = images.detach().clone().requires_grad_(True)
+    ref(x).gather(1, targets[:, None]).sum().backward()
     return x.grad
 
 

@@ -3,12 +3,14 @@
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 from captum.attr import NoiseTunnel, Saliency
+from torch import nn
 
 from excitation_pullbacks import ascent, pullback
 from excitation_pullbacks.attribution import ExcitationPullback, quantus_explain
 from excitation_pullbacks.baselines import METHODS, as_direction, explainer
+
+from helpers import assert_model_unchanged, model_state
 
 
 def small_net() -> nn.Module:
@@ -31,18 +33,6 @@ def net():
 @pytest.fixture
 def x():
     return torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 2 - 1
-
-
-def _state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}, [p.requires_grad for p in model.parameters()]
-
-
-def _assert_unchanged(model, before):
-    state, flags = before
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
-    assert [p.requires_grad for p in model.parameters()] == flags
-    for m in model.modules():
-        assert not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
 
 
 def test_excitation_pullback_is_pullback(net, x):
@@ -127,7 +117,7 @@ def _input_grad(model, x, t):
 
 def test_baselines_against_independent_references(net, x):
     t = torch.tensor([4, 0, 2])
-    before = _state(net)
+    before = model_state(net)
     grad = _input_grad(net, x, t)
     torch.testing.assert_close(explainer("vanilla")(net, x, t), grad, rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(explainer("smoothgrad", smoothgrad_noise=0.0, smoothgrad_samples=2)(net, x, t), grad,
@@ -142,15 +132,15 @@ def test_baselines_against_independent_references(net, x):
     torch.testing.assert_close(ig.flatten(1).sum(1), gap, rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(explainer("excitation", temperature=0.5)(net, x, t), pullback(net, x, t, temperature=0.5),
                                rtol=0, atol=0)
-    _assert_unchanged(net, before)
+    assert_model_unchanged(net, before)
 
 
 def test_explainers_leave_model_unchanged_after_errors(net, x):
-    before = _state(net)
+    before = model_state(net)
     for method in METHODS:
         with pytest.raises((ValueError, IndexError, RuntimeError)):
             explainer(method, smoothgrad_samples=2, ig_steps=2)(net, x, torch.tensor([0, 1, 99]))
-        _assert_unchanged(net, before)
+        assert_model_unchanged(net, before)
     with pytest.raises(ValueError, match="unknown attribution method"):
         explainer("lrp")
 

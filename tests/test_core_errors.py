@@ -5,10 +5,17 @@ import warnings
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from excitation_pullbacks import (
-    Gate, Neuron, UngatedActivationWarning, ascent, excitation, make_schedule, path_kernel, pullback,
+    Gate,
+    Neuron,
+    UngatedActivationWarning,
+    ascent,
+    excitation,
+    make_schedule,
+    path_kernel,
+    pullback,
 )
 
 

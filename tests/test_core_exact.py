@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from excitation_pullbacks import ByDepth, Gate, PerChannel, path_kernel, pullback
 
@@ -14,7 +14,7 @@ DIMS = (5, 4, 3, 4)  # d0, d1, d2, d3; the head maps d3 -> 2 classes
 def mlp(bias: bool) -> nn.Sequential:
     torch.manual_seed(0)
     layers = []
-    for a, b in zip(DIMS[:-1], DIMS[1:]):
+    for a, b in itertools.pairwise(DIMS):
         layers += [nn.Linear(a, b, bias=bias), nn.ReLU()]
     layers.append(nn.Linear(DIMS[-1], 2, bias=bias))
     return nn.Sequential(*layers).double().eval()

@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
-from conftest import ARCHS, EXPECTED_CALLS
 from excitation_pullbacks import ascent, excitation, pullback
+
+from helpers import ARCHS, EXPECTED_CALLS
 from reference import functional_relu, reference_pullback, swap
 
 pytestmark = pytest.mark.slow

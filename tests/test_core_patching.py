@@ -4,12 +4,22 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from excitation_pullbacks import (
-    ByDepth, ByName, ByType, Gate, Neuron, PerChannel, calibrate, excitation, pullback,
+    ByDepth,
+    ByName,
+    ByType,
+    Gate,
+    Neuron,
+    PerChannel,
+    calibrate,
+    excitation,
+    pullback,
 )
+
+from helpers import assert_model_unchanged, model_state
 from reference import RefReLU, soft_pool_reference
 
 
@@ -84,48 +94,28 @@ def test_every_call_form_is_gated_exactly():
     torch.testing.assert_close(pullback(model, x, t), _reference(model, x, t), rtol=1e-10, atol=1e-12)
 
 
-def _snapshot(model):
-    return {
-        "modules": [(n, id(m)) for n, m in model.named_modules()],
-        "state": {k: v.clone() for k, v in model.state_dict().items()},
-        "flags": [p.requires_grad for p in model.parameters()],
-        "training": [m.training for m in model.modules()],
-        "hooks": sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-                     for m in model.modules()),
-        "modes": torch._C._len_torch_function_stack(),
-    }
-
-
-def _same(a, b):
-    assert a["modules"] == b["modules"] and a["flags"] == b["flags"] and a["training"] == b["training"]
-    assert a["hooks"] == b["hooks"] == 0 and a["modes"] == b["modes"]
-    assert a["state"].keys() == b["state"].keys()
-    assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])
-
-
 def test_model_restored_after_normal_exit_and_exception():
     model, x = _model(), _x()
     model.conv2.weight.requires_grad_(False)  # a user's own choice survives too
-    before = _snapshot(model)
+    before = model_state(model)
     pullback(model, x, 1)
     with excitation(model):
         model(x)
-    _same(before, _snapshot(model))
+    assert_model_unchanged(model, before)
 
     class Boom(RuntimeError):
         pass
 
-    with pytest.raises(Boom):
-        with excitation(model):
-            model(x)
-            raise Boom
-    _same(before, _snapshot(model))
+    with pytest.raises(Boom), excitation(model):
+        model(x)
+        raise Boom
+    assert_model_unchanged(model, before)
     # an exception inside the forward itself (the mode must not leak)
     model.conv3.register_forward_hook(lambda *a: (_ for _ in ()).throw(Boom()))
     with pytest.raises(Boom):
         pullback(model, x, 1)
     model.conv3._forward_hooks.clear()
-    _same(before, _snapshot(model))
+    assert_model_unchanged(model, before)
 
 
 def test_other_models_and_code_outside_the_forward_untouched():
@@ -158,7 +148,7 @@ def test_schedules_pick_the_site_gate():
     # name patterns change only the sites they name
     seen = []
     only_act = ByName({"act": Gate("hard")}, default=ByType())
-    from excitation_pullbacks.patching import Excitation
+    from excitation_pullbacks.gating import Excitation
 
     with Excitation(model, only_act, observer=lambda site, z, g: seen.append((site.key, g.is_hard))):
         model(x)
@@ -225,7 +215,7 @@ def test_lean_batchnorm_same_forward_and_input_gradient():
     x = _x()
     model(x)
     from excitation_pullbacks import ByType
-    from excitation_pullbacks.patching import Excitation
+    from excitation_pullbacks.gating import Excitation
 
     xr = x.clone().requires_grad_(True)
     with Excitation(model, ByType(Gate("sigmoid", 0.3)), lean_batchnorm=True):

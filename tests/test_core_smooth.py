@@ -11,16 +11,28 @@ from collections import Counter
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.models as tvm
+from torch import nn
 
 from excitation_pullbacks import (
-    ByDepth, ByName, ByType, Gate, ImageNetInput, PerChannel, UngatedActivationWarning, calibrate, excitation,
-    make_schedule, path_kernel, pullback,
+    ByDepth,
+    ByName,
+    ByType,
+    Gate,
+    ImageNetInput,
+    PerChannel,
+    UngatedActivationWarning,
+    calibrate,
+    excitation,
+    make_schedule,
+    path_kernel,
+    pullback,
 )
-from excitation_pullbacks.patching import Excitation
+from excitation_pullbacks.gating import Excitation
 from excitation_pullbacks.surrogates import soft_gelu, soft_silu
+
+from helpers import assert_model_unchanged, model_state
 from reference import RefGELU, RefSiLU, reference_smooth_pullback
 
 # Calls per forward pass, counted by forward hooks on the nn.SiLU / nn.GELU modules; neither model's
@@ -126,29 +138,12 @@ def test_hard_gate_is_vanilla_gradient(arch, models, images):
         assert torch.equal(pullback(model, images, TARGETS, **kwargs), vanilla), kwargs
 
 
-def _snapshot(model):
-    return {
-        "modules": [(n, id(m)) for n, m in model.named_modules()],
-        "state": {k: v.clone() for k, v in model.state_dict().items()},
-        "flags": [p.requires_grad for p in model.parameters()],
-        "hooks": sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()),
-        "inplace": [m.inplace for m in model.modules() if isinstance(m, nn.SiLU)],
-        "modes": torch._C._len_torch_function_stack(),
-    }
-
-
-def _assert_same(a, b):
-    assert {k: v for k, v in a.items() if k != "state"} == {k: v for k, v in b.items() if k != "state"}
-    assert a["state"].keys() == b["state"].keys()
-    assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_model_restored_also_after_exception(arch, models, images):
     model = models(arch)
-    before = _snapshot(model)
+    before = model_state(model)
     pullback(model, images, TARGETS)
-    _assert_same(before, _snapshot(model))
+    assert_model_unchanged(model, before)
 
     class Boom(RuntimeError):
         pass
@@ -160,17 +155,16 @@ def test_model_restored_also_after_exception(arch, models, images):
             pullback(model, images, TARGETS)
     finally:
         handle.remove()
-    with pytest.raises(Boom):
-        with excitation(model):
-            model(images)
-            raise Boom
-    _assert_same(before, _snapshot(model))
+    with pytest.raises(Boom), excitation(model):
+        model(images)
+        raise Boom
+    assert_model_unchanged(model, before)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_calibrated_per_channel_schedule(arch, models, images):
     model = models(arch)
-    kind, _, expected = EXPECTED[arch]
+    _, _, expected = EXPECTED[arch]
     sched = calibrate(model, [images])
     assert len(sched.temperatures) == expected
     if arch == "convnext_tiny":  # GELU acts on the (N, H, W, 4C) output of a Linear: channels are last

@@ -12,14 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from excitation_pullbacks import ImageNetInput, build_model, excitation, pullback
-from excitation_pullbacks.digits import (
-    CHECKPOINT,
-    DigitsCNN,
-    accuracy,
-    digits_images,
-    load_digits_cnn,
-    train_digits_cnn,
-)
+from excitation_pullbacks.digits import CHECKPOINT, DigitsCNN, digits_images, load_digits_cnn
 from excitation_pullbacks.pipeline import PipelineError
 from excitation_pullbacks.pipeline.classes import class_names, resolve_class, resolve_classes
 from excitation_pullbacks.pipeline.cli import CONFIG_DIR
@@ -27,6 +20,15 @@ from excitation_pullbacks.pipeline.data import FolderDataset, build_dataset, bui
 from excitation_pullbacks.pipeline.run import run
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_digits.py"
+
+
+@pytest.fixture(scope="module")
+def script():
+    """scripts/train_digits.py as a module (the training code lives there, outside the installed package)."""
+    spec = importlib.util.spec_from_file_location("train_digits", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture
@@ -70,10 +72,10 @@ def test_split_is_fixed_disjoint_and_in_range(test_split):
         digits_images("val")
 
 
-def test_committed_checkpoint_is_small_and_accurate(model, test_split):
+def test_committed_checkpoint_is_small_and_accurate(model, test_split, script):
     assert CHECKPOINT.is_file() and CHECKPOINT.stat().st_size < 300_000
     assert isinstance(model, DigitsCNN) and not model.training
-    assert accuracy(model, *test_split) >= 0.95
+    assert script.accuracy(model, *test_split) >= 0.95
 
 
 def test_build_model_gives_the_trained_model(model, test_split):
@@ -114,10 +116,10 @@ def test_excitation_gates_every_relu_and_max_pool(model, test_split):
 
 # --- training --------------------------------------------------------------------------------------------
 
-def test_short_training_is_deterministic_and_learns(one_thread):
+def test_short_training_is_deterministic_and_learns(script, one_thread):
     rng = torch.get_rng_state()
-    a, hist_a = train_digits_cnn(epochs=1, subset=640, log=None)
-    b, hist_b = train_digits_cnn(epochs=1, subset=640, log=None)
+    a, hist_a = script.train_digits_cnn(epochs=1, subset=640, log=None)
+    b, hist_b = script.train_digits_cnn(epochs=1, subset=640, log=None)
     assert torch.equal(torch.get_rng_state(), rng)  # the global RNG is left alone
     sa, sb = a.state_dict(), b.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -125,17 +127,14 @@ def test_short_training_is_deterministic_and_learns(one_thread):
     assert not a.training
 
 
-def test_training_script_writes_a_loadable_checkpoint(tmp_path, capsys, one_thread):
-    spec = importlib.util.spec_from_file_location("train_digits", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+def test_training_script_writes_a_loadable_checkpoint(script, tmp_path, capsys, one_thread):
     out = tmp_path / "w" / "digits.pt"
     assert script.main(["--epochs", "1", "--subset", "160", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "epoch  1" in text and "final test accuracy" in text
     assert out.is_file() and not list(out.parent.glob(".*tmp"))  # written, no temporary file left
     m = build_model("digits_cnn", checkpoint=out)
-    assert accuracy(m, *digits_images("test")) > 0.2
+    assert script.accuracy(m, *digits_images("test")) > 0.2
 
 
 # --- class spaces and data in the pipeline ---------------------------------------------------------------

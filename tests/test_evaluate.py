@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-import torch.nn as nn
 import yaml
 from omegaconf import OmegaConf
+from torch import nn
 
 from excitation_pullbacks import Excitation, Site, build_model
 from excitation_pullbacks import metrics as M
@@ -18,6 +18,7 @@ from excitation_pullbacks.pipeline.data import build_dataset
 from excitation_pullbacks.pipeline.run import run
 from excitation_pullbacks.pipeline.schedules import gate_settings
 from excitation_pullbacks.pipeline.tasks.evaluate import evaluation_images, transfer_models
+
 from helpers import cli, compose_config, read_rows, tiny_cfg
 
 SMALL = [
@@ -35,7 +36,7 @@ def evaluated(tmp_path_factory):
 
 
 def test_table_files_and_objective(evaluated):
-    cfg, result = evaluated
+    _, result = evaluated
     res = result["results"]
     for name in ("metrics_table.csv", "metrics.json", "per_image.csv", "curves.png", "randomization.png",
                  "methods.png", "config.yaml", "timing.json"):

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from excitation_pullbacks.pipeline.run import run
+
 from helpers import compose_config
 
 GOLDEN = Path(__file__).parent / "golden" / "digits.json"
@@ -97,8 +98,8 @@ def test_the_comparison_notices_a_changed_number(numbers):
     changed["figures"]["tensors"]["excitation"]["sum"] *= 1 + 10 * RTOL
     problems: list[str] = []
     _compare(changed, json.loads(GOLDEN.read_text()), "", problems)
-    assert problems == [f"/figures/tensors/excitation/sum: {changed['figures']['tensors']['excitation']['sum']!r} != "
-                        f"{json.loads(GOLDEN.read_text())['figures']['tensors']['excitation']['sum']!r}"]
+    want = json.loads(GOLDEN.read_text())["figures"]["tensors"]["excitation"]["sum"]
+    assert problems == [f"/figures/tensors/excitation/sum: {changed['figures']['tensors']['excitation']['sum']!r} != {want!r}"]
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 from scipy import ndimage, stats
+from torch import nn
 
 from excitation_pullbacks import metrics as M
 from excitation_pullbacks import pullback
@@ -77,14 +77,14 @@ def same_state(model, before) -> bool:
 
 def reference_curve(model, x, maps, t, *, mode, steps, baseline, score, reduce, sigma=5.0):
     """One image at a time, one pixel at a time: x (C, H, W), maps (C', H, W) -> (curve list, AUC)."""
-    c, h, w = x.shape
+    _, h, w = x.shape
     a = maps.sum(0) if reduce == "sum" else maps.abs().sum(0)
     values = a.reshape(-1).tolist()
     order = sorted(range(h * w), key=lambda i: (-values[i], i))
     if baseline == "mean":
         base = x.mean(dim=(1, 2), keepdim=True).expand_as(x).clone()
     elif baseline == "blur":
-        r = int(math.ceil(3 * sigma))
+        r = math.ceil(3 * sigma)
         base = torch.from_numpy(ndimage.gaussian_filter(x.numpy(), sigma=(0, sigma, sigma), mode="nearest",
                                                         radius=(0, r, r)))
     else:
@@ -146,8 +146,8 @@ def test_perturbation_batching_and_options():
     x = torch.rand(4, 3, 8, 8, generator=g, dtype=torch.float64) * 2 - 1
     maps = torch.randn(4, 8, 8, generator=g, dtype=torch.float64)  # (N, H, W) maps are accepted
     t = torch.tensor([1, 2, 3, 4])
-    a1, c1 = M.insertion(model, x, maps, t, steps=4, batch_size=1, return_curves=True)
-    a2, c2 = M.insertion(model, x, maps, t, steps=4, batch_size=64, return_curves=True)
+    _, c1 = M.insertion(model, x, maps, t, steps=4, batch_size=1, return_curves=True)
+    _, c2 = M.insertion(model, x, maps, t, steps=4, batch_size=64, return_curves=True)
     torch.testing.assert_close(c1, c2, rtol=1e-12, atol=1e-12)
     a3, c3 = M.insertion(model, x, maps, t, steps=4, include_start=False, auc_spacing="step", return_curves=True)
     assert c3.shape == (4, 4)
@@ -163,7 +163,7 @@ def test_blur_matches_scipy():
     g = torch.Generator().manual_seed(5)
     x = torch.rand(2, 3, 12, 7, generator=g, dtype=torch.float64)
     for sigma in (0.8, 2.0, 5.0):
-        r = int(math.ceil(3 * sigma))
+        r = math.ceil(3 * sigma)
         ref = ndimage.gaussian_filter(x.numpy(), sigma=(0, 0, sigma, sigma), mode="nearest", radius=(0, 0, r, r))
         torch.testing.assert_close(M.gaussian_blur(x, sigma=sigma), torch.from_numpy(ref), rtol=1e-12, atol=1e-12)
 
@@ -182,7 +182,7 @@ def test_deletion_insertion_agree_with_quantus_pixel_flipping():
     a = torch.randn(n, 1, h, w, generator=g)  # distinct scores: Quantus's unstable argsort cannot reorder
     t = torch.tensor([0, 2, 4])
     fis = c * h * w // steps  # 12 features = 4 pixels x 3 channels per step
-    common = dict(features_in_step=fis, abs=False, normalise=False, disable_warnings=True)
+    common = {"features_in_step": fis, "abs": False, "normalise": False, "disable_warnings": True}
 
     q_del = quantus.PixelFlipping(perturb_baseline=0.0, **common)(
         model=model, x_batch=x.numpy(), y_batch=t.numpy(), a_batch=a.numpy(), device="cpu", softmax=True)
@@ -234,7 +234,7 @@ def test_ssim_matches_skimage():
     a = torch.rand(3, 2, 20, 24, generator=g, dtype=torch.float64)
     b = (a + 0.3 * torch.randn(3, 2, 20, 24, generator=g, dtype=torch.float64)).clamp(0, 1)
     b[2] = torch.rand(2, 20, 24, generator=g, dtype=torch.float64)
-    kw = dict(gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0)
+    kw = {"gaussian_weights": True, "sigma": 1.5, "use_sample_covariance": False, "data_range": 1.0}
     ours = M.ssim(a, b, data_range=1.0)
     ref = [structural_similarity(a[i].numpy(), b[i].numpy(), channel_axis=0, **kw) for i in range(3)]
     np.testing.assert_allclose(ours.numpy(), ref, rtol=1e-10, atol=1e-12)

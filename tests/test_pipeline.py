@@ -15,6 +15,7 @@ from excitation_pullbacks.pipeline.cli import CONFIG_DIR
 from excitation_pullbacks.pipeline.data import FolderDataset, build_transform, select_images
 from excitation_pullbacks.pipeline.plots import PAD, labelled_grid
 from excitation_pullbacks.pipeline.run import run
+
 from helpers import compose_config, tiny_cfg
 
 GROUPS = ["model", "data", "gate", "ascent", "baselines", "targets", "trainer", "logger", "experiment"]

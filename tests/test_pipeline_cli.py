@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from excitation_pullbacks.pipeline import PipelineError
-from excitation_pullbacks.pipeline import plots
+from excitation_pullbacks.pipeline import PipelineError, plots
 from excitation_pullbacks.pipeline.run import run
+
 from helpers import assert_nothing_written, assert_one_error_line, cli, cli_in_process, tiny_cfg
 
 

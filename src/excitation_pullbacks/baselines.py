@@ -1,9 +1,8 @@
 """Baseline attribution methods from Captum, behind one interface shared with excitation pullbacks.
 
-An *explain* function maps ``(model, x, target) -> maps``: x (N, C, H, W), target (N,) int64 class indices,
-maps (N, C, H, W) signed attributions in input space. The same functions feed the figure grids, the ascent
-loop (``ascent(direction=as_direction(...))``) and the metrics in :mod:`excitation_pullbacks.metrics`.
-Importing this module needs Captum (a dependency of the package).
+Each method is an *explain* function (:data:`~excitation_pullbacks.explain.Explain`); the same functions
+feed the figure grids, the ascent loop (``ascent(direction=as_direction(...))``) and the metrics in
+:mod:`excitation_pullbacks.metrics`. Importing this module needs Captum (a dependency of the package).
 """
 
 from __future__ import annotations
@@ -12,15 +11,15 @@ import warnings
 from collections.abc import Callable
 from functools import partial
 
-import torch.nn as nn
-from torch import Tensor
+from captum.attr import GuidedBackprop, IntegratedGradients, NoiseTunnel, Saliency
+from torch import Tensor, nn
 
-from .gates import Schedule, Temperature
+from .attribution import ExcitationPullback
+from .explain import Explain
+from .gates import Schedule, resolve_schedule
 from .pullback import frozen_parameters
 
-__all__ = ["METHODS", "BASELINES", "Explain", "explainer", "as_direction"]
-
-Explain = Callable[[nn.Module, Tensor, Tensor], Tensor]
+__all__ = ["BASELINES", "METHODS", "Explain", "as_direction", "explainer"]
 
 #: Baselines computed by Captum, and all methods (the baselines and excitation pullbacks).
 BASELINES = ("vanilla", "smoothgrad", "guided_backprop", "integrated_gradients")
@@ -28,15 +27,11 @@ METHODS = BASELINES + ("excitation",)
 
 
 def _vanilla(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
-    from captum.attr import Saliency
-
     return Saliency(model).attribute(x, target=target, abs=False)
 
 
 def _smoothgrad(model: nn.Module, x: Tensor, target: Tensor, *, samples: int, noise: float,
                 batch_size: int | None, value_range: float) -> Tensor:
-    from captum.attr import NoiseTunnel, Saliency
-
     return NoiseTunnel(Saliency(model)).attribute(
         x, nt_type="smoothgrad", nt_samples=samples, nt_samples_batch_size=batch_size,
         stdevs=noise * value_range, target=target, abs=False,
@@ -44,39 +39,30 @@ def _smoothgrad(model: nn.Module, x: Tensor, target: Tensor, *, samples: int, no
 
 
 def _guided_backprop(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
-    from captum.attr import GuidedBackprop
-
     return GuidedBackprop(model).attribute(x, target=target)
 
 
 def _integrated_gradients(model: nn.Module, x: Tensor, target: Tensor, *, steps: int, baseline: float,
                           batch_size: int | None) -> Tensor:
-    from captum.attr import IntegratedGradients
-
     return IntegratedGradients(model).attribute(x, baselines=baseline, target=target, n_steps=steps,
                                                 internal_batch_size=batch_size)
 
 
-def _excitation(model: nn.Module, x: Tensor, target: Tensor, **options) -> Tensor:
-    from .attribution import ExcitationPullback
-
-    return ExcitationPullback(model, **options).attribute(x, target=target)
+def _excitation(model: nn.Module, x: Tensor, target: Tensor, *, schedule: Schedule) -> Tensor:
+    return ExcitationPullback(model, schedule).attribute(x, target=target)
 
 
 def explainer(
     method: str,
+    schedule: Schedule | float | None = None,
     *,
-    temperature: Temperature = 0.3,
-    gate: str = "sigmoid",
-    pool_temperature: Temperature | None = None,
-    pool_detach: bool = False,
-    schedule: Schedule | None = None,
     smoothgrad_samples: int = 25,
     smoothgrad_noise: float = 0.15,
     ig_steps: int = 32,
     ig_baseline: float = -1.0,
     value_range: float = 2.0,
     batch_size: int | None = None,
+    **gate,
 ) -> Explain:
     """The explain function of ``method`` (one of :data:`METHODS`).
 
@@ -87,10 +73,11 @@ def explainer(
     guided_backprop: Captum ``GuidedBackprop`` (only ``nn.ReLU`` modules are modified, as Captum does).
     integrated_gradients: Captum ``IntegratedGradients`` from the constant image ``ig_baseline`` (-1: black
         in [-1, 1] images) with ``ig_steps`` Gauss-Legendre points.
-    excitation: :class:`~excitation_pullbacks.attribution.ExcitationPullback` with the gate arguments
-        (``schedule`` wins over the others, as in ``pullback``).
+    excitation: :class:`~excitation_pullbacks.attribution.ExcitationPullback` with the gates ``schedule,
+        **gate`` (:func:`~excitation_pullbacks.gates.as_schedule`; validated for every method, used only here).
     batch_size: forward-pass batch for SmoothGrad samples / IG steps (None: all at once).
     """
+    sched = resolve_schedule(schedule, gate)
     if method == "vanilla":
         fn = _vanilla
     elif method == "smoothgrad":
@@ -106,8 +93,7 @@ def explainer(
             raise ValueError(f"integrated_gradients needs ig_steps >= 1, got {ig_steps}")
         fn = partial(_integrated_gradients, steps=ig_steps, baseline=ig_baseline, batch_size=batch_size)
     elif method == "excitation":
-        fn = partial(_excitation, temperature=temperature, gate=gate, pool_temperature=pool_temperature,
-                     pool_detach=pool_detach, schedule=schedule)
+        fn = partial(_excitation, schedule=sched)
     else:
         raise ValueError(f"unknown attribution method {method!r}; choose one of {', '.join(METHODS)}")
 

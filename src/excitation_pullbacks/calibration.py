@@ -10,12 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn as nn
-from torch import Tensor
+from torch import Tensor, nn
 
+from .checks import check_images
 from .gates import ByType, Gate, PerChannel, Schedule, Site
-from .patching import Excitation
-from .pullback import check_images
+from .gating import Excitation
 
 __all__ = ["calibrate"]
 

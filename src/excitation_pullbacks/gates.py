@@ -17,33 +17,43 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 __all__ = [
-    "RELU_SHAPES",
+    "COMPAT",
+    "GATE_OPTIONS",
+    "POOL_PADDINGS",
     "POOL_SHAPES",
-    "Gate",
-    "Site",
-    "Schedule",
-    "ByType",
-    "ByName",
+    "RELU_SHAPES",
     "ByDepth",
+    "ByName",
+    "ByType",
+    "Gate",
     "PerChannel",
+    "Schedule",
+    "Site",
+    "as_schedule",
     "make_schedule",
+    "resolve_schedule",
 ]
 
 RELU_SHAPES = ("sigmoid", "normal_cdf", "normal_cdf_tanh", "softsign", "own", "hard", "none")
 POOL_SHAPES = ("softmax", "hard", "none")
+POOL_PADDINGS = ("exclude", "zero")
+COMPAT = ("default", "author")
+#: The keyword shorthands for a schedule that the core functions take beside (or instead of) a Schedule.
+GATE_OPTIONS = ("temperature", "gate", "pool_temperature", "pool_detach", "smooth_temperature", "smooth_gate", "compat")
 _OWN = {"silu": "sigmoid", "gelu": "normal_cdf", "gelu_tanh": "normal_cdf_tanh"}
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _ALIASES = {"phi": "normal_cdf", "ndtr": "normal_cdf", "vanilla": "hard", "identity": "none"}
 
-Temperature = Union[float, Tensor]
+Temperature = float | Tensor
 
 
 def _check_temperature(temperature: Temperature) -> None:
@@ -54,7 +64,7 @@ def _check_temperature(temperature: Temperature) -> None:
             raise ValueError("temperature must be >= 0 and not NaN (got a tensor with negative or NaN entries)")
         return
     if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
-        raise ValueError(f"temperature must be a number or a tensor, got {type(temperature).__name__}")
+        raise ValueError(f"temperature must be a number or a tensor, got {type(temperature).__name__}")  # noqa: TRY004
     if math.isnan(temperature) or temperature < 0:
         raise ValueError(f"temperature must be >= 0 and not NaN, got {temperature}")
 
@@ -76,17 +86,24 @@ class Gate:
         T = 0 is the hard gate (vanilla gradient) for every shape; T = inf is no gating.
     detach: max-pool only; detach the softmax weights (gradient = weights) instead of the paper's full
         gradient of sum_j x_j softmax(x/T)_j.
+    padding: max-pool only; ``exclude`` (default): padded positions take no part in the softmax pool, as
+        they take none in the max; ``zero``: the pool's explicit padding enters each window as zeros (in the
+        softmax and in the weighted sum), as an unfold-based soft pool (the paper's Listing 2) computes it.
+        Ceil-mode windows past the padded input are excluded either way. The forward stays the exact max.
     """
 
     shape: str = "sigmoid"
     temperature: Temperature = 0.3
     detach: bool = False
+    padding: str = "exclude"
 
     def __post_init__(self) -> None:
         shape = _ALIASES.get(self.shape, self.shape)
         if shape not in RELU_SHAPES + POOL_SHAPES:
             raise ValueError(f"unknown gate shape {self.shape!r}; choose one of {RELU_SHAPES + ('softmax',)}")
         _check_temperature(self.temperature)
+        if self.padding not in POOL_PADDINGS:
+            raise ValueError(f"unknown pool padding {self.padding!r}; choose one of {', '.join(POOL_PADDINGS)}")
         object.__setattr__(self, "shape", shape)
 
     @property
@@ -119,7 +136,7 @@ class Gate:
         own = _OWN.get(kind)
         if own is None or self.is_hard:
             return Gate("hard", 0.0)
-        return Gate(own, self.temperature, self.detach)
+        return Gate(own, self.temperature, self.detach, self.padding)
 
     def temperature_like(self, z: Tensor, channel_dim: int = 1) -> Temperature:
         """The temperature broadcastable against z: a float, or the (C,) tensor shaped (1, C, 1, ...) with C
@@ -165,7 +182,8 @@ class Gate:
     def __repr__(self) -> str:
         t = self.temperature
         ts = f"tensor({t.numel()})" if isinstance(t, Tensor) and t.numel() > 1 else f"{float(t):g}"
-        return f"Gate({self.shape!r}, T={ts}{', detach' if self.detach else ''})"
+        padding = ", padding='zero'" if self.padding == "zero" else ""
+        return f"Gate({self.shape!r}, T={ts}{', detach' if self.detach else ''}{padding})"
 
 
 @dataclass(frozen=True)
@@ -214,16 +232,16 @@ class Schedule:
         return self.rule(site)
 
 
-def _default_pool_gate(relu: Gate, pool_temperature: Temperature | None, pool_detach: bool) -> Gate:
+def _default_pool_gate(relu: Gate, pool_temperature: Temperature | None, pool_detach: bool, padding: str) -> Gate:
     if pool_temperature is None:
         if relu.is_hard:
             return Gate("hard", 0.0)
         if relu.is_none:
-            return Gate("none", math.inf)
+            return Gate("none", math.inf, padding=padding)
     t = relu.temperature if pool_temperature is None else pool_temperature
     if isinstance(t, Tensor) and t.numel() > 1:
         raise ValueError("per-channel temperatures for max-pool sites come from a PerChannel schedule")
-    return Gate("softmax", t, detach=pool_detach)
+    return Gate("softmax", t, detach=pool_detach, padding=padding)
 
 
 def _default_smooth_gate(relu: Gate, smooth_temperature: Temperature | None, smooth_gate: str) -> Gate:
@@ -329,7 +347,8 @@ class PerChannel(Schedule):
             if self.default is None:
                 raise ValueError(
                     f"per-channel schedule has no temperatures for site {site.key!r}; it was calibrated on "
-                    f"another model (it knows {len(self.temperatures)} sites, e.g. {next(iter(self.temperatures), '-')!r})"
+                    f"another model (it knows {len(self.temperatures)} sites, e.g. "
+                    f"{next(iter(self.temperatures), '-')!r})"
                 )
             return self.default.rule(site)
         shape = {"relu": self.shape, "maxpool": "softmax"}.get(site.kind, "own")
@@ -361,26 +380,40 @@ def make_schedule(
     temperature: Temperature = 0.3,
     gate: str = "sigmoid",
     pool_temperature: Temperature | None = None,
-    pool_detach: bool = False,
+    pool_detach: bool | None = None,
     smooth_temperature: Temperature | None = None,
     smooth_gate: str = "own",
+    compat: str = "default",
     schedule: Schedule | None = None,
 ) -> Schedule:
-    """The schedule the keyword arguments of ``excitation``/``pullback`` describe.
+    """The schedule the gate keywords describe (see :func:`as_schedule` for how core functions take them).
 
-    With ``schedule`` given it wins. Otherwise one ReLU gate ``Gate(gate, temperature)``; a max-pool gate
-    at ``pool_temperature`` when given (0: hard max gradient), else following the ReLU gate: hard when it is
-    hard (T = 0 gives the exact vanilla gradient) or ``own``, uniform when it is none, else the softmax pool
-    at T; and one gate ``Gate(smooth_gate, smooth_temperature)`` at SiLU and GELU sites when
+    One ReLU gate ``Gate(gate, temperature)``; a max-pool gate at ``pool_temperature`` when given (0: hard
+    max gradient), else following the ReLU gate: hard when it is hard (T = 0 gives the exact vanilla
+    gradient) or ``own``, uniform when it is none, else the softmax pool at T, its weights detached with
+    ``pool_detach``; and one gate ``Gate(smooth_gate, smooth_temperature)`` at SiLU and GELU sites when
     ``smooth_temperature`` is given (0: their exact derivative; 1 with ``own``: the network's own gates,
     detached), else following the ReLU gate: native derivative when it is hard, 1 when it is none, else
     ``smooth_gate`` at T (default ``own``: sigmoid(z/T) at SiLU, Phi(z/T) at GELU).
+
+    compat: ``default``, or ``author`` for the paper author's published implementation, which differs in
+        three places. Its soft max-pool is an unfold over the zero-padded input, so the padding takes part
+        in the softmax (``Gate.padding="zero"``). It swaps ``nn.ReLU`` / ``nn.MaxPool2d`` modules, so
+        functional ReLU and max-pool calls (sites named ``<module>:<function>``, e.g. DenseNet's ``F.relu``
+        in ``DenseNet.forward``: ``backbone:relu`` behind ImageNetInput) keep the hard gate. And its later
+        code detaches the softmax weights (the design notes: the paper's Listing 2 differentiates through
+        them, the author's later code does not); we follow the later code, the one published with the
+        method, so ``author`` sets ``pool_detach=True`` unless ``pool_detach`` is given
+        (``pool_detach=False``: Listing 2 exactly).
+    schedule: deprecated spelling of :func:`as_schedule`'s first argument; when given it wins.
     """
     _check_temperature(temperature)
     if pool_temperature is not None:
         _check_temperature(pool_temperature)
     if smooth_temperature is not None:
         _check_temperature(smooth_temperature)
+    if compat not in COMPAT:
+        raise ValueError(f"unknown compat {compat!r}; choose one of {', '.join(COMPAT)}")
     if schedule is not None:
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
@@ -388,8 +421,62 @@ def make_schedule(
     for shape in (gate, smooth_gate):
         if shape in ("softmax",):
             raise ValueError("'softmax' is a max-pool gate; choose a ReLU gate shape: " + ", ".join(RELU_SHAPES))
+    author = compat == "author"
+    detach = bool(author if pool_detach is None else pool_detach)
     relu = Gate(gate, temperature)
     pool = Gate("hard", 0.0) if relu.shape == "own" and pool_temperature is None else (
-        _default_pool_gate(relu, pool_temperature, pool_detach))
+        _default_pool_gate(relu, pool_temperature, detach, "zero" if author else "exclude"))
     smooth = _default_smooth_gate(relu, smooth_temperature, smooth_gate)
-    return ByType(relu=relu, maxpool=pool, silu=smooth, gelu=smooth)
+    by_type = ByType(relu=relu, maxpool=pool, silu=smooth, gelu=smooth)
+    if not author:
+        return by_type
+    hard = Gate("hard", 0.0)
+    functional_hard = ByName({"*:*": hard}, default=by_type, kind="maxpool")
+    return ByName({"*:*": hard}, default=functional_hard, kind="relu")
+
+
+def as_schedule(schedule: Schedule | float | Tensor | None = None, /, **options) -> Schedule:
+    """The one schedule argument of the core functions, as a :class:`Schedule`.
+
+    This is the convention of ``pullback``, ``ascent``, ``excitation`` / ``Excitation``, ``path_kernel``,
+    ``ExcitationPullback`` and ``explainer``: they take ``schedule`` (positionally or by name) and, instead
+    of it, the keyword shorthands ``temperature, gate, pool_temperature, pool_detach, smooth_temperature,
+    smooth_gate, compat`` of :func:`make_schedule`.
+
+    schedule: a Schedule (returned as it is); a number T or a 0-dim tensor (the default sigmoid gate at T:
+        ``make_schedule(temperature=T)``); or None (``make_schedule(**options)``, i.e. sigmoid at T = 0.3
+        without options).
+    options: the shorthands above, only with ``schedule=None`` (with a Schedule they are a ValueError, with
+        a number ``temperature`` is; an unknown keyword is a TypeError naming the allowed ones).
+    """
+    unknown = sorted(set(options) - set(GATE_OPTIONS))
+    if unknown:
+        raise TypeError(f"unexpected gate keyword(s) {', '.join(unknown)}; the schedule shorthands are "
+                        f"{', '.join(GATE_OPTIONS)}")
+    if schedule is None:
+        return make_schedule(**options)
+    if isinstance(schedule, Schedule):
+        if options:
+            raise ValueError(f"give either a Schedule or the gate keywords ({', '.join(sorted(options))}), not both")
+        return schedule
+    if isinstance(schedule, bool) or not isinstance(schedule, (int, float, Tensor)):
+        raise TypeError(f"schedule must be a Schedule, a temperature (a number) or None, got "
+                        f"{type(schedule).__name__}")
+    if isinstance(schedule, Tensor) and schedule.dim() != 0:
+        raise TypeError("a tensor schedule must be a 0-dim temperature; per-channel temperatures come from a "
+                        "PerChannel schedule")
+    if "temperature" in options:
+        raise ValueError("give the temperature either as the schedule argument or as temperature=, not both")
+    return make_schedule(temperature=schedule, **options)
+
+
+def resolve_schedule(schedule: Schedule | float | Tensor | None, gate: Mapping[str, object]) -> Schedule:
+    """:func:`as_schedule` ``(schedule, **gate)`` as the core functions call it, with one concession to
+    earlier code: a Schedule together with gate keywords meant "the Schedule wins" (it still does, with a
+    DeprecationWarning) where :func:`as_schedule` itself refuses the combination."""
+    if isinstance(schedule, Schedule) and gate:
+        as_schedule(**gate)  # unknown or invalid keywords are still errors
+        warnings.warn(f"gate keywords ({', '.join(sorted(gate))}) beside a Schedule are ignored; pass one or the "
+                      "other", DeprecationWarning, stacklevel=3)
+        return schedule
+    return as_schedule(schedule, **gate)

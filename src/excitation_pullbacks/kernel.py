@@ -10,12 +10,11 @@ network's own gate (1[z>0] at ReLU, sigmoid(z) at SiLU, Phi(z) at GELU).
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
-from torch import Tensor
+from torch import Tensor, nn
 
-from .gates import Gate, Schedule, Site, Temperature, make_schedule
-from .patching import Excitation
-from .pullback import check_images
+from .checks import check_images
+from .gates import Gate, Schedule, Site, resolve_schedule
+from .gating import Excitation
 
 __all__ = ["path_kernel"]
 
@@ -24,24 +23,24 @@ __all__ = ["path_kernel"]
 def path_kernel(
     model: nn.Module,
     images: Tensor,
+    schedule: Schedule | float | None = None,
     *,
-    temperature: Temperature = 0.3,
-    gate: str = "sigmoid",
-    schedule: Schedule | None = None,
     bias: bool = False,
     normalize: bool = False,
+    **gate,
 ) -> Tensor:
     """K_Gamma for every pair of a batch.
 
     images: (N, ...) the model's inputs. Returns (N, N) float64.
-    gate / temperature / schedule: the gating Gamma (``gate="hard"`` gives a ReLU network's own gates G;
-        ``gate="own", temperature=1`` those of a network with ReLU, SiLU and GELU calls).
+    schedule, **gate: the gating Gamma (:func:`~excitation_pullbacks.gates.as_schedule`; ``gate="hard"``
+        gives a ReLU network's own gates G, ``gate="own", temperature=1`` those of a network with ReLU, SiLU
+        and GELU calls).
     bias: use the augmented vectors [x; 1] and [gamma_l; 1] of a network with biases (paper Sec. 2.1).
     normalize: return K(x, x') / sqrt(K(x, x) K(x', x')), computed in log space so it stays finite for
         deep networks, where K itself overflows float64.
     """
     check_images(model, images)
-    sched = make_schedule(temperature=temperature, gate=gate, schedule=schedule)
+    sched = resolve_schedule(schedule, gate)
     n = images.shape[0]
     extra = 1.0 if bias else 0.0
     log_k = torch.zeros(n, n, dtype=torch.float64, device=images.device)

@@ -4,8 +4,9 @@
 ``soft_silu(z, gate)``, ``soft_gelu(z, gate, approximate)``: forward F.silu / F.gelu bit for bit; backward
     grad * gate(z) in place of the exact derivative (a hard gate keeps the native backward).
 ``soft_max_pool2d(x, ...)``: forward F.max_pool2d bit for bit; backward the gradient of the softmax pool
-    s = sum_j x_j w_j, w = softmax(x / T) over each window (padding excluded, as in the max), i.e.
-    ds/dx_j = w_j (1 + (x_j - s) / T), or w_j alone with detached weights.
+    s = sum_j x_j w_j, w = softmax(x / T) over each window (padding excluded, as in the max, or taken as
+    zeros with ``Gate.padding="zero"``), i.e. ds/dx_j = w_j (1 + (x_j - s) / T), or w_j alone with detached
+    weights.
 
 The pool backward loops over the k_h * k_w window offsets, each an output-sized slice of one stride phase
 of the input, so it never materialises the k_h * k_w-fold unfolded input that an unfold-based soft pool
@@ -15,18 +16,23 @@ needs; windows that tile the input (stride == kernel) take a direct path.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
-from torch.nn.modules.utils import _pair
 
 from .gates import Gate
 
 __all__ = [
-    "soft_relu", "soft_silu", "soft_gelu", "soft_max_pool2d", "pool_geometry", "soft_pool_backward",
     "frozen_batch_norm",
+    "pool_geometry",
+    "soft_gelu",
+    "soft_max_pool2d",
+    "soft_pool_backward",
+    "soft_relu",
+    "soft_silu",
 ]
 
 
@@ -138,6 +144,11 @@ def soft_gelu(z: Tensor, gate: Gate, approximate: str = "none", channel_dim: int
     return _soft_smooth(z, gate, channel_dim, approximate)
 
 
+def _pair(v) -> tuple:
+    """An int or a pair -> a 2-tuple (as torch's pooling modules read their size arguments)."""
+    return tuple(v) if isinstance(v, Iterable) else (v, v)
+
+
 def pool_geometry(kernel_size, stride, padding, dilation):
     """Normalise max-pool arguments to 2-tuples (stride defaults to kernel_size, as in F.max_pool2d)."""
     k = _pair(kernel_size)
@@ -170,29 +181,39 @@ def soft_pool_backward(x: Tensor, out: Tensor, grad: Tensor, gate: Gate, k, s, p
     x: (N, C, H, W) pool input; out: (N, C, Ho, Wo) its exact max pool (the per-window shift m that keeps
     the exponentials finite); grad: (N, C, Ho, Wo). Returns (N, C, H, W).
     With r_j = (x_j - m) / T, e_j = exp(r_j), Z = sum e_j: w_j = e_j / Z and
-    ds/dx_j = w_j (1 + (x_j - s) / T) = w_j (r_j + a) with a = 1 - sum_j(e_j r_j) / Z.
+    ds/dx_j = w_j (r_j + a) with a = 1 - sum_j(e_j r_j) / Z. With ``gate.padding == "zero"`` the explicit
+    padding enters the sums as x_j = 0 (and m is the window max including those zeros).
     """
-    n, c, h, w = x.shape
+    h, w = x.shape[-2:]
     ho, wo = out.shape[-2:]
     extra_h = max(0, (ho - 1) * s[0] + (k[0] - 1) * d[0] + 1 - h - p[0])  # ceil_mode windows past the edge
     extra_w = max(0, (wo - 1) * s[1] + (k[1] - 1) * d[1] + 1 - w - p[1])
     padded = any(p) or extra_h or extra_w
+    zeros = gate.padding == "zero" and any(p)
     uniform = gate.is_none
     t = 1.0 if uniform else gate.temperature_like(x)
     if padded:
-        # Positions outside the input get a value whose weight exp((fill - m) / T) is exactly 0.
+        # Excluded positions get a value whose weight exp((fill - m) / T) is exactly 0.
         t_max = float(t.max()) if isinstance(t, Tensor) else t
-        fill = float(x.detach().amin()) - 1000.0 * t_max if x.numel() else 0.0
-        xp = F.pad(x, (p[1], extra_w, p[0], extra_h), value=fill)
+        low = min(float(x.detach().amin()), 0.0) if zeros else float(x.detach().amin())
+        fill = low - 1000.0 * t_max if x.numel() else 0.0
+        if zeros:  # the explicit padding as zeros, only ceil-mode overhang past it excluded
+            zh, zw = min(extra_h, p[0]), min(extra_w, p[1])
+            xp = F.pad(F.pad(x, (p[1], zw, p[0], zh), value=0.0), (0, extra_w - zw, 0, extra_h - zh), value=fill)
+            out = F.max_pool2d(xp, k, s, 0, d)[:, :, :ho, :wo]
+        else:
+            xp = F.pad(x, (p[1], extra_w, p[0], extra_h), value=fill)
     else:
         xp = x
-    if not padded and not uniform and s == k and d == (1, 1):
+    if not padded and not uniform and s == k and d == (1, 1):  # no padding: the same path for either mode
         return _tiled_pool_backward(x, out, grad, gate.detach, t, k)
     phases, offsets = _phases(xp, k, s, d, (ho, wo))
     grads = {key: torch.zeros_like(ph) for key, ph in phases.items()}
     if uniform:
         valid = torch.ones((1, 1, h, w), dtype=x.dtype, device=x.device)
-        if padded:
+        if zeros:  # padded zeros count in the mean
+            valid = F.pad(F.pad(valid, (p[1], zw, p[0], zh), value=1.0), (0, extra_w - zw, 0, extra_h - zh))
+        elif padded:
             valid = F.pad(valid, (p[1], extra_w, p[0], extra_h))
         vphases, _ = _phases(valid, k, s, d, (ho, wo))
         count = sum(vphases[key][:, :, a, b] for key, a, b in offsets)
@@ -303,7 +324,7 @@ def soft_max_pool2d(
     if gate.is_hard:
         return F.max_pool2d(x, k, s, p, d, ceil_mode=ceil_mode, return_indices=return_indices)
     if not gate.is_none and not isinstance(gate.temperature, Tensor) and math.isinf(gate.temperature):
-        gate = Gate("none", math.inf)
+        gate = Gate("none", math.inf, padding=gate.padding)
     return _SoftMaxPool2d.apply(x, gate, k, s, p, d, bool(ceil_mode), bool(return_indices))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cache, lru_cache
 
 from torchvision.models import ResNet50_Weights
 
@@ -54,7 +54,7 @@ def normalise_name(name: str) -> str:
     return re.sub(r"[\s_\-]+", " ", str(name)).strip().lower()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _by_name(space: str) -> dict[str, int]:
     table: dict[str, int] = {}
     for i, n in enumerate(class_names(space)):

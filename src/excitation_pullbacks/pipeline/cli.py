@@ -21,7 +21,7 @@ from .config import CONFIG_DIR
 from .errors import PipelineError
 from .run import report, run
 
-__all__ = ["CONFIG_DIR", "EXPECTED", "main", "check_overrides"]
+__all__ = ["CONFIG_DIR", "EXPECTED", "check_overrides", "main"]
 
 EXPECTED = (PipelineError, WeightsUnavailableError, ValueError, OSError, KeyError, OmegaConfBaseException)
 
@@ -48,7 +48,7 @@ def _one_line(message: str) -> str:
     """Hydra's multi-line composition errors as one line (options listed inline, search path dropped)."""
     lines, options = [], []
     for line in message.splitlines():
-        if line.startswith("Config search path") or line.startswith("See https://hydra.cc"):
+        if line.startswith(("Config search path", "See https://hydra.cc")):
             break
         if line.startswith("\t"):
             options.append(line.strip())

@@ -15,8 +15,19 @@ from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
-__all__ = ["CONFIG_DIR", "GateKind", "GateShape", "Compat", "GateConfig", "AscentConfig", "BaselinesConfig",
-           "TrainerConfig", "LoggerConfig", "LoggerMode", "register_schemas"]
+__all__ = [
+    "CONFIG_DIR",
+    "AscentConfig",
+    "BaselinesConfig",
+    "Compat",
+    "GateConfig",
+    "GateKind",
+    "GateShape",
+    "LoggerConfig",
+    "LoggerMode",
+    "TrainerConfig",
+    "register_schemas",
+]
 
 #: The packaged config directory (``conf/`` inside the installed package).
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -67,14 +78,16 @@ class GateConfig:
     by_depth: the ReLU calls split into len(depth_temperatures) equal groups by depth, group g at
         depth_temperatures[g]; max-pool (and SiLU/GELU) sites follow each row's T.
     pool_temperature: max-pool softmax temperature (null: follow the ReLU gate); pool_detach: detach the
-        softmax weights (the author's later code) instead of the paper's full gradient.
+        softmax weights instead of the paper's full gradient (null: no, except with compat=author, whose code
+        detaches them).
+    compat: ``author`` reproduces the published reference code bit for bit (see ``make_schedule``).
     """
 
     kind: GateKind = GateKind.uniform
     shape: GateShape = GateShape.sigmoid
     temperature: float = 0.3
     pool_temperature: Optional[float] = None
-    pool_detach: bool = False
+    pool_detach: Optional[bool] = None
     compat: Compat = Compat.default
     calibration: Optional[str] = None
     calibration_scale: float = 0.3

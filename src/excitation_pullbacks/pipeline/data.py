@@ -18,12 +18,12 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from torchvision.datasets import Imagenette
 
-from excitation_pullbacks.digits import digits_images
+from excitation_pullbacks.models import digits_images
 
 from .classes import IMAGENETTE, class_names, normalise_name, resolve_class
 from .errors import PipelineError
 
-__all__ = ["build_dataset", "build_transform", "DigitsDataset", "FolderDataset", "SyntheticDataset", "select_images"]
+__all__ = ["DigitsDataset", "FolderDataset", "SyntheticDataset", "build_dataset", "build_transform", "select_images"]
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 #: The class space whose labels a data kind yields; kinds not named here label in the model's space.

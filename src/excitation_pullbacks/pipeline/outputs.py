@@ -18,8 +18,18 @@ from omegaconf import DictConfig
 
 from .errors import PipelineError
 
-__all__ = ["RESULTS", "STAGING", "output_dir", "is_launcher", "run_name", "prepare_staging", "discard_staging",
-           "publish_staging", "write_timing", "wandb_dir"]
+__all__ = [
+    "RESULTS",
+    "STAGING",
+    "discard_staging",
+    "is_launcher",
+    "output_dir",
+    "prepare_staging",
+    "publish_staging",
+    "run_name",
+    "wandb_dir",
+    "write_timing",
+]
 
 RESULTS = "results"
 STAGING = ".results.partial"

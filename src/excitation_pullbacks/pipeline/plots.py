@@ -15,8 +15,18 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from torchvision.utils import make_grid
 
-__all__ = ["labelled_grid", "stack_panels", "fig1", "fig2", "fig_ascent", "fig_sweep", "fig_baselines", "methods_grid",
-           "metric_curves", "randomization_curves"]
+__all__ = [
+    "fig1",
+    "fig2",
+    "fig_ascent",
+    "fig_baselines",
+    "fig_sweep",
+    "labelled_grid",
+    "methods_grid",
+    "metric_curves",
+    "randomization_curves",
+    "stack_panels",
+]
 
 PAD = 2
 

@@ -20,13 +20,23 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from .errors import PipelineError
 from .loggers import log_results
-from .outputs import (RESULTS, STAGING, discard_staging, is_launcher, output_dir, prepare_staging, publish_staging, run_name,
-                      wandb_dir, write_timing)
+from .outputs import (
+    RESULTS,
+    STAGING,
+    discard_staging,
+    is_launcher,
+    output_dir,
+    prepare_staging,
+    publish_staging,
+    run_name,
+    wandb_dir,
+    write_timing,
+)
 from .tasks import TASKS
 from .tasks.base import Plan, RunContext, Task
 from .writer import ResultWriter
 
-__all__ = ["run", "report", "resolve"]
+__all__ = ["report", "resolve", "run"]
 
 
 def resolve(cfg: DictConfig) -> dict:

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-from torch import Tensor
+from torch import Tensor, nn
 
 from excitation_pullbacks import calibrate, excitation
 from excitation_pullbacks.gates import ByDepth, Gate, PerChannel, Schedule, make_schedule
@@ -22,7 +21,7 @@ from excitation_pullbacks.gates import ByDepth, Gate, PerChannel, Schedule, make
 from .config import GateKind
 from .errors import PipelineError
 
-__all__ = ["GateSetting", "VANILLA", "gate_settings", "main_setting", "check_temperatures", "check_main_temperature"]
+__all__ = ["VANILLA", "GateSetting", "check_main_temperature", "check_temperatures", "gate_settings", "main_setting"]
 
 
 @dataclass(frozen=True)
@@ -50,9 +49,8 @@ def check_temperatures(temperatures: Sequence) -> list[float]:
 
 
 def _uniform(gate, temperature: float) -> Schedule:
-    compat = {} if gate.compat.value == "default" else {"compat": gate.compat.value}
     return make_schedule(temperature=temperature, gate=gate.shape.value, pool_temperature=gate.pool_temperature,
-                         pool_detach=bool(gate.pool_detach), **compat)
+                         pool_detach=gate.pool_detach, compat=gate.compat.value)
 
 
 def _by_depth(gate, temperature: float, relu_calls: int) -> Schedule:

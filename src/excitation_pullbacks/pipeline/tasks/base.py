@@ -16,7 +16,7 @@ import lightning as L
 from omegaconf import DictConfig
 from torch import Tensor
 
-__all__ = ["RunContext", "Plan", "Outputs", "Task"]
+__all__ = ["Outputs", "Plan", "RunContext", "Task"]
 
 
 @dataclass

@@ -26,8 +26,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn as nn
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from excitation_pullbacks import ascent, build_model
@@ -42,8 +41,15 @@ from ..schedules import GateSetting, check_main_temperature, check_temperatures,
 from .base import Outputs, Plan, RunContext, Task
 from .figures import baseline_options
 
-__all__ = ["MethodSetting", "EvaluateModule", "EvaluateTask", "METRICS", "method_settings", "evaluation_images",
-           "transfer_models"]
+__all__ = [
+    "METRICS",
+    "EvaluateModule",
+    "EvaluateTask",
+    "MethodSetting",
+    "evaluation_images",
+    "method_settings",
+    "transfer_models",
+]
 
 log = logging.getLogger(__name__)
 

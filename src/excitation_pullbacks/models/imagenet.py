@@ -1,5 +1,5 @@
-"""Models: the [-1, 1] input wrapper and loading torchvision classifiers (weights enums, local checkpoints),
-and the small digits CNN that ships with the package (``digits_cnn``)."""
+"""ImageNet classifiers: the [-1, 1] input wrapper and loading torchvision models (weights enums, local
+checkpoints)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageNetInput", "build_model", "WeightsUnavailableError"]
+from .checkpoint import load_checkpoint
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageNetInput", "WeightsUnavailableError", "torchvision_model"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -37,44 +38,28 @@ class ImageNetInput(nn.Module):
         return self.backbone(((x + 1) / 2 - self.mean) / self.std)
 
 
-#: The model name of :class:`~excitation_pullbacks.digits.DigitsCNN`; its weights names (the committed checkpoint).
-DIGITS_CNN = "digits_cnn"
-DIGITS_WEIGHTS = ("DEFAULT", "digits")
-
-
-class _DefaultWeights(str):
-    """``build_model``'s default weights: the string IMAGENET1K_V1 (the paper's) for torchvision models; told
-    apart by identity so that ``digits_cnn`` can take its own trained weights when none are named."""
-
-
-_DEFAULT_WEIGHTS = _DefaultWeights("IMAGENET1K_V1")
-
-
-def build_model(
+def torchvision_model(
     name: str,
-    weights: str | None = _DEFAULT_WEIGHTS,
+    weights: str | None = "IMAGENET1K_V1",
     *,
     checkpoint: str | os.PathLike | None = None,
     wrap: bool = True,
 ) -> nn.Module:
-    """A torchvision classifier in eval mode, wrapped in :class:`ImageNetInput` unless ``wrap=False``; or the
-    digits CNN.
+    """A torchvision classifier in eval mode, wrapped in :class:`ImageNetInput` unless ``wrap=False``.
 
-    name: any torchvision classification model name (resnet50, vgg11_bn, densenet121, ...), or ``digits_cnn``
-    (:class:`~excitation_pullbacks.digits.DigitsCNN`, 10 classes; it takes [-1, 1] images itself and is never
-    wrapped).
+    name: any torchvision classification model name (resnet50, vgg11_bn, densenet121, ...).
     weights: a weights enum member name (IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT) or None for random weights.
-    For digits_cnn: omitted, DEFAULT or digits -> the committed checkpoint; None -> random init.
-    checkpoint: a local state-dict file loaded into the (randomly initialised) backbone instead.
+    checkpoint: a local state-dict file loaded into the (randomly initialised) backbone instead
+        (:func:`~excitation_pullbacks.models.checkpoint.load_checkpoint`).
     """
-    if name == DIGITS_CNN:
-        return _digits_cnn(weights, checkpoint)
+    # torchvision is imported here, not at the top: it takes seconds to import and the core (pullbacks of
+    # any nn.Module) does not need it
     import torchvision.models as tvm
 
     available = tvm.list_models(module=tvm)
     if name not in available:
         raise ValueError(f"unknown model {name!r}; torchvision classifiers include: resnet50, vgg11_bn, "
-                         f"densenet121, ...; or {DIGITS_CNN}")
+                         f"densenet121, ...")
     if checkpoint is not None:
         weights = None
     if weights is not None:
@@ -94,24 +79,6 @@ def build_model(
             f"in {cache.parent} (from {weights.url}), pass a local checkpoint, or use random weights (weights=null)"
         ) from None
     if checkpoint is not None:
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-        backbone.load_state_dict(state)
+        load_checkpoint(backbone, checkpoint)
     model = ImageNetInput(backbone) if wrap else backbone
     return model.eval()
-
-
-def _digits_cnn(weights: str | None, checkpoint: str | os.PathLike | None) -> nn.Module:
-    from .digits import DigitsCNN, load_digits_cnn
-
-    if checkpoint is not None:
-        return load_digits_cnn(checkpoint)
-    if weights is None:
-        return DigitsCNN().eval()
-    if weights is _DEFAULT_WEIGHTS or weights in DIGITS_WEIGHTS:
-        return load_digits_cnn()
-    raise ValueError(f"model {DIGITS_CNN} has no weights {weights!r}; choose one of {', '.join(DIGITS_WEIGHTS)}, or null")

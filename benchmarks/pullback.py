@@ -11,7 +11,7 @@ and the N x K grid: one pullback call with (N, K) targets vs N*K independent (im
 one batch. Times are medians over repeats, methods interleaved; peak memory is the growth of the
 process's peak RSS after a reset (CPU, Linux) or torch.cuda.max_memory_allocated (GPU), each method in a fresh subprocess.
 
-Run: ``python scripts/benchmark.py`` (or ``pullbacks-benchmark``); ``--help`` for options.
+Run: ``.venv/bin/python benchmarks/pullback.py``; ``--help`` for options.
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ import sys
 import time
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+import torchvision.models as tvm
+from torch import nn
 
-from .models import ImageNetInput
-from .pullback import pullback
+from excitation_pullbacks import ImageNetInput, pullback
 
 METHODS = ("vanilla", "vanilla-frozen", "pullback", "listing")
 
@@ -104,8 +104,6 @@ def make_call(method: str, model: nn.Module, listing: nn.Module | None):
 
 
 def build(arch: str, device: str) -> nn.Module:
-    import torchvision.models as tvm
-
     torch.manual_seed(0)
     return ImageNetInput(tvm.get_model(arch, weights=None)).eval().to(device)
 
@@ -182,7 +180,7 @@ def peak_memory(arch, method, device, batch, size) -> int:
 
 
 def _memory_in_child(arch, method, device, batch, size) -> int:
-    cmd = [sys.executable, "-m", "excitation_pullbacks.benchmark", "--memory-child", arch, method,
+    cmd = [sys.executable, __file__, "--memory-child", arch, method,
            "--device", device, "--batch", str(batch), "--size", str(size)]
     res = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return int(res.stdout.strip().splitlines()[-1])

@@ -6,9 +6,9 @@ PixelFlipping started from the baseline with a perturbation that copies the orig
 advances all N images one step per forward pass (steps passes of N images); ours scores the N * (steps + 1)
 perturbed images ``--batch-size`` at a time. Runs are interleaved; medians of ``--repeats`` are reported.
 
-    .venv/bin/python scripts/benchmark_metrics.py                       # resnet18, 48 x 48, N = 8, CPU
-    .venv/bin/python scripts/benchmark_metrics.py --model small --size 32
-    .venv/bin/python scripts/benchmark_metrics.py --device cuda
+    .venv/bin/python benchmarks/metrics.py                       # resnet18, 48 x 48, N = 8, CPU
+    .venv/bin/python benchmarks/metrics.py --model small --size 32
+    .venv/bin/python benchmarks/metrics.py --device cuda
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import warnings
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 
 from excitation_pullbacks import metrics as M
 
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
         out[rows, indices] = source[rows, indices]
         return out
 
-    common = dict(features_in_step=fis, abs=False, normalise=False, disable_warnings=True)
+    common = {"features_in_step": fis, "abs": False, "normalise": False, "disable_warnings": True}
     q_del = quantus.PixelFlipping(perturb_baseline=0.0, **common)
     q_ins = quantus.PixelFlipping(perturb_func=reveal, perturb_func_kwargs={"source": source}, **common)
     xs, ms, ts, bs = x.cpu().numpy(), maps.cpu().numpy(), t.cpu().numpy(), base.cpu().numpy()
@@ -90,8 +90,8 @@ def main(argv=None) -> int:
         i = q_ins(model=model, x_batch=bs, y_batch=ts, a_batch=ms, device=dev, softmax=True, batch_size=64)
         return np.asarray(d), np.asarray(i)
 
-    opts = dict(steps=a.steps, include_start=False, auc_spacing="step", batch_size=a.batch_size,
-                return_curves=True)
+    opts = {"steps": a.steps, "include_start": False, "auc_spacing": "step", "batch_size": a.batch_size,
+            "return_curves": True}
 
     def ours_run():
         _, d = M.deletion(model, x, maps, t, baseline=0.0, **opts)

@@ -1,0 +1,63 @@
+"""``build_model(name)``: a classifier by name, torchvision's or the digits CNN that ships with the package."""
+
+from __future__ import annotations
+
+import os
+
+from torch import nn
+
+from .digits import DigitsCNN, load_digits_cnn
+from .imagenet import torchvision_model
+
+__all__ = ["DIGITS_CNN", "DIGITS_WEIGHTS", "build_model"]
+
+#: The model name of :class:`~excitation_pullbacks.models.digits.DigitsCNN`; its weights names (the committed
+#: checkpoint).
+DIGITS_CNN = "digits_cnn"
+DIGITS_WEIGHTS = ("DEFAULT", "digits")
+
+
+class _DefaultWeights(str):
+    """``build_model``'s default weights: the string IMAGENET1K_V1 (the paper's) for torchvision models; told
+    apart by identity so that ``digits_cnn`` can take its own trained weights when none are named."""
+
+
+_DEFAULT_WEIGHTS = _DefaultWeights("IMAGENET1K_V1")
+
+
+def build_model(
+    name: str,
+    weights: str | None = _DEFAULT_WEIGHTS,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    wrap: bool = True,
+) -> nn.Module:
+    """A torchvision classifier in eval mode, wrapped in :class:`~excitation_pullbacks.models.ImageNetInput`
+    unless ``wrap=False``; or the digits CNN.
+
+    name: any torchvision classification model name (resnet50, vgg11_bn, densenet121, ...), or ``digits_cnn``
+    (:class:`~excitation_pullbacks.models.digits.DigitsCNN`, 10 classes; it takes [-1, 1] images itself and is
+    never wrapped).
+    weights: a weights enum member name (IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT) or None for random weights.
+    For digits_cnn: omitted, DEFAULT or digits -> the committed checkpoint; None -> random init.
+    checkpoint: a local state-dict file loaded into the (randomly initialised) model instead.
+    """
+    if name == DIGITS_CNN:
+        return _digits_cnn(weights, checkpoint)
+    try:
+        return torchvision_model(name, weights, checkpoint=checkpoint, wrap=wrap)
+    except ValueError as err:
+        if str(err).startswith("unknown model"):
+            raise ValueError(f"{err}; or {DIGITS_CNN}") from None
+        raise
+
+
+def _digits_cnn(weights: str | None, checkpoint: str | os.PathLike | None) -> nn.Module:
+    if checkpoint is not None:
+        return load_digits_cnn(checkpoint)
+    if weights is None:
+        return DigitsCNN().eval()
+    if weights is _DEFAULT_WEIGHTS or weights in DIGITS_WEIGHTS:
+        return load_digits_cnn()
+    raise ValueError(f"model {DIGITS_CNN} has no weights {weights!r}; choose one of {', '.join(DIGITS_WEIGHTS)}, "
+                     "or null")
