@@ -53,7 +53,7 @@ def open_image(source: str | os.PathLike | Image.Image) -> Image.Image:
                                      f"{MAX_PIXELS // 1_000_000} megapixels)")
                 im.seek(0)  # first frame of a GIF / multi-page TIFF
                 im.load()
-                return to_rgb(ImageOps.exif_transpose(im) if im.mode not in ("I;16", "I;16B", "I;16L", "F", "I") else im)
+                return to_rgb(ImageOps.exif_transpose(im))
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -67,7 +67,7 @@ def open_image(source: str | os.PathLike | Image.Image) -> Image.Image:
 def _scale_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
     """Integer or float pixel values -> uint8 by the range the mode stands for.
 
-    I;16*: 0..65535. I (32-bit int): 0..255 or 0..65535 when the values fit, else min..max.
+    I;16*: 0..65535 (the declared depth). I (32-bit int, depth unknown): 0..255 when the values fit, else min..max.
     F (float): 0..1 or 0..255 when the values fit, else min..max.
     """
     a = a.astype(np.float64)
@@ -80,8 +80,6 @@ def _scale_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
         pass
     elif lo >= 0 and hi <= 255:
         a = a / 255.0
-    elif mode == "I" and lo >= 0 and hi <= 65535:
-        a = a / 65535.0
     else:
         a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
     return np.clip(np.round(a * 255.0), 0, 255).astype(np.uint8)

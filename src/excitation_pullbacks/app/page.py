@@ -26,7 +26,7 @@ from .models import MODEL_OPTIONS, LoadedModel, ModelError, ModelSpec, load_mode
 from .panels import (AscentSettings, Cancelled, Exploration, GateSettings, explore, render_image, render_map,
                      render_strip, step_views)
 
-__all__ = ["build_demo", "ImageFile", "parse_temperatures", "parse_position", "class_choices", "GATE_SHAPES"]
+__all__ = ["build_demo", "ImageFile", "parse_temperatures", "parse_position", "parse_pool_temperature", "class_choices", "GATE_SHAPES"]
 
 GATE_SHAPES = ("sigmoid", "normal_cdf", "normal_cdf_tanh", "softsign", "hard", "none")
 DEFAULT_TEMPERATURES = "0, 0.1, 0.3, 1, 3"
@@ -37,6 +37,9 @@ class ImageFile(gr.Image):
     """An image upload/paste/example widget that hands the raw file path to the function unopened, so that
     :func:`~excitation_pullbacks.app.images.open_image` checks it (non-images, bombs, odd modes) and the page
     shows a clear message instead of a decoding error inside Gradio."""
+
+    def get_block_name(self) -> str:
+        return "image"  # the front end of gr.Image
 
     def preprocess(self, payload):
         if payload is None:
@@ -55,6 +58,19 @@ def parse_temperatures(text: str) -> list[float]:
     if not 1 <= len(values) <= 8 or not all(math.isfinite(v) and v >= 0 for v in values):
         raise ValueError(f"give 1 to 8 temperatures >= 0 (0: vanilla gradient), got {text!r}")
     return values
+
+
+def parse_pool_temperature(text) -> float | None:
+    """``""``/None -> None (the ReLU temperature); a number >= 0 -> float; else ValueError."""
+    if text is None or not str(text).strip() or str(text).strip().lower() in ("null", "none"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"max-pool T must be a number >= 0 or blank, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"max-pool T must be a number >= 0 or blank, got {text!r}")
+    return value
 
 
 def parse_position(text: str | None) -> tuple[int, int] | None:
@@ -181,8 +197,8 @@ def build_demo(initial: ModelSpec = MODEL_OPTIONS[0], *, device: str = "auto", i
                 target = Neuron(str(layer), int(channel or 0), parse_position(position))
             else:
                 target = _class_index(choice, loaded)
-            gate = GateSettings(str(shape), float(temperature),
-                                None if pool_temperature in (None, "") else float(pool_temperature), bool(pool_detach))
+            gate = GateSettings(str(shape), float(temperature), parse_pool_temperature(pool_temperature),
+                                bool(pool_detach))
             settings = AscentSettings(int(steps), float(step_size), float(eps))
             temps = parse_temperatures(temperatures)
             total = 3 + (0 if isinstance(target, Neuron) else 2 * settings.steps)  # explore's ticks
@@ -285,24 +301,24 @@ def build_demo(initial: ModelSpec = MODEL_OPTIONS[0], *, device: str = "auto", i
                 choices0 = class_choices(loaded0)
                 target_class = gr.Dropdown(choices0, value=choices0[0], label="Class (type to filter)",
                                            filterable=True, elem_id="target-class")
-                with gr.Row():
+                with gr.Row(equal_height=True):
                     layer = gr.Dropdown(list(loaded0.layers), value=loaded0.layers[0] if loaded0.layers else None,
                                         label="Layer (gated site)")
                     channel = gr.Number(0, precision=0, minimum=0, label="Channel")
                     position = gr.Textbox("", label="Position h, w (blank: sum)")
+                with gr.Row():
+                    run_btn = gr.Button("Run", variant="primary", elem_id="run")
+                    stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
                 with gr.Accordion("Gate", open=True):
                     shape = gr.Dropdown(list(GATE_SHAPES), value="sigmoid", label="Gate shape")
                     temperature = gr.Slider(0.0, 3.0, value=0.3, step=0.01, label="Temperature T", elem_id="temperature")
-                    pool_temperature = gr.Number(None, label="Max-pool T (blank: same as T)")
+                    pool_temperature = gr.Textbox("", label="Max-pool T (blank: same as T)")
                     pool_detach = gr.Checkbox(False, label="Detach max-pool softmax weights")
                 with gr.Accordion("Ascent", open=False):
                     steps = gr.Slider(0, 30, value=10, step=1, label="Steps")
                     step_size = gr.Number(step0, label="Step size (L2)")
                     eps = gr.Number(eps0, label="Radius eps (L2)")
                 temperatures = gr.Textbox(DEFAULT_TEMPERATURES, label="Temperature strip (T values; 0 = vanilla)")
-                with gr.Row():
-                    run_btn = gr.Button("Run", variant="primary", elem_id="run")
-                    stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
             with gr.Column(scale=2):
                 with gr.Row():
                     shown = gr.Image(label="Input (preprocessed)", elem_id="out-input", format="png")
@@ -312,17 +328,19 @@ def build_demo(initial: ModelSpec = MODEL_OPTIONS[0], *, device: str = "auto", i
                     before = gr.Label(num_top_classes=5, label="Top-5 before ascent")
                     after_ex = gr.Label(num_top_classes=5, label="After excitation ascent")
                     after_va = gr.Label(num_top_classes=5, label="After vanilla ascent")
-                strip = gr.Image(label="Pullback at several temperatures", elem_id="out-strip", format="png")
+                gr.Markdown("**Excitation pullback at several temperatures**")
+                strip = gr.Image(show_label=False, elem_id="out-strip", format="png")
                 step = gr.Slider(0, 10, value=0, step=1, label="Ascent step", interactive=False, elem_id="step")
                 with gr.Row():
                     ex_img = gr.Image(label="Excitation ascent", format="png", elem_id="out-ex-step")
                     ex_diff = gr.Image(label="Difference (excitation)", format="png")
                     va_img = gr.Image(label="Vanilla ascent", format="png")
                     va_diff = gr.Image(label="Difference (vanilla)", format="png")
-                report = gr.Code(label="Gated call sites", language=None, lines=6)
-                command = gr.Code(label="Reproduce with the pipeline", language="shell", lines=3)
+                report = gr.Code(label="Gated call sites", language=None, lines=4, max_lines=12)
+                command = gr.Code(label="Reproduce with the pipeline", language="shell", lines=2, max_lines=6,
+                                  elem_id="command")
                 export_btn = gr.Button("Export panels, tensors and command")
-                files = gr.File(label="Exported files", file_count="multiple")
+                files = gr.File(label="Exported files", file_count="multiple", height=120)
 
         model_key.change(on_model, [model_key, checkpoint], [status, target_class, layer, step_size, eps],
                          api_name="load_model")

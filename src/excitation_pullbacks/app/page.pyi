@@ -39,6 +39,9 @@ class ImageFile(gr.Image):
     :func:`~excitation_pullbacks.app.images.open_image` checks it (non-images, bombs, odd modes) and the page
     shows a clear message instead of a decoding error inside Gradio."""
 
+    def get_block_name(self) -> str:
+        return "image"  # the front end of gr.Image
+
     def preprocess(self, payload):
         if payload is None:
             return None
