@@ -180,3 +180,21 @@ def test_command_line_names_every_setting():
                  "gate.temperature=0.6", "gate.pool_temperature=null", "gate.pool_detach=true", "ascent.steps=5",
                  "ascent.step_size=20", "ascent.eps=100", "targets=custom", "'targets.rows=[0]'", "'targets.extra=[482]'"):
         assert part in line, part
+
+
+def test_core_imports_without_the_app():
+    import subprocess
+    import sys
+
+    code = "import sys, excitation_pullbacks; print('gradio' in sys.modules, 'excitation_pullbacks.app' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]
+
+
+def test_cli_reports_a_bad_model_in_one_line(tmp_path, capsys):
+    from excitation_pullbacks.app.cli import main, parse_args
+
+    args = parse_args(["--model", "resnet50", "--weights", "null", "--port", "7999"])
+    assert (args.model, args.weights, args.port, args.device) == ("resnet50", "null", 7999, "auto")
+    with pytest.raises(SystemExit, match="error: checkpoint .*missing.pt does not exist"):
+        main(["--checkpoint", str(tmp_path / "missing.pt")])
