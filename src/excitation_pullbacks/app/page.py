@@ -151,6 +151,7 @@ def build_demo(initial: ModelSpec = MODEL_OPTIONS[0], *, device: str = "auto", i
     work.mkdir(parents=True, exist_ok=True)
     gallery = [str(p) for p in list_images(images)]
     stops = _Stops()
+    compute = threading.Lock()  # one computation at a time: the excitation context hooks the shared model
     step0, eps0 = _ascent_defaults(loaded0)
 
     def get_model(key: str, checkpoint: str | None) -> LoadedModel:
@@ -210,7 +211,8 @@ def build_demo(initial: ModelSpec = MODEL_OPTIONS[0], *, device: str = "auto", i
                 progress(min(done[0] / total, 1.0), desc=f"{what} ({done[0] + 1}/{total})")
                 done[0] += 1
 
-            result = explore(loaded.model, x, target, loaded.classes, gate, settings, temps, tick)
+            with compute:
+                result = explore(loaded.model, x, target, loaded.classes, gate, settings, temps, tick)
         except Cancelled:
             raise gr.Error("stopped", print_exception=False) from None
         except (ImageError, ModelError, ValueError) as err:
