@@ -1,0 +1,59 @@
+"""Latency of the explorer's requests on this machine: median of 5 runs of the functions the page calls.
+
+Run: .venv/bin/python benchmarks/app_latency.py [--device cpu] [--repeats 5]
+Rows: a digits CNN pullback (both panels: vanilla + excitation), a ResNet50 (random weights, 224 px) pullback
+(both panels), a 10-step ResNet50 ascent (excitation and vanilla trajectories, 20 steps in all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import time
+
+import torch
+from PIL import Image
+
+from excitation_pullbacks.app.images import digits_folder, list_images, open_image, preprocess
+from excitation_pullbacks.app.models import ModelSpec, load_model
+from excitation_pullbacks.app.panels import AscentSettings, GateSettings, gradients, trajectories
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args()
+    gate = GateSettings()
+    digits = load_model(ModelSpec("digits_cnn", "DEFAULT"), args.device)
+    xd = preprocess(open_image(list_images(digits_folder())[3]), 32, 32).to(digits.device)
+    resnet = load_model(ModelSpec("resnet50", None), args.device)
+    photo = Image.effect_mandelbrot((320, 240), (-2.0, -1.2, 1.0, 1.2), 100).convert("RGB")
+    xr = preprocess(photo, 256, 224).to(resnet.device)
+    rows = [
+        ("digits_cnn pullback (vanilla + excitation, 32 px)", lambda: gradients(digits.model, xd, 3, gate)),
+        ("resnet50 pullback (vanilla + excitation, 224 px)", lambda: gradients(resnet.model, xr, 0, gate)),
+        ("resnet50 ascent, 10 steps (excitation + vanilla)",
+         lambda: trajectories(resnet.model, xr, 0, gate, AscentSettings(10, 20.0, 100.0))),
+    ]
+    print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"median of {args.repeats}")
+    print(f"load before: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
+    for name, fn in rows:
+        print(f"{name:55s} {median_seconds(fn, args.repeats):8.3f} s", flush=True)
+    print(f"load after:  {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
+
+
+if __name__ == "__main__":
+    main()

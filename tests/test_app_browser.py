@@ -1,0 +1,80 @@
+"""A real headless Chromium (Playwright) drives the served explorer: pick an image and a target, run,
+see the panels, change T, run again, see the pullback change; a screenshot is saved."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("gradio")
+playwright = pytest.importorskip("playwright.sync_api")
+pytestmark = [pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
+              pytest.mark.filterwarnings("ignore:The copy keyword is deprecated")]
+
+from excitation_pullbacks.app.images import digits_folder
+from excitation_pullbacks.app.models import ModelSpec
+from excitation_pullbacks.app.page import build_demo
+
+CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"),
+                             shutil.which("chromium-headless-shell"), "/usr/bin/chromium-headless-shell",
+                             "/usr/lib/chromium/chromium-headless-shell") if p and Path(p).is_file()), None)
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory):
+    folder = digits_folder(tmp_path_factory.mktemp("digits"), per_class=1)
+    demo = build_demo(ModelSpec("digits_cnn", "DEFAULT"), device="cpu", images=folder,
+                      work_dir=tmp_path_factory.mktemp("work"))
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, show_error=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+def image_src(page, elem_id: str) -> str:
+    return page.locator(f"#{elem_id} img").first.get_attribute("src")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on this machine (apt-get install chromium)")
+def test_page_runs_and_follows_temperature(url, tmp_path):
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            page.locator("#gallery .gallery-item").nth(5).click()  # 5_digit_5.png
+            page.wait_for_selector("#image img", timeout=30_000)
+            # the file name sets the target; then choose digit 6 through the filterable dropdown
+            page.locator("#target-class input").click()
+            page.locator("#target-class input").fill("digit 6")
+            page.get_by_role("option", name="digit 6 (6)").click()
+            page.click("#run")
+            page.wait_for_selector("#out-ex-step img", timeout=120_000)
+            for elem in ("out-input", "out-vanilla", "out-excitation", "out-strip"):
+                assert page.locator(f"#{elem} img").count() == 1, elem
+            assert "digit 6 (6)" in page.locator("#command").inner_text()
+            before = image_src(page, "out-excitation")
+            number = page.locator("#temperature input[type=number]")
+            number.fill("1.5")
+            number.press("Enter")
+            page.click("#run")
+            page.wait_for_function(
+                "src => { const i = document.querySelector('#out-excitation img'); return i && i.src !== src; }",
+                arg=before, timeout=120_000)
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(tmp_path / "explorer.png"), full_page=True)
+            assert image_src(page, "out-excitation") != before
+            assert (tmp_path / "explorer.png").stat().st_size > 10_000
+        finally:
+            browser.close()
