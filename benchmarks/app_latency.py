@@ -49,10 +49,10 @@ def main() -> None:
     ]
     print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"median of {args.repeats}")
-    print(f"load before: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
+    print(f"load before: {subprocess.run(['uptime'], capture_output=True, text=True, check=True).stdout.strip()}")
     for name, fn in rows:
         print(f"{name:55s} {median_seconds(fn, args.repeats):8.3f} s", flush=True)
-    print(f"load after:  {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
+    print(f"load after:  {subprocess.run(['uptime'], capture_output=True, text=True, check=True).stdout.strip()}")
 
 
 if __name__ == "__main__":

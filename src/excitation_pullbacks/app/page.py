@@ -168,7 +168,7 @@ def build_demo(initial: ModelSpec = MODEL_OPTIONS[0], *, device: str = "auto", i
         return load_model(spec, device)
 
     # -- events ---------------------------------------------------------------------------------------
-    def on_model(key, checkpoint, progress=gr.Progress()):
+    def on_model(key, checkpoint, progress=gr.Progress()):  # noqa: B008 - Gradio injects the tracker by this default
         progress(0, desc="loading model")
         try:
             loaded = get_model(key, checkpoint)
@@ -194,7 +194,7 @@ def build_demo(initial: ModelSpec = MODEL_OPTIONS[0], *, device: str = "auto", i
         return gr.update() if i is None else gr.update(value=class_choices(loaded)[i])
 
     def run(key, checkpoint, path, mode, choice, layer, channel, position, shape, temperature, pool_temperature,
-            pool_detach, steps, step_size, eps, temperatures, request: gr.Request, progress=gr.Progress()):
+            pool_detach, steps, step_size, eps, temperatures, request: gr.Request, progress=gr.Progress()):  # noqa: B008 - as above
         stop = stops.flag(_session(request))
         stop.clear()
         try:
@@ -236,8 +236,8 @@ def build_demo(initial: ModelSpec = MODEL_OPTIONS[0], *, device: str = "auto", i
         folder.mkdir(parents=True)
         image.save(folder / f"0_{row}.png")
         column = row if isinstance(target, Neuron) else target
-        lines = [f"# image class (row): {loaded.classes[row]} ({row}), from {where}; target column: "
-                 f"{loaded.classes[column]} ({column})"]
+        lines = [(f"# image class (row): {loaded.classes[row]} ({row}), from {where}; target column: "
+                  f"{loaded.classes[column]} ({column})")]
         if isinstance(target, Neuron):
             lines.append("# hidden-neuron targets are no pipeline option: this command targets the image's class")
         lines.append(command_line(loaded.spec, gate=gate, ascent=settings, data_root=str(folder), resize=loaded.resize,
