@@ -44,11 +44,14 @@ def main() -> None:
     rows = [
         ("digits_cnn pullback (vanilla + excitation, 32 px)", lambda: gradients(digits.model, xd, 3, gate)),
         ("resnet50 pullback (vanilla + excitation, 224 px)", lambda: gradients(resnet.model, xr, 0, gate)),
-        ("resnet50 ascent, 10 steps (excitation + vanilla)",
-         lambda: trajectories(resnet.model, xr, 0, gate, AscentSettings(10, 20.0, 100.0))),
+        (
+            "resnet50 ascent, 10 steps (excitation + vanilla)",
+            lambda: trajectories(resnet.model, xr, 0, gate, AscentSettings(10, 20.0, 100.0)),
+        ),
     ]
-    print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats}")
+    print(
+        f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}"
+    )
     print(f"load before: {subprocess.run(['uptime'], capture_output=True, text=True, check=True).stdout.strip()}")
     for name, fn in rows:
         print(f"{name:55s} {median_seconds(fn, args.repeats):8.3f} s", flush=True)

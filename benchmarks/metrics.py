@@ -32,8 +32,14 @@ def build(name: str, classes: int) -> nn.Module:
 
         return torchvision.models.resnet18(weights=None, num_classes=classes)
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
         nn.Linear(32, classes),
     )
 
@@ -90,8 +96,13 @@ def main(argv=None) -> int:
         i = q_ins(model=model, x_batch=bs, y_batch=ts, a_batch=ms, device=dev, softmax=True, batch_size=64)
         return np.asarray(d), np.asarray(i)
 
-    opts = {"steps": a.steps, "include_start": False, "auc_spacing": "step", "batch_size": a.batch_size,
-            "return_curves": True}
+    opts = {
+        "steps": a.steps,
+        "include_start": False,
+        "auc_spacing": "step",
+        "batch_size": a.batch_size,
+        "return_curves": True,
+    }
 
     def ours_run():
         _, d = M.deletion(model, x, maps, t, baseline=0.0, **opts)
@@ -121,19 +132,27 @@ def main(argv=None) -> int:
                 times[name].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in times.items()}
     low = {k: min(v) for k, v in times.items()}
-    print(f"model {a.model}, images {a.n} x 3 x {a.size} x {a.size}, steps {a.steps}, device {device}, "
-          f"threads {torch.get_num_threads()}, repeats {a.repeats}")
+    print(
+        f"model {a.model}, images {a.n} x 3 x {a.size} x {a.size}, steps {a.steps}, device {device}, "
+        f"threads {torch.get_num_threads()}, repeats {a.repeats}"
+    )
     if exact:
         print(f"deletion + insertion curves agree with Quantus: max |difference| {diff:.2e}")
     else:
-        print(f"steps {a.steps} split pixels' channels across Quantus steps: curves differ by up to {diff:.2e} "
-              f"(steps dividing H*W, and a multiple of 3, give the same curves)")
+        print(
+            f"steps {a.steps} split pixels' channels across Quantus steps: curves differ by up to {diff:.2e} "
+            f"(steps dividing H*W, and a multiple of 3, give the same curves)"
+        )
     print(f"(forward: the model alone on the {perturbed.shape[0]} images ours scores, {a.batch_size} per pass)")
     for k in ("ours", "quantus", "forward"):
-        print(f"  {k:8s} median {med[k] * 1e3:9.1f} ms  min {low[k] * 1e3:9.1f} ms  "
-              f"(runs: {', '.join(f'{s * 1e3:.1f}' for s in times[k])})")
-    print(f"speed ratio quantus / ours: {med['quantus'] / med['ours']:.1f}x (medians), "
-          f"{low['quantus'] / low['ours']:.1f}x (minima); ours / forward alone: {med['ours'] / med['forward']:.2f}")
+        print(
+            f"  {k:8s} median {med[k] * 1e3:9.1f} ms  min {low[k] * 1e3:9.1f} ms  "
+            f"(runs: {', '.join(f'{s * 1e3:.1f}' for s in times[k])})"
+        )
+    print(
+        f"speed ratio quantus / ours: {med['quantus'] / med['ours']:.1f}x (medians), "
+        f"{low['quantus'] / low['ours']:.1f}x (minima); ours / forward alone: {med['ours'] / med['forward']:.2f}"
+    )
     return 0
 
 

@@ -142,7 +142,10 @@ def time_grid(arch, device, n, k, size, repeats, warmup=1):
     pairs_t = grid_t.reshape(-1)
     out = {"grid": [], "pairs": []}
     for r in range(warmup + repeats):
-        for name, call in (("grid", lambda: pullback(model, x, grid_t)), ("pairs", lambda: pullback(model, pairs_x, pairs_t))):
+        for name, call in (
+            ("grid", lambda: pullback(model, x, grid_t)),
+            ("pairs", lambda: pullback(model, pairs_x, pairs_t)),
+        ):
             _sync(device)
             start = time.perf_counter()
             call()
@@ -180,8 +183,19 @@ def peak_memory(arch, method, device, batch, size) -> int:
 
 
 def _memory_in_child(arch, method, device, batch, size) -> int:
-    cmd = [sys.executable, __file__, "--memory-child", arch, method,
-           "--device", device, "--batch", str(batch), "--size", str(size)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--memory-child",
+        arch,
+        method,
+        "--device",
+        device,
+        "--batch",
+        str(batch),
+        "--size",
+        str(size),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return int(res.stdout.strip().splitlines()[-1])
 
@@ -203,28 +217,42 @@ def main(argv=None) -> int:
         return 0
 
     dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
-    print(f"# device {args.device} ({dev_name}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"batch {args.batch}, {args.size} px, median of {args.repeats}")
+    print(
+        f"# device {args.device} ({dev_name}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"batch {args.batch}, {args.size} px, median of {args.repeats}"
+    )
     results = {"device": args.device, "batch": args.batch, "size": args.size, "repeats": args.repeats, "archs": {}}
-    print("\n| model | vanilla s | vanilla-frozen s | pullback s | listing s | pullback/vanilla time | "
-          "listing/vanilla time | pullback/vanilla mem | listing/vanilla mem |")
+    print(
+        "\n| model | vanilla s | vanilla-frozen s | pullback s | listing s | pullback/vanilla time | "
+        "listing/vanilla time | pullback/vanilla mem | listing/vanilla mem |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for arch in args.archs:
         times = time_methods(arch, args.device, args.batch, args.size, args.repeats)
         med = {m: statistics.median(v) for m, v in times.items()}
-        mem = {} if args.no_memory else {
-            m: _memory_in_child(arch, m, args.device, args.batch, args.size) for m in METHODS
-        }
+        mem = (
+            {}
+            if args.no_memory
+            else {m: _memory_in_child(arch, m, args.device, args.batch, args.size) for m in METHODS}
+        )
         results["archs"][arch] = {"time_s": times, "median_s": med, "peak_bytes": mem}
-        mem_cols = (f"{mem['pullback'] / mem['vanilla']:.2f}x | {mem['listing'] / mem['vanilla']:.2f}x"
-                    if mem else "- | -")
-        print(f"| {arch} | {med['vanilla']:.3f} | {med['vanilla-frozen']:.3f} | {med['pullback']:.3f} | "
-              f"{med['listing']:.3f} | {med['pullback'] / med['vanilla']:.2f}x | "
-              f"{med['listing'] / med['vanilla']:.2f}x | {mem_cols} |", flush=True)
+        mem_cols = (
+            f"{mem['pullback'] / mem['vanilla']:.2f}x | {mem['listing'] / mem['vanilla']:.2f}x" if mem else "- | -"
+        )
+        print(
+            f"| {arch} | {med['vanilla']:.3f} | {med['vanilla-frozen']:.3f} | {med['pullback']:.3f} | "
+            f"{med['listing']:.3f} | {med['pullback'] / med['vanilla']:.2f}x | "
+            f"{med['listing'] / med['vanilla']:.2f}x | {mem_cols} |",
+            flush=True,
+        )
     if mem:
-        print("\npeak memory growth (MiB): " + "; ".join(
-            f"{a}: " + ", ".join(f"{m} {v['peak_bytes'][m] / 2**20:.0f}" for m in METHODS)
-            for a, v in results["archs"].items()))
+        print(
+            "\npeak memory growth (MiB): "
+            + "; ".join(
+                f"{a}: " + ", ".join(f"{m} {v['peak_bytes'][m] / 2**20:.0f}" for m in METHODS)
+                for a, v in results["archs"].items()
+            )
+        )
     if args.grid:
         n, k = (int(v) for v in args.grid.lower().split("x"))
         print(f"\n| model | grid {n}x{k} (one call) s | {n * k} pairs in one batch s | ratio |")

@@ -26,8 +26,10 @@ from excitation_pullbacks.models.digits import CHECKPOINT, DigitsCNN, digits_ima
 def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 512) -> float:
     """Top-1 accuracy of ``model`` (put in eval mode) on images (N, 3, H, W), labels (N,)."""
     model.eval()
-    correct = sum(int((model(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]).sum())
-                  for i in range(0, len(labels), batch_size))
+    correct = sum(
+        int((model(images[i : i + batch_size]).argmax(1) == labels[i : i + batch_size]).sum())
+        for i in range(0, len(labels), batch_size)
+    )
     return correct / len(labels)
 
 
@@ -56,13 +58,26 @@ def train_digits_cnn(
         x_train, y_train = x_train[:subset], y_train[:subset]
     history: list[dict] = []
     with torch.random.fork_rng(devices=[]):
-        model = train_loop(seed=seed, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test, epochs=epochs,
-                       batch_size=batch_size, lr=lr, weight_decay=weight_decay, shift=shift, history=history, log=log)
+        model = train_loop(
+            seed=seed,
+            x_train=x_train,
+            y_train=y_train,
+            x_test=x_test,
+            y_test=y_test,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            shift=shift,
+            history=history,
+            log=log,
+        )
     return model.eval(), history
 
 
-def train_loop(*, seed, x_train, y_train, x_test, y_test, epochs, batch_size, lr, weight_decay, shift, history,
-           log) -> DigitsCNN:
+def train_loop(
+    *, seed, x_train, y_train, x_test, y_test, epochs, batch_size, lr, weight_decay, shift, history, log
+) -> DigitsCNN:
     """The training loop of :func:`train_digits_cnn`; appends one dict per epoch to ``history``."""
     torch.manual_seed(seed)
     model = DigitsCNN()
@@ -81,12 +96,19 @@ def train_loop(*, seed, x_train, y_train, x_test, y_test, epochs, batch_size, lr
             opt.step()
             sched.step()
             total += loss.item() * len(idx)
-        row = {"epoch": epoch, "loss": total / len(y_train), "train_acc": accuracy(model, x_train, y_train),
-               "test_acc": accuracy(model, x_test, y_test), "seconds": time.perf_counter() - start}
+        row = {
+            "epoch": epoch,
+            "loss": total / len(y_train),
+            "train_acc": accuracy(model, x_train, y_train),
+            "test_acc": accuracy(model, x_test, y_test),
+            "seconds": time.perf_counter() - start,
+        }
         history.append(row)
         if log is not None:
-            log(f"epoch {epoch:2d}  loss {row['loss']:.4f}  train acc {row['train_acc']:.4f}  "
-                f"test acc {row['test_acc']:.4f}  ({row['seconds']:.1f} s)")
+            log(
+                f"epoch {epoch:2d}  loss {row['loss']:.4f}  train acc {row['train_acc']:.4f}  "
+                f"test acc {row['test_acc']:.4f}  ({row['seconds']:.1f} s)"
+            )
     return model
 
 
@@ -97,8 +119,7 @@ def shift_batch(x: Tensor, shift: int, g: torch.Generator) -> Tensor:
     dy, dx = (torch.randint(-shift, shift + 1, (2,), generator=g)).tolist()
     h, w = x.shape[-2:]
     padded = F.pad(x, (shift, shift, shift, shift), value=-1.0)
-    return padded[..., shift - dy:shift - dy + h, shift - dx:shift - dx + w]
-
+    return padded[..., shift - dy : shift - dy + h, shift - dx : shift - dx + w]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,22 +128,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: the fastest for this small net on shared cores; 0: torch's choice)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: the fastest for this small net on shared cores; 0: torch's choice)",
+    )
     p.add_argument("--subset", type=int, default=None, help="train on the first N training images only (quick runs)")
     p.add_argument("--out", default=str(CHECKPOINT), help="checkpoint path (default: the committed one)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    model, _ = train_digits_cnn(epochs=args.epochs, seed=args.seed, lr=args.lr, batch_size=args.batch_size,
-                                subset=args.subset)
+    model, _ = train_digits_cnn(
+        epochs=args.epochs, seed=args.seed, lr=args.lr, batch_size=args.batch_size, subset=args.subset
+    )
     seconds = time.perf_counter() - start
     x, y = digits_images("test")
     acc = accuracy(model, x, y)
     path = save_state_dict(model, args.out)
-    print(f"final test accuracy {acc:.4f} ({round(acc * len(y))}/{len(y)}), training {seconds:.1f} s on "
-          f"{torch.get_num_threads()} CPU threads; wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
+    print(
+        f"final test accuracy {acc:.4f} ({round(acc * len(y))}/{len(y)}), training {seconds:.1f} s on "
+        f"{torch.get_num_threads()} CPU threads; wrote {path} ({path.stat().st_size / 1024:.0f} KiB)"
+    )
     return 0
 
 

@@ -29,8 +29,9 @@ def model_state(model: nn.Module) -> dict:
         "flags": [p.requires_grad for p in model.parameters()],
         "training": [m.training for m in model.modules()],
         "inplace": [getattr(m, "inplace", None) for m in model.modules()],
-        "hooks": sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-                     for m in model.modules()),
+        "hooks": sum(
+            len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()
+        ),
         "modes": torch._C._len_torch_function_stack(),
     }
 
@@ -46,8 +47,16 @@ def assert_model_unchanged(model: nn.Module, before: dict) -> None:
 
 #: A run small enough for 2 CPU cores: random-weight ResNet18 on six 32 x 32 synthetic images, two classes.
 TINY = [
-    "model.name=resnet18", "model.weights=null", "data=synthetic", "data.num_images=6", "data.crop=32",
-    "data.resize=32", "targets=custom", "targets.rows=[tench,church]", "targets.extra=[]", "logger=csv",
+    "model.name=resnet18",
+    "model.weights=null",
+    "data=synthetic",
+    "data.num_images=6",
+    "data.crop=32",
+    "data.resize=32",
+    "targets=custom",
+    "targets.rows=[tench,church]",
+    "targets.extra=[]",
+    "logger=csv",
 ]
 CLI = [sys.executable, "-m", "excitation_pullbacks.pipeline.cli"]
 
@@ -77,8 +86,15 @@ def cli(tmp_path: Path, *overrides: str, env: dict | None = None) -> subprocess.
     environ = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", **(env or {}))
     flags = [o for o in overrides if o.startswith("-")]
     overrides = tuple(o for o in overrides if not o.startswith("-"))
-    return subprocess.run([*CLI, *flags, *tiny_overrides(*overrides)], cwd=tmp_path, env=environ,
-                          capture_output=True, text=True, timeout=300, check=False)
+    return subprocess.run(
+        [*CLI, *flags, *tiny_overrides(*overrides)],
+        cwd=tmp_path,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 def cli_in_process(monkeypatch, capsys, tmp_path: Path, *overrides: str) -> tuple[int, str, str]:

@@ -18,8 +18,9 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 
-def soft_pool_reference(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, temperature=0.3,
-                        detach=False):
+def soft_pool_reference(
+    x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, temperature=0.3, detach=False
+):
     """sum_j x_j softmax(x / T)_j over each max-pool window; padding (and ceil-mode overhang) excluded.
 
     x: (N, C, H, W) -> (N, C, Ho, Wo) with Ho, Wo as F.max_pool2d gives them.
@@ -101,6 +102,7 @@ def reference_pullback(model, images, targets, temperature=0.3):
 
 # -- the paper author's implementation: module swap, zero-padded unfold soft pool, functional relu hard -----
 
+
 def zero_padded_soft_pool(x, pool: nn.MaxPool2d, temperature=0.3, detach=False):
     """sum_j x_j softmax(x / T)_j over each window of ``pool``, the zero padding included in the window (what
     F.unfold over the padded input gives, as the author's soft pool computes it). x: (N, C, H, W)."""
@@ -141,6 +143,7 @@ def author_pullback(model, images, targets, temperature=0.3, detach=True):
 
 
 # -- SiLU and GELU: the gate s(z / T) in place of the exact derivative ------------------------------------
+
 
 def _normal_pdf(u):
     return torch.exp(-0.5 * u * u) / math.sqrt(2 * math.pi)
@@ -196,10 +199,13 @@ def swap_types(model: nn.Module, factories) -> nn.Module:
 
 def reference_smooth_pullback(model, images, targets, temperature=0.3):
     """Excitation pullback of a SiLU/GELU network (own gates at ``temperature``) by module swap."""
-    ref = swap_types(model, {
-        nn.SiLU: lambda m: RefSiLU(temperature),
-        nn.GELU: lambda m: RefGELU(temperature, m.approximate),
-    })
+    ref = swap_types(
+        model,
+        {
+            nn.SiLU: lambda m: RefSiLU(temperature),
+            nn.GELU: lambda m: RefGELU(temperature, m.approximate),
+        },
+    )
     x = images.detach().clone().requires_grad_(True)
     ref(x).gather(1, targets[:, None]).sum().backward()
     return x.grad

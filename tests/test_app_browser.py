@@ -11,18 +11,39 @@ import pytest
 
 pytest.importorskip("gradio")
 playwright = pytest.importorskip("playwright.sync_api")
-pytestmark = [pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
-              pytest.mark.filterwarnings("ignore:The copy keyword is deprecated")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
+    pytest.mark.filterwarnings("ignore:The copy keyword is deprecated"),
+]
 
 from excitation_pullbacks.app.images import digits_folder
 from excitation_pullbacks.app.models import ModelSpec
 from excitation_pullbacks.app.page import build_demo
 
-CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"),
-                             shutil.which("chromium-headless-shell"), "/usr/bin/chromium-headless-shell",
-                             "/usr/lib/chromium/chromium-headless-shell") if p and Path(p).is_file()), None)
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM = next(
+    (
+        p
+        for p in (
+            shutil.which("chromium"),
+            shutil.which("chromium-browser"),
+            shutil.which("chromium-headless-shell"),
+            "/usr/bin/chromium-headless-shell",
+            "/usr/lib/chromium/chromium-headless-shell",
+        )
+        if p and Path(p).is_file()
+    ),
+    None,
+)
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def free_port() -> int:
@@ -34,8 +55,9 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def url(tmp_path_factory):
     folder = digits_folder(tmp_path_factory.mktemp("digits"), per_class=1)
-    demo = build_demo(ModelSpec("digits_cnn", "DEFAULT"), device="cpu", images=folder,
-                      work_dir=tmp_path_factory.mktemp("work"))
+    demo = build_demo(
+        ModelSpec("digits_cnn", "DEFAULT"), device="cpu", images=folder, work_dir=tmp_path_factory.mktemp("work")
+    )
     port = free_port()
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, show_error=True, quiet=True)
     yield f"http://127.0.0.1:{port}/"
@@ -71,7 +93,9 @@ def test_page_runs_and_follows_temperature(url, tmp_path):
             page.click("#run")
             page.wait_for_function(
                 "src => { const i = document.querySelector('#out-excitation img'); return i && i.src !== src; }",
-                arg=before, timeout=120_000)
+                arg=before,
+                timeout=120_000,
+            )
             page.wait_for_timeout(500)
             page.screenshot(path=str(tmp_path / "explorer.png"), full_page=True)
             assert image_src(page, "out-excitation") != before

@@ -48,10 +48,15 @@ def test_panels_equal_the_core(digits, x):
     gate = panels.GateSettings("sigmoid", 0.3, 0.5, True)
     grads = panels.gradients(digits.model, x, 3, gate)
     assert x.shape == (1, 3, 32, 32) and -1 <= x.min() and x.max() <= 1
-    torch.testing.assert_close(grads["excitation"], pullback(digits.model, x, 3, temperature=0.3, gate="sigmoid",
-                                                             pool_temperature=0.5, pool_detach=True), rtol=0, atol=0)
-    torch.testing.assert_close(grads["vanilla"], pullback(digits.model, x, 3, temperature=0.0, gate="hard"),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        grads["excitation"],
+        pullback(digits.model, x, 3, temperature=0.3, gate="sigmoid", pool_temperature=0.5, pool_detach=True),
+        rtol=0,
+        atol=0,
+    )
+    torch.testing.assert_close(
+        grads["vanilla"], pullback(digits.model, x, 3, temperature=0.0, gate="hard"), rtol=0, atol=0
+    )
     xr = x.clone().requires_grad_(True)
     digits.model(xr)[0, 3].backward()
     torch.testing.assert_close(grads["vanilla"], xr.grad)  # the vanilla panel is the autograd input gradient
@@ -96,8 +101,9 @@ def test_trajectories_equal_the_core_ascent(digits, x):
 
 
 def test_explore_collects_every_panel(digits, x):
-    result = panels.explore(digits.model, x, 3, digits.classes, panels.GateSettings(), panels.AscentSettings(2, 2.857, 14.29),
-                            [0.3])
+    result = panels.explore(
+        digits.model, x, 3, digits.classes, panels.GateSettings(), panels.AscentSettings(2, 2.857, 14.29), [0.3]
+    )
     assert next(iter(result.before)) == "digit 3 (3)" and 0.5 < result.before["digit 3 (3)"] <= 1
     assert set(result.after) == {"excitation", "vanilla"} and result.trajectories["vanilla"].shape == (3, 3, 32, 32)
     assert "3 ReLU at 3 sites, 3 max-pool at 3 sites" in result.report
@@ -173,12 +179,30 @@ def test_widget_parsers():
 
 
 def test_command_line_names_every_setting():
-    line = command_line(ModelSpec("resnet50", None), gate=panels.GateSettings("normal_cdf_tanh", 0.6, None, True),
-                        ascent=panels.AscentSettings(5, 20, 100), data_root="/d", resize=256, crop=224,
-                        image_class=0, target_class=482)
-    for part in ("pullbacks model=resnet50 model.weights=null", "data=folder data.root=/d", "gate.shape=normal_cdf_tanh",
-                 "gate.temperature=0.6", "gate.pool_temperature=null", "gate.pool_detach=true", "ascent.steps=5",
-                 "ascent.step_size=20", "ascent.eps=100", "targets=custom", "'targets.rows=[0]'", "'targets.extra=[482]'"):
+    line = command_line(
+        ModelSpec("resnet50", None),
+        gate=panels.GateSettings("normal_cdf_tanh", 0.6, None, True),
+        ascent=panels.AscentSettings(5, 20, 100),
+        data_root="/d",
+        resize=256,
+        crop=224,
+        image_class=0,
+        target_class=482,
+    )
+    for part in (
+        "pullbacks model=resnet50 model.weights=null",
+        "data=folder data.root=/d",
+        "gate.shape=normal_cdf_tanh",
+        "gate.temperature=0.6",
+        "gate.pool_temperature=null",
+        "gate.pool_detach=true",
+        "ascent.steps=5",
+        "ascent.step_size=20",
+        "ascent.eps=100",
+        "targets=custom",
+        "'targets.rows=[0]'",
+        "'targets.extra=[482]'",
+    ):
         assert part in line, part
 
 

@@ -9,8 +9,10 @@ import pytest
 
 pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
-pytestmark = [pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
-              pytest.mark.filterwarnings("ignore:The copy keyword is deprecated")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
+    pytest.mark.filterwarnings("ignore:The copy keyword is deprecated"),
+]
 
 from excitation_pullbacks.app.images import digits_folder, list_images
 from excitation_pullbacks.app.models import ModelSpec
@@ -26,8 +28,9 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     folder = digits_folder(tmp_path_factory.mktemp("digits"), per_class=1)
-    demo = build_demo(ModelSpec("digits_cnn", "DEFAULT"), device="cpu", images=folder,
-                      work_dir=tmp_path_factory.mktemp("work"))
+    demo = build_demo(
+        ModelSpec("digits_cnn", "DEFAULT"), device="cpu", images=folder, work_dir=tmp_path_factory.mktemp("work")
+    )
     port = free_port()
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, show_error=True, quiet=True)
     yield f"http://127.0.0.1:{port}/", list_images(folder)
@@ -35,15 +38,32 @@ def served(tmp_path_factory):
 
 
 def run_args(path, temperature=0.3, target="digit 3 (3)", mode="class"):
-    return ("digits_cnn|DEFAULT", "", gradio_client.handle_file(str(path)), mode, target, "features.6", 2, "",
-            "sigmoid", temperature, "", False, 3, 2.857, 14.29, "0, 0.3, 1")
+    return (
+        "digits_cnn|DEFAULT",
+        "",
+        gradio_client.handle_file(str(path)),
+        mode,
+        target,
+        "features.6",
+        2,
+        "",
+        "sigmoid",
+        temperature,
+        "",
+        False,
+        3,
+        2.857,
+        14.29,
+        "0, 0.3, 1",
+    )
 
 
 def test_named_endpoints_run_step_export(served):
     url, files = served
     client = gradio_client.Client(url, verbose=False)
-    assert {"/run", "/step", "/export", "/load_model", "/stop"} <= set(client.view_api(print_info=False,
-                                                                                      return_format="dict")["named_endpoints"])
+    assert {"/run", "/step", "/export", "/load_model", "/stop"} <= set(
+        client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    )
     out = client.predict(*run_args(files[3]), api_name="/run")
     shown, vanilla, excitation, before, after_ex, _, strip, step, ex, ex_diff, va, va_diff, report, command = out
     for p in (shown, vanilla, excitation, strip, ex, ex_diff, va, va_diff):
@@ -54,9 +74,9 @@ def test_named_endpoints_run_step_export(served):
     assert "model=digits_cnn" in command and "'targets.rows=[3]'" in command
     other = client.predict(*run_args(files[3], temperature=1.5), api_name="/run")
     assert Path(other[2]).read_bytes() != Path(excitation).read_bytes()  # the pullback panel follows T
-    assert Path(other[1]).read_bytes() == Path(vanilla).read_bytes()     # the vanilla panel does not
+    assert Path(other[1]).read_bytes() == Path(vanilla).read_bytes()  # the vanilla panel does not
     first = client.predict(0, api_name="/step")
-    assert Path(first[0]).read_bytes() == Path(shown).read_bytes()       # step 0 is the input image
+    assert Path(first[0]).read_bytes() == Path(shown).read_bytes()  # step 0 is the input image
     exported = client.predict(3, api_name="/export")
     names = {Path(p).name for p in exported}
     assert {"vanilla_gradient.png", "excitation_pullback.png", "tensors.pt", "command.txt"} <= names

@@ -16,8 +16,15 @@ from helpers import assert_model_unchanged, model_state
 def small_net() -> nn.Module:
     torch.manual_seed(0)
     net = nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 4 * 4, 5),
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 5),
     )
     with torch.no_grad():
         net[1].running_mean.uniform_(-0.2, 0.2)
@@ -85,8 +92,13 @@ def test_quantus_explain_func(net, x):
     expected = pullback(net, x.float(), torch.from_numpy(t)).numpy()
     np.testing.assert_allclose(maps, expected, rtol=1e-5, atol=1e-7)
     scores = quantus.Sparseness(disable_warnings=True, display_progressbar=False)(
-        model=net, x_batch=x.float().numpy(), y_batch=t, a_batch=None, explain_func=quantus_explain,
-        explain_func_kwargs={"temperature": 0.3}, device="cpu",
+        model=net,
+        x_batch=x.float().numpy(),
+        y_batch=t,
+        a_batch=None,
+        explain_func=quantus_explain,
+        explain_func_kwargs={"temperature": 0.3},
+        device="cpu",
     )
     assert len(scores) == 3 and np.isfinite(scores).all()
 
@@ -120,18 +132,21 @@ def test_baselines_against_independent_references(net, x):
     before = model_state(net)
     grad = _input_grad(net, x, t)
     torch.testing.assert_close(explainer("vanilla")(net, x, t), grad, rtol=1e-12, atol=1e-15)
-    torch.testing.assert_close(explainer("smoothgrad", smoothgrad_noise=0.0, smoothgrad_samples=2)(net, x, t), grad,
-                               rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(
+        explainer("smoothgrad", smoothgrad_noise=0.0, smoothgrad_samples=2)(net, x, t), grad, rtol=1e-12, atol=1e-15
+    )
     guided = nn.Sequential(*[(_Guided() if isinstance(m, nn.ReLU) else m) for m in net])
-    torch.testing.assert_close(explainer("guided_backprop")(net, x, t), _input_grad(guided, x, t),
-                               rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(
+        explainer("guided_backprop")(net, x, t), _input_grad(guided, x, t), rtol=1e-12, atol=1e-15
+    )
     # Integrated gradients: completeness, sum of attributions = f(x) - f(baseline)
     ig = explainer("integrated_gradients", ig_steps=200, ig_baseline=-1.0)(net, x, t)
     with torch.no_grad():
         gap = (net(x) - net(torch.full_like(x, -1.0))).gather(1, t[:, None]).squeeze(1)
     torch.testing.assert_close(ig.flatten(1).sum(1), gap, rtol=2e-3, atol=2e-3)
-    torch.testing.assert_close(explainer("excitation", temperature=0.5)(net, x, t), pullback(net, x, t, temperature=0.5),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        explainer("excitation", temperature=0.5)(net, x, t), pullback(net, x, t, temperature=0.5), rtol=0, atol=0
+    )
     assert_model_unchanged(net, before)
 
 
@@ -148,10 +163,18 @@ def test_explainers_leave_model_unchanged_after_errors(net, x):
 def test_ascent_along_a_baseline(net, x):
     t = torch.tensor([1, 2, 3])
     ours = ascent(net, x, t, steps=3, step_size=0.5, eps=1.0, direction=as_direction(net, explainer("vanilla")))
-    torch.testing.assert_close(ours, ascent(net, x, t, steps=3, step_size=0.5, eps=1.0, vanilla=True),
-                               rtol=1e-12, atol=1e-12)
-    sg = ascent(net, x, t, steps=2, step_size=0.5, eps=1.0,
-                direction=as_direction(net, explainer("smoothgrad", smoothgrad_samples=3)))
+    torch.testing.assert_close(
+        ours, ascent(net, x, t, steps=3, step_size=0.5, eps=1.0, vanilla=True), rtol=1e-12, atol=1e-12
+    )
+    sg = ascent(
+        net,
+        x,
+        t,
+        steps=2,
+        step_size=0.5,
+        eps=1.0,
+        direction=as_direction(net, explainer("smoothgrad", smoothgrad_samples=3)),
+    )
     assert ((sg - x).flatten(1).norm(dim=1) <= 1.0 + 1e-9).all()
     with pytest.raises(ValueError, match="not both"):
         ascent(net, x, t, steps=1, vanilla=True, direction=as_direction(net, explainer("vanilla")))

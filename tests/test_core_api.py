@@ -14,8 +14,11 @@ from excitation_pullbacks.models import DigitsCNN, load_checkpoint, save_state_d
 
 def _net():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                         nn.Linear(4 * 4 * 4, 5)).double().eval()
+    return (
+        nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
+        .double()
+        .eval()
+    )
 
 
 def _x(n=3):
@@ -23,6 +26,7 @@ def _x(n=3):
 
 
 # --- as_schedule ------------------------------------------------------------------------------------------
+
 
 def test_as_schedule_forms():
     s = ByType(Gate("normal_cdf", 0.5))
@@ -63,12 +67,18 @@ def test_one_schedule_argument_in_every_core_function():
     assert torch.equal(explainer("excitation", sched)(net, x, t), ref)
     assert torch.equal(explainer("excitation", temperature=0.5)(net, x, t), ref)
     assert torch.equal(path_kernel(net, x, 0.5), path_kernel(net, x, temperature=0.5))
-    assert torch.equal(ascent(net, x, t, 0.5, steps=2, step_size=0.1),
-                       ascent(net, x, t, steps=2, step_size=0.1, temperature=0.5))
+    assert torch.equal(
+        ascent(net, x, t, 0.5, steps=2, step_size=0.1), ascent(net, x, t, steps=2, step_size=0.1, temperature=0.5)
+    )
     assert repr(excitation(net, 0.5).schedule) == repr(sched)  # Gates compare by identity
-    for call in (lambda: pullback(net, x, t, temprature=0.5), lambda: ascent(net, x, t, step=2),
-                 lambda: excitation(net, temp=0.5), lambda: path_kernel(net, x, gates="hard"),
-                 lambda: explainer("vanilla", temprature=0.5), lambda: ExcitationPullback(net, T=0.5)):
+    for call in (
+        lambda: pullback(net, x, t, temprature=0.5),
+        lambda: ascent(net, x, t, step=2),
+        lambda: excitation(net, temp=0.5),
+        lambda: path_kernel(net, x, gates="hard"),
+        lambda: explainer("vanilla", temprature=0.5),
+        lambda: ExcitationPullback(net, T=0.5),
+    ):
         with pytest.raises(TypeError, match="schedule shorthands are temperature"):
             call()
     # the earlier spelling "a Schedule and gate keywords, the Schedule wins" still runs, with a warning
@@ -78,6 +88,7 @@ def test_one_schedule_argument_in_every_core_function():
 
 
 # --- ascent bounds ----------------------------------------------------------------------------------------
+
 
 def test_ascent_bounds():
     net, x, t = _net(), _x(), torch.tensor([0, 1, 2])
@@ -89,13 +100,15 @@ def test_ascent_bounds():
     assert box.min() >= -0.5 and box.max() <= 2.0 and (box == -0.5).any() and (box > 1.0).any()
     # one step: the clamp is the only difference to the unbounded step
     one_free = ascent(net, x, t, steps=1, step_size=5.0, eps=50.0, bounds=None)
-    assert torch.equal(ascent(net, x, t, steps=1, step_size=5.0, eps=50.0, bounds=(-0.5, 2.0)),
-                       one_free.clamp(-0.5, 2.0))
+    assert torch.equal(
+        ascent(net, x, t, steps=1, step_size=5.0, eps=50.0, bounds=(-0.5, 2.0)), one_free.clamp(-0.5, 2.0)
+    )
     with pytest.raises(ValueError, match="bounds"):
         ascent(net, x, t, bounds=(1.0, -1.0))
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------
+
 
 def test_checkpoint_round_trip_and_lightning_layout(tmp_path):
     model = DigitsCNN()
@@ -135,6 +148,7 @@ def test_checkpoint_errors(tmp_path):
 
 # --- former import paths ----------------------------------------------------------------------------------
 
+
 def test_former_import_paths():
     from excitation_pullbacks import digits, gating, metrics
     from excitation_pullbacks.ascent import ascent as moved
@@ -145,8 +159,19 @@ def test_former_import_paths():
     assert patching.Excitation is gating.Excitation and patching.excitation is gating.excitation
     assert importlib.import_module("excitation_pullbacks").ascent is moved
     assert digits.DigitsCNN is DigitsCNN and digits.CHECKPOINT.is_file()
-    for name in ("deletion", "insertion", "randomization_check", "ascent_scores", "transfer", "spearman", "ssim",
-                 "high_frequency_energy", "total_variation", "gaussian_blur", "Explain"):
+    for name in (
+        "deletion",
+        "insertion",
+        "randomization_check",
+        "ascent_scores",
+        "transfer",
+        "spearman",
+        "ssim",
+        "high_frequency_energy",
+        "total_variation",
+        "gaussian_blur",
+        "Explain",
+    ):
         assert callable(getattr(metrics, name)) or name == "Explain"
     with warnings.catch_warnings():
         warnings.simplefilter("error")

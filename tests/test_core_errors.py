@@ -73,8 +73,7 @@ def test_unknown_layer_suggests_close_names(model_and_images):
 def test_model_without_relu_or_maxpool():
     model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 8 * 8, 3)).eval()
     x = torch.rand(2, 3, 10, 10)
-    for call in (lambda: pullback(model, x, 0), lambda: ascent(model, x, 0, steps=1),
-                 lambda: path_kernel(model, x)):
+    for call in (lambda: pullback(model, x, 0), lambda: ascent(model, x, 0, steps=1), lambda: path_kernel(model, x)):
         with pytest.raises(ValueError, match="no ReLU"):
             call()
 
@@ -124,7 +123,9 @@ def test_core_imports_no_pipeline_dependency():
     import subprocess
     import sys
 
-    code = ("import sys, excitation_pullbacks; "
-            "print(sorted(m for m in ('hydra', 'lightning', 'wandb', 'omegaconf', 'datasets') if m in sys.modules))")
+    code = (
+        "import sys, excitation_pullbacks; "
+        "print(sorted(m for m in ('hydra', 'lightning', 'wandb', 'omegaconf', 'datasets') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -35,8 +35,12 @@ def pre_activations(model, x):
 
 
 GATES = [
-    Gate("sigmoid", 0.3), Gate("normal_cdf", 0.6), Gate("softsign", 0.2), Gate("hard", 0.0),
-    Gate("none", 1.0), Gate("sigmoid", torch.tensor([0.1, 0.5, 1.0, 2.0])),
+    Gate("sigmoid", 0.3),
+    Gate("normal_cdf", 0.6),
+    Gate("softsign", 0.2),
+    Gate("hard", 0.0),
+    Gate("none", 1.0),
+    Gate("sigmoid", torch.tensor([0.1, 0.5, 1.0, 2.0])),
 ]
 
 

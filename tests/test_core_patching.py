@@ -36,16 +36,16 @@ class AllForms(nn.Module):
         self.head = nn.Linear(5, 3)
 
     def forward(self, x):
-        h = self.act(self.conv1(x))                 # module, in place
-        h = F.relu(h + 0.1)                         # F.relu
-        h = torch.relu_(self.conv2(h))              # torch.relu_
-        h = self.pool(h)                            # MaxPool2d module
+        h = self.act(self.conv1(x))  # module, in place
+        h = F.relu(h + 0.1)  # F.relu
+        h = torch.relu_(self.conv2(h))  # torch.relu_
+        h = self.pool(h)  # MaxPool2d module
         h = F.relu(self.conv3(h) - 0.05, inplace=True)  # F.relu(inplace=True)
-        h = torch.relu(h * 1.5).relu()              # torch.relu, Tensor.relu
-        h = (h - 0.02).relu_()                      # Tensor.relu_
-        h = F.max_pool2d(h, 2, ceil_mode=True)      # F.max_pool2d
+        h = torch.relu(h * 1.5).relu()  # torch.relu, Tensor.relu
+        h = (h - 0.02).relu_()  # Tensor.relu_
+        h = F.max_pool2d(h, 2, ceil_mode=True)  # F.max_pool2d
         h, _ = F.max_pool2d(h, 2, return_indices=True)  # with indices
-        h = self.act(torch.max_pool2d(h, 1))        # torch.max_pool2d; module reused
+        h = self.act(torch.max_pool2d(h, 1))  # torch.max_pool2d; module reused
         return self.head(h.mean((2, 3)))
 
 
@@ -163,15 +163,21 @@ def test_calibrated_per_channel_schedule_round_trip(tmp_path):
     assert sched.temperatures["act#0"].shape == (4,)
     # the std it reports is the std of the pre-activation of conv1, per channel
     z = model.conv1(x)
-    torch.testing.assert_close(sched.temperatures["act#0"], 0.3 * z.transpose(0, 1).flatten(1).std(1, correction=0).float())
+    torch.testing.assert_close(
+        sched.temperatures["act#0"], 0.3 * z.transpose(0, 1).flatten(1).std(1, correction=0).float()
+    )
     path = tmp_path / "temps.pt"
     sched.save(path)
     loaded = PerChannel.load(path, default=ByType())
     a = pullback(model, x, 1, schedule=sched.__class__(sched.temperatures, default=ByType()))
     torch.testing.assert_close(pullback(model, x, 1, schedule=loaded), a)
     with pytest.raises(ValueError, match="no temperatures for site"):
-        pullback(nn.Sequential(nn.Conv2d(3, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 12 * 12, 2)).double(),
-                 x, 1, schedule=PerChannel.load(path))
+        pullback(
+            nn.Sequential(nn.Conv2d(3, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 12 * 12, 2)).double(),
+            x,
+            1,
+            schedule=PerChannel.load(path),
+        )
 
 
 def test_grid_shares_the_forward_and_equals_separate_pullbacks():

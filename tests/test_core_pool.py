@@ -1,6 +1,5 @@
 """The max-pool surrogate: exact max forward, softmax-pool gradient (paper Sec. 6.3, Listing 2)."""
 
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -66,15 +65,18 @@ def test_gradient_is_soft_pool_gradient(geometry, temperature):
     for detach in (False, True):
         g = torch.randn(F.max_pool2d(x, k, s, p, d, ceil_mode=ceil).shape, dtype=torch.float64)
         (ours,) = torch.autograd.grad(
-            soft_max_pool2d(x, Gate("softmax", temperature, detach=detach), k, s, p, d, ceil), x, g)
+            soft_max_pool2d(x, Gate("softmax", temperature, detach=detach), k, s, p, d, ceil), x, g
+        )
         (ref,) = torch.autograd.grad(soft_pool_reference(x, k, s, p, d, ceil, temperature, detach), x, g)
         torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
 
 
 def test_detached_and_full_weights_differ():
     x = _x().requires_grad_(True)
-    a, b = (torch.autograd.grad(soft_max_pool2d(x, Gate("softmax", 0.3, detach=dt), 3, 2, 1).sum(), x)[0]
-            for dt in (False, True))
+    a, b = (
+        torch.autograd.grad(soft_max_pool2d(x, Gate("softmax", 0.3, detach=dt), 3, 2, 1).sum(), x)[0]
+        for dt in (False, True)
+    )
     assert not torch.allclose(a, b)
     # detached softmax weights sum to 1 over each window: the gradient sums to the number of outputs
     torch.testing.assert_close(b.sum().item(), float(F.max_pool2d(x, 3, 2, 1).numel()))
@@ -128,6 +130,8 @@ def test_tiling_windows_fast_path(shape, detach):
         (ours,) = torch.autograd.grad(soft_max_pool2d(x, Gate("softmax", t, detach=detach), 2).sum(), x)
         for c in range(3):
             tc = t if isinstance(t, float) else float(t[c])
-            (ref,) = torch.autograd.grad(soft_pool_reference(x[:, c : c + 1], 2, temperature=tc, detach=detach).sum(), x)
+            (ref,) = torch.autograd.grad(
+                soft_pool_reference(x[:, c : c + 1], 2, temperature=tc, detach=detach).sum(), x
+            )
             torch.testing.assert_close(ours[:, c], ref[:, c], rtol=1e-10, atol=1e-12)
     assert torch.autograd.gradcheck(lambda v: _Probe.apply(v, Gate("softmax", 0.3), (2, 2, 0, 1), False), (x,))

@@ -88,14 +88,18 @@ def images():
 
 # -- torchvision models ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_forward_bit_identical_and_every_call_gated(arch, models, images):
     model = models(arch)
     kind, module_type, expected = EXPECTED[arch]
     names = {m: n for n, m in model.named_modules()}
     calls = Counter()
-    handles = [m.register_forward_hook(lambda mod, a, o: calls.update([names[mod]]))
-               for m in model.modules() if isinstance(m, module_type)]
+    handles = [
+        m.register_forward_hook(lambda mod, a, o: calls.update([names[mod]]))
+        for m in model.modules()
+        if isinstance(m, module_type)
+    ]
     try:
         with torch.no_grad():
             plain = model(images)
@@ -132,9 +136,11 @@ def test_hard_gate_is_vanilla_gradient(arch, models, images):
     x = images.clone().requires_grad_(True)
     (vanilla,) = torch.autograd.grad(model(x).gather(1, TARGETS[:, None]).sum(), x)
     hard = Gate("hard")
-    for kwargs in ({"temperature": 0},
-                   {"schedule": make_schedule(gate="own", temperature=0.0)},
-                   {"schedule": ByType(hard, hard, Gate("own", 0.0), Gate("normal_cdf", 0.0))}):
+    for kwargs in (
+        {"temperature": 0},
+        {"schedule": make_schedule(gate="own", temperature=0.0)},
+        {"schedule": ByType(hard, hard, Gate("own", 0.0), Gate("normal_cdf", 0.0))},
+    ):
         assert torch.equal(pullback(model, images, TARGETS, **kwargs), vanilla), kwargs
 
 
@@ -183,11 +189,16 @@ def test_calibrated_per_channel_schedule(arch, models, images):
     assert torch.isfinite(ours).all()
     # a per-channel schedule with T = 0.3 everywhere is the global one
     flat = PerChannel({k: torch.full(v.shape, 0.3, dtype=torch.float64) for k, v in sched.temperatures.items()})
-    torch.testing.assert_close(pullback(model, images, TARGETS, schedule=flat),
-                               pullback(model, images, TARGETS, temperature=0.3), rtol=1e-9, atol=0)
+    torch.testing.assert_close(
+        pullback(model, images, TARGETS, schedule=flat),
+        pullback(model, images, TARGETS, temperature=0.3),
+        rtol=1e-9,
+        atol=0,
+    )
 
 
 # -- every call form on a small network ------------------------------------------------------------------
+
 
 class SmoothForms(nn.Module):
     """Every SiLU / GELU call form: modules (one reused, in place), F.silu (also in place), F.gelu in both
@@ -205,15 +216,15 @@ class SmoothForms(nn.Module):
         self.mixed = mixed
 
     def forward(self, x):
-        h = self.act(self.conv1(x))                      # nn.SiLU, in place
-        h = self.gelu(h * 1.5)                           # nn.GELU
-        h = F.silu(self.conv2(h), inplace=True)          # F.silu(inplace=True)
-        h = self.gelu_tanh(h)                            # nn.GELU("tanh")
+        h = self.act(self.conv1(x))  # nn.SiLU, in place
+        h = self.gelu(h * 1.5)  # nn.GELU
+        h = F.silu(self.conv2(h), inplace=True)  # F.silu(inplace=True)
+        h = self.gelu_tanh(h)  # nn.GELU("tanh")
         if self.mixed:
             h = F.max_pool2d(F.relu(h), 2)
-        h = F.gelu(self.conv3(h), approximate="tanh")    # F.gelu(approximate="tanh")
-        h = F.silu(F.gelu(h))                            # F.gelu, F.silu
-        return self.head(self.act(h).mean((2, 3)))       # nn.SiLU again
+        h = F.gelu(self.conv3(h), approximate="tanh")  # F.gelu(approximate="tanh")
+        h = F.silu(F.gelu(h))  # F.gelu, F.silu
+        return self.head(self.act(h).mean((2, 3)))  # nn.SiLU again
 
 
 def _forms(bias=False, mixed=False):
@@ -277,10 +288,19 @@ DIMS = (5, 4, 3, 4)
 
 def _mlp():
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Linear(5, 4, bias=False), nn.SiLU(), nn.Linear(4, 3, bias=False), nn.GELU(),
-        nn.Linear(3, 4, bias=False), nn.GELU(approximate="tanh"), nn.Linear(4, 2, bias=False),
-    ).double().eval()
+    return (
+        nn.Sequential(
+            nn.Linear(5, 4, bias=False),
+            nn.SiLU(),
+            nn.Linear(4, 3, bias=False),
+            nn.GELU(),
+            nn.Linear(3, 4, bias=False),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(4, 2, bias=False),
+        )
+        .double()
+        .eval()
+    )
 
 
 def _gates(z, t, kind):
@@ -300,10 +320,14 @@ def _gates(z, t, kind):
     return torch.where(torch.as_tensor(t) == 0, exact, g)
 
 
-@pytest.mark.parametrize("temps", [
-    (0.5, 0.5, 0.5),
-    (torch.tensor([0.1, 0.5, 1.0, 2.0]), torch.tensor([0.3, 1.0, 3.0]), torch.tensor([1.0, 0.0, 0.2, 0.0])),
-], ids=["global", "per-channel"])
+@pytest.mark.parametrize(
+    "temps",
+    [
+        (0.5, 0.5, 0.5),
+        (torch.tensor([0.1, 0.5, 1.0, 2.0]), torch.tensor([0.3, 1.0, 3.0]), torch.tensor([1.0, 0.0, 0.2, 0.0])),
+    ],
+    ids=["global", "per-channel"],
+)
 def test_pullback_is_explicit_matrix_product(temps):
     """v^T = y^T Lambda_3 W_3 Lambda_2 W_2 Lambda_1 W_1 with Lambda_l = s_l(z_l / T_l) (per channel), the
     exact derivative on channels with T = 0."""
@@ -353,8 +377,9 @@ def test_channels_last_sites_take_per_channel_temperatures_on_the_last_dim():
 def test_schedules_pick_smooth_sites():
     model, x = _forms(), _x()
     seen = []
-    sched = ByDepth({0: Gate("hard"), 1: Gate("sigmoid", 0.7)}, kind="gelu",
-                    default=make_schedule(smooth_temperature=1.0))
+    sched = ByDepth(
+        {0: Gate("hard"), 1: Gate("sigmoid", 0.7)}, kind="gelu", default=make_schedule(smooth_temperature=1.0)
+    )
     with Excitation(model, sched, observer=lambda s, z, g: seen.append((s.key, s.kind, s.depth, s.approximate, g))):
         model(x)
     gates = {key: (kind, depth, approx, g.shape, float(g.temperature)) for key, kind, depth, approx, g in seen}

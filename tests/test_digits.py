@@ -52,6 +52,7 @@ def test_split():
 
 # --- data and checkpoint ---------------------------------------------------------------------------------
 
+
 def test_split_is_fixed_disjoint_and_in_range(test_split):
     x, y = test_split
     assert x.shape == (449, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
@@ -62,6 +63,7 @@ def test_split_is_fixed_disjoint_and_in_range(test_split):
     assert torch.equal(again[0], x) and torch.equal(again[1], y)
     # The first test labels pin the seeded permutation: a change of split would silently leak training images.
     assert y[:10].tolist() == [0, 0, 4, 1, 2, 6, 7, 0, 5, 6]
+
     # Train and test partition the 1797 digits (size 8: the raw pixels; no two digits are equal).
     def rows(split):
         return {tuple(v.tolist()) for v in digits_images(split, size=8)[0][:, 0].flatten(1)}
@@ -80,8 +82,12 @@ def test_committed_checkpoint_is_small_and_accurate(model, test_split, script):
 
 def test_build_model_gives_the_trained_model(model, test_split):
     x = test_split[0][:16]
-    for m in (build_model("digits_cnn"), build_model("digits_cnn", "DEFAULT"), build_model("digits_cnn", "digits"),
-              build_model("digits_cnn", checkpoint=CHECKPOINT)):
+    for m in (
+        build_model("digits_cnn"),
+        build_model("digits_cnn", "DEFAULT"),
+        build_model("digits_cnn", "digits"),
+        build_model("digits_cnn", checkpoint=CHECKPOINT),
+    ):
         assert isinstance(m, DigitsCNN) and not isinstance(m, ImageNetInput) and not m.training
         torch.testing.assert_close(m(x), model(x), rtol=0, atol=0)
     torch.manual_seed(0)
@@ -96,6 +102,7 @@ def test_build_model_gives_the_trained_model(model, test_split):
 
 
 # --- excitation on the trained model ---------------------------------------------------------------------
+
 
 def test_excitation_gates_every_relu_and_max_pool(model, test_split):
     x = test_split[0][:4].clone().requires_grad_(True)
@@ -115,6 +122,7 @@ def test_excitation_gates_every_relu_and_max_pool(model, test_split):
 
 
 # --- training --------------------------------------------------------------------------------------------
+
 
 def test_short_training_is_deterministic_and_learns(script, one_thread):
     rng = torch.get_rng_state()
@@ -138,6 +146,7 @@ def test_training_script_writes_a_loadable_checkpoint(script, tmp_path, capsys, 
 
 
 # --- class spaces and data in the pipeline ---------------------------------------------------------------
+
 
 def test_digit_class_space():
     assert class_names("digits") == tuple(f"digit {d}" for d in range(10))
@@ -174,14 +183,28 @@ def test_data_must_match_the_model_class_space(tmp_path):
 
 
 def test_digits_experiment_runs_end_to_end(tmp_path, one_thread):
-    cfg = _cfg(tmp_path, "experiment=digits", "targets.rows=[0,4,9]", "targets.extra=[7]", "ascent.steps=2",
-               "ascent.fig1_steps=1", "temperatures=[0.3,0.5]")
+    cfg = _cfg(
+        tmp_path,
+        "experiment=digits",
+        "targets.rows=[0,4,9]",
+        "targets.extra=[7]",
+        "ascent.steps=2",
+        "ascent.fig1_steps=1",
+        "temperatures=[0.3,0.5]",
+    )
     assert (cfg.ascent.eps, cfg.ascent.step_size) == (14.29, 2.857)
     result = run(cfg)
     out = result["results"]
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == ["fig1.png", "fig2.png", "fig3.png", "fig4.png", "sweep_0_digit_0.png", "sweep_1_digit_4.png",
-                    "sweep_2_digit_9.png"]
+    assert pngs == [
+        "fig1.png",
+        "fig2.png",
+        "fig3.png",
+        "fig4.png",
+        "sweep_0_digit_0.png",
+        "sweep_1_digit_4.png",
+        "sweep_2_digit_9.png",
+    ]
     t = torch.load(out / "tensors.pt", weights_only=True)
     assert t["label"].tolist() == [0, 4, 9] and t["images"].shape == (3, 3, 32, 32)
     assert t["column_names"] == ["digit 0", "digit 4", "digit 9", "digit 7"]

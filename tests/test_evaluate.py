@@ -22,9 +22,16 @@ from excitation_pullbacks.pipeline.tasks.evaluate import evaluation_images, tran
 from helpers import cli, compose_config, read_rows, tiny_cfg
 
 SMALL = [
-    "experiment=evaluate", "evaluate.num_images=3", "evaluate.perturbation_steps=4", "baselines.smoothgrad_samples=2",
-    "baselines.ig_steps=2", "ascent.steps=1", "evaluate.randomization_images=2", "evaluate.randomization_layers=2",
-    "temperatures=[0.3,1.0]", "batch_size=2",
+    "experiment=evaluate",
+    "evaluate.num_images=3",
+    "evaluate.perturbation_steps=4",
+    "baselines.smoothgrad_samples=2",
+    "baselines.ig_steps=2",
+    "ascent.steps=1",
+    "evaluate.randomization_images=2",
+    "evaluate.randomization_layers=2",
+    "temperatures=[0.3,1.0]",
+    "batch_size=2",
 ]
 
 
@@ -38,12 +45,26 @@ def evaluated(tmp_path_factory):
 def test_table_files_and_objective(evaluated):
     _, result = evaluated
     res = result["results"]
-    for name in ("metrics_table.csv", "metrics.json", "per_image.csv", "curves.png", "randomization.png",
-                 "methods.png", "config.yaml", "timing.json"):
+    for name in (
+        "metrics_table.csv",
+        "metrics.json",
+        "per_image.csv",
+        "curves.png",
+        "randomization.png",
+        "methods.png",
+        "config.yaml",
+        "timing.json",
+    ):
         assert (res / name).is_file(), name
     table = read_rows(res / "metrics_table.csv")
-    assert [r["setting"] for r in table] == ["vanilla", "smoothgrad", "guided_backprop", "integrated_gradients",
-                                             "excitation T=0.3", "excitation T=1"]
+    assert [r["setting"] for r in table] == [
+        "vanilla",
+        "smoothgrad",
+        "guided_backprop",
+        "integrated_gradients",
+        "excitation T=0.3",
+        "excitation T=1",
+    ]
     data = json.loads((res / "metrics.json").read_text())
     assert data["objective"] == {"metric": "insertion_auc", "setting": "excitation T=0.3", "value": result["objective"]}
     per_image = [r for r in read_rows(res / "per_image.csv") if r["setting"] == "excitation T=0.3"]
@@ -62,8 +83,10 @@ def test_per_image_metrics_match_direct_calls(evaluated):
     dataset = build_dataset(cfg.data, [0, 497])
     x, labels, _ = evaluation_images(dataset, 3, int(cfg.seed))
     rows = read_rows(result["results"] / "per_image.csv")
-    for setting, explain in [("vanilla", explainer("vanilla")),
-                             ("excitation T=1", explainer("excitation", temperature=1.0))]:
+    for setting, explain in [
+        ("vanilla", explainer("vanilla")),
+        ("excitation T=1", explainer("excitation", temperature=1.0)),
+    ]:
         maps = explain(model, x, labels)
         got = [r for r in rows if r["setting"] == setting]
         dele = M.deletion(model, x, maps, labels, steps=4, baseline="blur")
@@ -123,15 +146,30 @@ def test_bad_method_and_objective_write_nothing(tmp_path):
         run(tiny_cfg(tmp_path / "a", *SMALL, "evaluate.methods=[vanilla,lrp]"))
     assert not (tmp_path / "a" / "results").exists() and not (tmp_path / "a" / ".results.partial").exists()
     with pytest.raises(PipelineError, match="not a table column"):
-        run(tiny_cfg(tmp_path / "b", *SMALL, "evaluate.methods=[excitation]", "evaluate.num_images=1",
-                     "evaluate.randomization_images=0", "evaluate.objective=accuracy"))
+        run(
+            tiny_cfg(
+                tmp_path / "b",
+                *SMALL,
+                "evaluate.methods=[excitation]",
+                "evaluate.num_images=1",
+                "evaluate.randomization_images=0",
+                "evaluate.objective=accuracy",
+            )
+        )
     assert not (tmp_path / "b" / "results").exists() and not (tmp_path / "b" / ".results.partial").exists()
 
 
 def test_optuna_search_returns_the_objective_and_merges_tables(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = cli(tmp_path, "-m", "experiment=search_temperature", "hydra.sweeper.n_trials=2", "evaluate.num_images=2",
-               "evaluate.perturbation_steps=4", f"hydra.sweep.dir={sweep}")
+    proc = cli(
+        tmp_path,
+        "-m",
+        "experiment=search_temperature",
+        "hydra.sweeper.n_trials=2",
+        "evaluate.num_images=2",
+        "evaluate.perturbation_steps=4",
+        f"hydra.sweep.dir={sweep}",
+    )
     assert proc.returncode == 0, proc.stderr
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     jobs = sorted(sweep.glob("*/results/metrics.json"))
@@ -146,9 +184,16 @@ def test_optuna_search_returns_the_objective_and_merges_tables(tmp_path):
 
 def test_digits_preset_runs_on_the_trained_model(tmp_path):
     cfg = compose_config(
-        "experiment=evaluate_digits", "logger=none", f"output_dir={tmp_path}", "evaluate.num_images=4",
-        "evaluate.randomization_images=2", "baselines.smoothgrad_samples=2", "baselines.ig_steps=2",
-        "evaluate.perturbation_steps=4", "ascent.steps=1")
+        "experiment=evaluate_digits",
+        "logger=none",
+        f"output_dir={tmp_path}",
+        "evaluate.num_images=4",
+        "evaluate.randomization_images=2",
+        "baselines.smoothgrad_samples=2",
+        "baselines.ig_steps=2",
+        "evaluate.perturbation_steps=4",
+        "ascent.steps=1",
+    )
     result = run(cfg)
     table = read_rows(result["results"] / "metrics_table.csv")
     assert [r["setting"] for r in table][-5:] == [f"excitation T={t}" for t in ("0.1", "0.2", "0.3", "0.5", "1")]
@@ -157,15 +202,31 @@ def test_digits_preset_runs_on_the_trained_model(tmp_path):
 
 
 def test_ddp_spawn_two_processes_equal_one(tmp_path):
-    common = [*SMALL, "evaluate.methods=[vanilla,excitation]", "temperatures=[0.3]", "batch_size=1",
-              "evaluate.randomization_images=1"]
+    common = [
+        *SMALL,
+        "evaluate.methods=[vanilla,excitation]",
+        "temperatures=[0.3]",
+        "batch_size=1",
+        "evaluate.randomization_images=1",
+    ]
     one = run(tiny_cfg(tmp_path / "one", *common))
-    two = run(tiny_cfg(tmp_path / "two", *common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                       "trainer.strategy=ddp_spawn"))
+    two = run(
+        tiny_cfg(
+            tmp_path / "two",
+            *common,
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.strategy=ddp_spawn",
+        )
+    )
     a, b = (read_rows(r["results"] / "per_image.csv") for r in (one, two))
     assert [r["row"] for r in b] == ["0", "0", "1", "1", "2", "2"]  # three images over two ranks, merged in order
-    numeric = [k for k in a[0] if k.startswith(("deletion", "insertion", "map_", "randomization", "ascent_g",
-                                                 "ascent_hf", "ascent_tv"))]
+    numeric = [
+        k
+        for k in a[0]
+        if k.startswith(("deletion", "insertion", "map_", "randomization", "ascent_g", "ascent_hf", "ascent_tv"))
+    ]
     for ra, rb in zip(a, b):
         for key in ra:
             if key in numeric and ra[key]:

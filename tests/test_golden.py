@@ -23,17 +23,32 @@ from helpers import compose_config
 
 GOLDEN = Path(__file__).parent / "golden" / "digits.json"
 FIGURES = ["experiment=digits", "logger=none", "ascent.steps=4", "ascent.fig1_steps=2", "targets.rows=[0,3,8]"]
-EVALUATE = ["experiment=evaluate_digits", "logger=none", "evaluate.num_images=6", "evaluate.randomization_images=2",
-            "evaluate.perturbation_steps=8", "baselines.smoothgrad_samples=4", "baselines.ig_steps=8",
-            "ascent.steps=3", "temperatures=[0.1,0.3,1.0]", "evaluate.transfer_models=[digits_cnn]"]
+EVALUATE = [
+    "experiment=evaluate_digits",
+    "logger=none",
+    "evaluate.num_images=6",
+    "evaluate.randomization_images=2",
+    "evaluate.perturbation_steps=8",
+    "baselines.smoothgrad_samples=4",
+    "baselines.ig_steps=8",
+    "ascent.steps=3",
+    "temperatures=[0.1,0.3,1.0]",
+    "evaluate.transfer_models=[digits_cnn]",
+]
 RTOL, ATOL = 1e-4, 1e-6
 
 
 def _stats(t: torch.Tensor) -> dict[str, float | list[float]]:
     """A tensor's sum, absolute sum, min, max and its first and last four entries."""
     f = t.double().flatten()
-    return {"sum": float(f.sum()), "abs_sum": float(f.abs().sum()), "min": float(f.min()), "max": float(f.max()),
-            "first": f[:4].tolist(), "last": f[-4:].tolist()}
+    return {
+        "sum": float(f.sum()),
+        "abs_sum": float(f.abs().sum()),
+        "min": float(f.min()),
+        "max": float(f.max()),
+        "first": f[:4].tolist(),
+        "last": f[-4:].tolist(),
+    }
 
 
 def _numbers(value: str) -> float | str:
@@ -51,9 +66,13 @@ def key_numbers(figures: Path, evaluate: Path) -> dict:
         metrics = [{k: _numbers(v) for k, v in r.items()} for r in csv.DictReader(f)]
     with open(evaluate / "metrics_table.csv", newline="") as f:
         table = [{k: _numbers(v) for k, v in r.items()} for r in csv.DictReader(f)]
-    return {"figures": {"tensors": {k: _stats(v) for k, v in sorted(tensors.items()) if isinstance(v, torch.Tensor)},
-                        "metrics_csv": metrics},
-            "evaluate": {"metrics_table": table}}
+    return {
+        "figures": {
+            "tensors": {k: _stats(v) for k, v in sorted(tensors.items()) if isinstance(v, torch.Tensor)},
+            "metrics_csv": metrics,
+        },
+        "evaluate": {"metrics_table": table},
+    }
 
 
 def compute(tmp: Path) -> dict:
@@ -75,8 +94,10 @@ def _compare(got, want, path: str, problems: list[str]) -> None:
         for i, (g, w) in enumerate(zip(got, want)):
             _compare(g, w, f"{path}[{i}]", problems)
     elif isinstance(want, float):
-        if not (isinstance(got, float) and (math.isclose(got, want, rel_tol=RTOL, abs_tol=ATOL)
-                                            or (math.isnan(got) and math.isnan(want)))):
+        if not (
+            isinstance(got, float)
+            and (math.isclose(got, want, rel_tol=RTOL, abs_tol=ATOL) or (math.isnan(got) and math.isnan(want)))
+        ):
             problems.append(f"{path}: {got!r} != {want!r}")
     elif got != want:
         problems.append(f"{path}: {got!r} != {want!r}")
@@ -99,7 +120,9 @@ def test_the_comparison_notices_a_changed_number(numbers):
     problems: list[str] = []
     _compare(changed, json.loads(GOLDEN.read_text()), "", problems)
     want = json.loads(GOLDEN.read_text())["figures"]["tensors"]["excitation"]["sum"]
-    assert problems == [f"/figures/tensors/excitation/sum: {changed['figures']['tensors']['excitation']['sum']!r} != {want!r}"]
+    assert problems == [
+        f"/figures/tensors/excitation/sum: {changed['figures']['tensors']['excitation']['sum']!r} != {want!r}"
+    ]
 
 
 if __name__ == "__main__":

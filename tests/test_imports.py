@@ -76,7 +76,7 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
         stack.append(m)
         for n in sorted(edges[m]):
             if state.get(n) == 1:
-                return stack[stack.index(n):] + [n]
+                return stack[stack.index(n) :] + [n]
             if n not in state:
                 found = visit(n)
                 if found:
@@ -126,7 +126,9 @@ def test_the_core_does_not_import_the_pipeline():
 
 @pytest.mark.parametrize("module", [PACKAGE, f"{PACKAGE}.metrics", f"{PACKAGE}.baselines"])
 def test_the_core_imports_without_the_frameworks(module):
-    code = (f"import sys, {module}; heavy = {{'hydra', 'lightning', 'pytorch_lightning', 'wandb', 'gradio'}}; "
-            "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))")
+    code = (
+        f"import sys, {module}; heavy = {{'hydra', 'lightning', 'pytorch_lightning', 'wandb', 'gradio'}}; "
+        "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -15,10 +15,19 @@ from excitation_pullbacks import pullback
 
 def small_cnn(seed: int = 0, classes: int = 5, dtype=torch.float64) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, classes),
-    ).to(dtype).eval()
+    return (
+        nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(6, 8, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32, classes),
+        )
+        .to(dtype)
+        .eval()
+    )
 
 
 def deep_cnn(seed: int = 0) -> nn.Module:
@@ -40,10 +49,11 @@ def disc_images(n: int = 4, size: int = 32) -> torch.Tensor:
     for _ in range(n):
         img = torch.full((3, size, size), -0.5, dtype=torch.float64)
         for _ in range(3):
-            cx, cy, r = torch.rand(3, generator=g, dtype=torch.float64) * torch.tensor([1.2, 1.2, 0.4]) + \
-                torch.tensor([-0.6, -0.6, 0.2])
+            cx, cy, r = torch.rand(3, generator=g, dtype=torch.float64) * torch.tensor([1.2, 1.2, 0.4]) + torch.tensor(
+                [-0.6, -0.6, 0.2]
+            )
             colour = torch.rand(3, 1, 1, generator=g, dtype=torch.float64) * 2 - 1
-            img = torch.where((xx - cx) ** 2 + (yy - cy) ** 2 < r ** 2, colour.expand(3, size, size), img)
+            img = torch.where((xx - cx) ** 2 + (yy - cy) ** 2 < r**2, colour.expand(3, size, size), img)
         out.append(img)
     return torch.stack(out)
 
@@ -85,8 +95,9 @@ def reference_curve(model, x, maps, t, *, mode, steps, baseline, score, reduce, 
         base = x.mean(dim=(1, 2), keepdim=True).expand_as(x).clone()
     elif baseline == "blur":
         r = math.ceil(3 * sigma)
-        base = torch.from_numpy(ndimage.gaussian_filter(x.numpy(), sigma=(0, sigma, sigma), mode="nearest",
-                                                        radius=(0, r, r)))
+        base = torch.from_numpy(
+            ndimage.gaussian_filter(x.numpy(), sigma=(0, sigma, sigma), mode="nearest", radius=(0, r, r))
+        )
     else:
         base = torch.full_like(x, float(baseline))
     cur = x.clone() if mode == "deletion" else base.clone()
@@ -110,11 +121,14 @@ def reference_curve(model, x, maps, t, *, mode, steps, baseline, score, reduce, 
 
 
 @pytest.mark.parametrize("mode", ["deletion", "insertion"])
-@pytest.mark.parametrize("baseline,score,reduce,ties", [
-    ("mean", "probability", "sum", False),
-    ("blur", "logit", "abs_sum", False),
-    (0.25, "probability", "sum", True),
-])
+@pytest.mark.parametrize(
+    "baseline,score,reduce,ties",
+    [
+        ("mean", "probability", "sum", False),
+        ("blur", "logit", "abs_sum", False),
+        (0.25, "probability", "sum", True),
+    ],
+)
 def test_perturbation_matches_pixel_loop(mode, baseline, score, reduce, ties):
     model = small_cnn()
     g = torch.Generator().manual_seed(3)
@@ -125,12 +139,24 @@ def test_perturbation_matches_pixel_loop(mode, baseline, score, reduce, ties):
     t = torch.tensor([0, 3, 1])
     steps = 7  # 99 pixels: unequal steps of floor(k * 99 / 7) pixels
     fn = M.deletion if mode == "deletion" else M.insertion
-    auc, curves = fn(model, x, maps, t, steps=steps, baseline=baseline, score=score, reduce=reduce,
-                     blur_sigma=5.0, batch_size=5, return_curves=True)
+    auc, curves = fn(
+        model,
+        x,
+        maps,
+        t,
+        steps=steps,
+        baseline=baseline,
+        score=score,
+        reduce=reduce,
+        blur_sigma=5.0,
+        batch_size=5,
+        return_curves=True,
+    )
     assert auc.shape == (3,) and curves.shape == (3, steps + 1) and auc.dtype == torch.float64
     for i in range(3):
-        ref_curve, ref_auc = reference_curve(model, x[i], maps[i], int(t[i]), mode=mode, steps=steps,
-                                             baseline=baseline, score=score, reduce=reduce)
+        ref_curve, ref_auc = reference_curve(
+            model, x[i], maps[i], int(t[i]), mode=mode, steps=steps, baseline=baseline, score=score, reduce=reduce
+        )
         torch.testing.assert_close(curves[i], torch.tensor(ref_curve, dtype=torch.float64), rtol=1e-12, atol=1e-12)
         assert abs(float(auc[i]) - ref_auc) < 1e-12
     # start and end points: the image itself and the full baseline
@@ -185,9 +211,11 @@ def test_deletion_insertion_agree_with_quantus_pixel_flipping():
     common = {"features_in_step": fis, "abs": False, "normalise": False, "disable_warnings": True}
 
     q_del = quantus.PixelFlipping(perturb_baseline=0.0, **common)(
-        model=model, x_batch=x.numpy(), y_batch=t.numpy(), a_batch=a.numpy(), device="cpu", softmax=True)
-    auc, curves = M.deletion(model, x, a, t, steps=steps, baseline=0.0, include_start=False, auc_spacing="step",
-                             return_curves=True)
+        model=model, x_batch=x.numpy(), y_batch=t.numpy(), a_batch=a.numpy(), device="cpu", softmax=True
+    )
+    auc, curves = M.deletion(
+        model, x, a, t, steps=steps, baseline=0.0, include_start=False, auc_spacing="step", return_curves=True
+    )
     np.testing.assert_allclose(curves.numpy(), np.asarray(q_del), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(auc.numpy(), np.trapezoid(np.asarray(q_del), dx=1, axis=1), rtol=1e-5)
 
@@ -201,9 +229,20 @@ def test_deletion_insertion_agree_with_quantus_pixel_flipping():
         return out
 
     q_ins = quantus.PixelFlipping(perturb_func=reveal, perturb_func_kwargs={"source": source}, **common)(
-        model=model, x_batch=base.numpy(), y_batch=t.numpy(), a_batch=a.numpy(), device="cpu", softmax=True)
-    auc, curves = M.insertion(model, x, a, t, steps=steps, baseline="blur", blur_sigma=2.0, include_start=False,
-                              auc_spacing="step", return_curves=True)
+        model=model, x_batch=base.numpy(), y_batch=t.numpy(), a_batch=a.numpy(), device="cpu", softmax=True
+    )
+    auc, curves = M.insertion(
+        model,
+        x,
+        a,
+        t,
+        steps=steps,
+        baseline="blur",
+        blur_sigma=2.0,
+        include_start=False,
+        auc_spacing="step",
+        return_curves=True,
+    )
     np.testing.assert_allclose(curves.numpy(), np.asarray(q_ins), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(auc.numpy(), np.trapezoid(np.asarray(q_ins), dx=1, axis=1), rtol=1e-5)
 
@@ -284,8 +323,11 @@ def test_randomization_guided_backprop_fails_gradient_passes():
 
 
 def test_randomization_options_and_model_unchanged_on_error():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(4 * 14 * 14, 3)).double().eval()
+    model = (
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14 * 14, 3))
+        .double()
+        .eval()
+    )
     with torch.no_grad():
         model[1].running_mean.uniform_(-1, 1)
         model[1].weight.uniform_(0.5, 1.5)
@@ -313,8 +355,17 @@ def test_randomization_options_and_model_unchanged_on_error():
 
 def test_randomization_block_names_reinitialise_the_whole_block():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Sequential(nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
-                          nn.Conv2d(4, 4, 3)), nn.Flatten(), nn.Linear(4 * 10 * 10, 3)).double().eval()
+    model = (
+        nn.Sequential(
+            nn.Conv2d(3, 4, 3),
+            nn.ReLU(),
+            nn.Sequential(nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3)),
+            nn.Flatten(),
+            nn.Linear(4 * 10 * 10, 3),
+        )
+        .double()
+        .eval()
+    )
     before = state(model)
     seen = []
 

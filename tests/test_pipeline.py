@@ -49,8 +49,20 @@ def test_config_groups_have_the_documented_options():
     assert options("data") == ["digits", "folder", "imagenette_hf", "imagenette_tv", "synthetic"]
     assert options("gate") == ["author", "by_depth", "calibrated", "hard", "none", "normal_cdf", "sigmoid", "softsign"]
     assert options("baselines") == ["captum"]
-    assert options("experiment") == ["all_figures", "baselines", "digits", "evaluate", "evaluate_digits", "fig1", "fig2", "fig3_fig4",
-                                     "search_by_depth", "search_by_type", "search_temperature", "temperature_sweep"]
+    assert options("experiment") == [
+        "all_figures",
+        "baselines",
+        "digits",
+        "evaluate",
+        "evaluate_digits",
+        "fig1",
+        "fig2",
+        "fig3_fig4",
+        "search_by_depth",
+        "search_by_type",
+        "search_temperature",
+        "temperature_sweep",
+    ]
 
 
 def test_paper_targets_and_ascent():
@@ -80,8 +92,9 @@ def test_experiment_presets_run(tmp_path, experiment):
 
 
 def test_end_to_end_outputs(tmp_path):
-    cfg = tiny_cfg(tmp_path, "experiment=all_figures", "ascent.steps=2", "ascent.fig1_steps=1",
-                   "temperatures=[0.2,0.3]")
+    cfg = tiny_cfg(
+        tmp_path, "experiment=all_figures", "ascent.steps=2", "ascent.fig1_steps=1", "temperatures=[0.2,0.3]"
+    )
     result = run(cfg)
     out = result["results"]
     t = torch.load(out / "tensors.pt", weights_only=True)
@@ -152,12 +165,14 @@ def test_calibrated_gate_runs_and_saves_its_schedule(tmp_path):
     t = torch.load(out / "tensors.pt", weights_only=True)
     assert t["temperatures"] == ["calibrated"]
     # Reusing the saved file gives the same pullbacks.
-    again = run(tiny_cfg(tmp_path / "b", "experiment=fig2", "gate=calibrated",
-                         f"gate.calibration={out / 'calibration.pt'}"))["results"]
+    again = run(
+        tiny_cfg(tmp_path / "b", "experiment=fig2", "gate=calibrated", f"gate.calibration={out / 'calibration.pt'}")
+    )["results"]
     torch.testing.assert_close(torch.load(again / "tensors.pt", weights_only=True)["excitation"], t["excitation"])
 
 
 # --- data -----------------------------------------------------------------------------------------------
+
 
 def _write_images(root: Path, names: list[str], size=(40, 30), mode="RGB"):
     root.mkdir(parents=True, exist_ok=True)
@@ -212,8 +227,18 @@ def test_labelled_grid_layout():
 
 # --- Imagenette loaders on local data (the download itself cannot run here) ----------------------------
 
-WNIDS = ["n01440764", "n02102040", "n02979186", "n03000684", "n03028079", "n03394916", "n03417042", "n03425413",
-         "n03445777", "n03888257"]
+WNIDS = [
+    "n01440764",
+    "n02102040",
+    "n02979186",
+    "n03000684",
+    "n03028079",
+    "n03394916",
+    "n03417042",
+    "n03425413",
+    "n03445777",
+    "n03888257",
+]
 
 
 def test_torchvision_imagenette_labels_map_to_imagenet(tmp_path):
@@ -221,8 +246,14 @@ def test_torchvision_imagenette_labels_map_to_imagenet(tmp_path):
 
     for wnid in WNIDS:
         _write_images(tmp_path / "imagenette2-160" / "val" / wnid, [f"{wnid}_1.JPEG", f"{wnid}_2.JPEG"])
-    cfg = tiny_cfg(tmp_path / "out", "data=imagenette_tv", f"data.root={tmp_path}", "data.download=false",
-                   "data.resize=32", "data.crop=32")
+    cfg = tiny_cfg(
+        tmp_path / "out",
+        "data=imagenette_tv",
+        f"data.root={tmp_path}",
+        "data.download=false",
+        "data.resize=32",
+        "data.crop=32",
+    )
     from excitation_pullbacks.pipeline.data import build_dataset
 
     ds = build_dataset(cfg.data, [0, 497])
@@ -238,9 +269,10 @@ def test_hf_imagenette_rows_map_to_imagenet(tmp_path, monkeypatch):
 
     g = torch.Generator().manual_seed(0)
     pics = [Image.fromarray((torch.rand(24, 30, 3, generator=g) * 255).byte().numpy()) for _ in range(4)]
-    table = datasets.Dataset.from_dict({"image": pics, "label": [0, 4, 9, 4]},
-                                       features=datasets.Features({"image": datasets.Image(),
-                                                                   "label": datasets.ClassLabel(num_classes=10)}))
+    table = datasets.Dataset.from_dict(
+        {"image": pics, "label": [0, 4, 9, 4]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)}),
+    )
     calls = []
 
     def fake_load(path, name, split, cache_dir=None):
@@ -259,8 +291,9 @@ def test_hf_imagenette_rows_map_to_imagenet(tmp_path, monkeypatch):
 
 
 def test_save_trajectories_keeps_every_step(tmp_path):
-    out = run(tiny_cfg(tmp_path, "experiment=fig1", "ascent.steps=2", "ascent.fig1_steps=2",
-                       "save_trajectories=true"))["results"]
+    out = run(tiny_cfg(tmp_path, "experiment=fig1", "ascent.steps=2", "ascent.fig1_steps=2", "save_trajectories=true"))[
+        "results"
+    ]
     t = torch.load(out / "tensors.pt", weights_only=True)
     assert t["ascent_steps"] == [0, 1, 2]
     assert t["exc_ascent"].shape == (2, 1, 3, 2, 3, 32, 32)

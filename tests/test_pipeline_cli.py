@@ -11,14 +11,17 @@ from excitation_pullbacks.pipeline.run import run
 from helpers import assert_nothing_written, assert_one_error_line, cli, cli_in_process, tiny_cfg
 
 
-@pytest.mark.parametrize("overrides,error", [
-    (["model.name=resnet_nope"], "unknown model 'resnet_nope'"),
-    (["targets.rows=[tench,nosuchclass]"], "unknown ImageNet class name 'nosuchclass'"),
-    (["targets.extra=[1000]"], "class index 1000 is out of range"),
-    (["figures=[fig9]"], r"unknown figure\(s\) fig9"),
-    (["figures=[fig3]", "ascent=none"], "fig3/fig4 need ascent steps > 0"),
-    (["temperatures=[-1]"], "temperatures must be"),
-])
+@pytest.mark.parametrize(
+    "overrides,error",
+    [
+        (["model.name=resnet_nope"], "unknown model 'resnet_nope'"),
+        (["targets.rows=[tench,nosuchclass]"], "unknown ImageNet class name 'nosuchclass'"),
+        (["targets.extra=[1000]"], "class index 1000 is out of range"),
+        (["figures=[fig9]"], r"unknown figure\(s\) fig9"),
+        (["figures=[fig3]", "ascent=none"], "fig3/fig4 need ascent steps > 0"),
+        (["temperatures=[-1]"], "temperatures must be"),
+    ],
+)
 def test_bad_config_values(tmp_path, overrides, error):
     with pytest.raises((PipelineError, ValueError), match=error):
         run(tiny_cfg(tmp_path, *overrides))
@@ -31,20 +34,24 @@ def test_console_script_prints_one_error_line(tmp_path):
     assert_nothing_written(tmp_path / "out")
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (("data=folder",), "data.root"),
-    (("no_such_key=1",), "Could not override 'no_such_key'"),
-    (("gate=nosuchgate",), "Could not find 'gate/nosuchgate'"),
-    (("-m", "gate.temperature=0.1,0.2", "gate=sigmoid,nosuchgate"), "Could not find 'gate/nosuchgate'"),
-    (("gate.temperature=warm",), "gate.temperature"),
-    (("gate.kind=per_pixel",), "gate.kind"),
-    (("gate.shape=sigmiod",), "gate.shape"),
-    (("ascent.steps=many",), "ascent.steps"),
-    (("gate.temperature=0.5", "temperatures=[0.3]", "figures=[fig2]"), "gate.temperature=0.5 is not one of"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (("data=folder",), "data.root"),
+        (("no_such_key=1",), "Could not override 'no_such_key'"),
+        (("gate=nosuchgate",), "Could not find 'gate/nosuchgate'"),
+        (("-m", "gate.temperature=0.1,0.2", "gate=sigmoid,nosuchgate"), "Could not find 'gate/nosuchgate'"),
+        (("gate.temperature=warm",), "gate.temperature"),
+        (("gate.kind=per_pixel",), "gate.kind"),
+        (("gate.shape=sigmiod",), "gate.shape"),
+        (("ascent.steps=many",), "ascent.steps"),
+        (("gate.temperature=0.5", "temperatures=[0.3]", "figures=[fig2]"), "gate.temperature=0.5 is not one of"),
+    ],
+)
 def test_bad_command_lines_fail_before_running(tmp_path, monkeypatch, capsys, args, fragment):
-    code, _, err = cli_in_process(monkeypatch, capsys, tmp_path, *args, f"output_dir={tmp_path / 'out'}",
-                                  f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    code, _, err = cli_in_process(
+        monkeypatch, capsys, tmp_path, *args, f"output_dir={tmp_path / 'out'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"
+    )
     assert_one_error_line(code, err, fragment)
     assert not (tmp_path / "out").exists() and not (tmp_path / "sweep").exists()
 
@@ -77,16 +84,30 @@ def test_unwritable_output_dir(tmp_path, monkeypatch, capsys):
 
 
 def test_offline_hf_dataset_fails_with_a_hint(tmp_path):
-    proc = cli(tmp_path, "data=imagenette_hf", "data.resize=32", "data.crop=32", f"output_dir={tmp_path / 'out'}",
-               env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")})
+    proc = cli(
+        tmp_path,
+        "data=imagenette_hf",
+        "data.resize=32",
+        "data.crop=32",
+        f"output_dir={tmp_path / 'out'}",
+        env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")},
+    )
     assert_one_error_line(proc.returncode, proc.stderr, "frgfm/imagenette", "data=folder", "HF_DATASETS_CACHE")
     assert_nothing_written(tmp_path / "out")
 
 
 def test_torchvision_imagenette_missing(tmp_path):
     with pytest.raises(PipelineError, match="cannot load torchvision Imagenette .* data=folder"):
-        run(tiny_cfg(tmp_path, "data=imagenette_tv", "data.download=false", f"data.root={tmp_path / 'tv'}",
-                     "data.resize=32", "data.crop=32"))
+        run(
+            tiny_cfg(
+                tmp_path,
+                "data=imagenette_tv",
+                "data.download=false",
+                f"data.root={tmp_path / 'tv'}",
+                "data.resize=32",
+                "data.crop=32",
+            )
+        )
     assert_nothing_written(tmp_path)
 
 
@@ -113,11 +134,24 @@ def test_multirun_two_temperatures_wandb_offline_and_rerun_skips(tmp_path):
 
 
 def test_ddp_spawn_two_processes_equals_one(tmp_path):
-    common = ["experiment=fig3_fig4", "ascent.steps=1", "data.num_images=9", "targets.rows=[tench,church,ostrich]",
-              "batch_size=1"]
+    common = [
+        "experiment=fig3_fig4",
+        "ascent.steps=1",
+        "data.num_images=9",
+        "targets.rows=[tench,church,ostrich]",
+        "batch_size=1",
+    ]
     one = run(tiny_cfg(tmp_path / "one", *common))["results"]
-    two = run(tiny_cfg(tmp_path / "two", *common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                       "trainer.strategy=ddp_spawn"))["results"]
+    two = run(
+        tiny_cfg(
+            tmp_path / "two",
+            *common,
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.strategy=ddp_spawn",
+        )
+    )["results"]
     a, b = (torch.load(p / "tensors.pt", weights_only=True) for p in (one, two))
     assert b["row"].tolist() == [0, 1, 2]  # three images split unevenly over two ranks, merged in row order
     for key in ("images", "vanilla", "excitation", "exc_ascent", "van_ascent", "logit_before"):
@@ -126,8 +160,15 @@ def test_ddp_spawn_two_processes_equals_one(tmp_path):
 
 def test_cli_ddp_two_processes_equals_one(tmp_path):
     common = ["experiment=fig3_fig4", "ascent.steps=1", "targets.rows=[tench,church,ostrich]", "batch_size=1"]
-    proc = cli(tmp_path, *common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-               f"output_dir={tmp_path / 'two'}", "logger=none")
+    proc = cli(
+        tmp_path,
+        *common,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        f"output_dir={tmp_path / 'two'}",
+        "logger=none",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stdout + proc.stderr
     assert proc.stdout.count("results: ") == 1  # only rank 0 reports
@@ -138,8 +179,15 @@ def test_cli_ddp_two_processes_equals_one(tmp_path):
 
 
 def test_multirun_refuses_a_shared_output_dir(tmp_path, monkeypatch, capsys):
-    code, _, err = cli_in_process(monkeypatch, capsys, tmp_path, "-m", "gate.temperature=0.2,0.4",
-                                  f"output_dir={tmp_path / 'out'}", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    code, _, err = cli_in_process(
+        monkeypatch,
+        capsys,
+        tmp_path,
+        "-m",
+        "gate.temperature=0.2,0.4",
+        f"output_dir={tmp_path / 'out'}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )
     assert_one_error_line(code, err, "shared by every multirun job")
     assert not (tmp_path / "out").exists()
 
@@ -158,7 +206,8 @@ def test_failure_while_writing_results_leaves_nothing(tmp_path, monkeypatch):
 
 def test_missing_pretrained_weights_name_the_file(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    code, _, err = cli_in_process(monkeypatch, capsys, tmp_path, "model.weights=IMAGENET1K_V1",
-                                  f"output_dir={tmp_path / 'out'}")
+    code, _, err = cli_in_process(
+        monkeypatch, capsys, tmp_path, "model.weights=IMAGENET1K_V1", f"output_dir={tmp_path / 'out'}"
+    )
     assert_one_error_line(code, err, "resnet18", "IMAGENET1K_V1", "weights=null")
     assert_nothing_written(tmp_path / "out")

@@ -12,7 +12,7 @@ def test_walkthrough_notebook_runs(tmp_path):
     nb = json.loads(NOTEBOOK.read_text())
     cells = [c for c in nb["cells"] if c["cell_type"] == "code"]
     assert any("parameters" in c["metadata"].get("tags", []) for c in cells)
-    overrides = (f"MODEL = 'resnet18'\nSIZE, RESIZE = 32, 32\nSTEPS = 1\nOUTPUT_DIR = {str(tmp_path / 'out')!r}\n")
+    overrides = f"MODEL = 'resnet18'\nSIZE, RESIZE = 32, 32\nSTEPS = 1\nOUTPUT_DIR = {str(tmp_path / 'out')!r}\n"
     ns: dict = {}
     for cell in cells:
         exec(compile("".join(cell["source"]), f"{NOTEBOOK.name}:{cell['id']}", "exec"), ns)

@@ -32,7 +32,8 @@ class ExcitationPullback(GradientAttribution):
         if not isinstance(forward_func, nn.Module):
             raise ValueError(  # noqa: TRY004
                 "ExcitationPullback needs the model itself (an nn.Module), not a function: its ReLU and max-pool "
-                "calls are found while the module runs")
+                "calls are found while the module runs"
+            )
         super().__init__(forward_func)
         self.schedule = resolve_schedule(schedule, gate)
 
@@ -41,8 +42,9 @@ class ExcitationPullback(GradientAttribution):
         """inputs: (N, C, H, W) or a 1-tuple of it; target: an int, N ints (list or (N,) tensor), or a list of
         1-tuples/ints as Captum accepts for classification. Returns the pullbacks in the form of ``inputs``."""
         if additional_forward_args is not None:
-            raise ValueError("ExcitationPullback does not take additional_forward_args: the model must take the "
-                             "image alone")
+            raise ValueError(
+                "ExcitationPullback does not take additional_forward_args: the model must take the image alone"
+            )
         is_tuple = isinstance(inputs, tuple)
         if is_tuple and len(inputs) != 1:
             raise ValueError(f"ExcitationPullback takes one input tensor, got a tuple of {len(inputs)}")
@@ -63,7 +65,8 @@ def quantus_explain(model: nn.Module, inputs, targets, **kwargs) -> np.ndarray:
     options = {k: kwargs[k] for k in GATE_OPTIONS + ("schedule",) if k in kwargs}
     dtype = next(model.parameters()).dtype
     x = torch.as_tensor(np.asarray(inputs) if not isinstance(inputs, Tensor) else inputs).to(
-        device=device or next(model.parameters()).device, dtype=dtype)
+        device=device or next(model.parameters()).device, dtype=dtype
+    )
     t = torch.as_tensor(np.asarray(targets) if not isinstance(targets, Tensor) else targets).reshape(-1).long()
     maps = ExcitationPullback(model, **options).attribute(x, target=t.to(x.device))
     return maps.detach().cpu().float().numpy()

@@ -30,11 +30,24 @@ def _vanilla(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
     return Saliency(model).attribute(x, target=target, abs=False)
 
 
-def _smoothgrad(model: nn.Module, x: Tensor, target: Tensor, *, samples: int, noise: float,
-                batch_size: int | None, value_range: float) -> Tensor:
+def _smoothgrad(
+    model: nn.Module,
+    x: Tensor,
+    target: Tensor,
+    *,
+    samples: int,
+    noise: float,
+    batch_size: int | None,
+    value_range: float,
+) -> Tensor:
     return NoiseTunnel(Saliency(model)).attribute(
-        x, nt_type="smoothgrad", nt_samples=samples, nt_samples_batch_size=batch_size,
-        stdevs=noise * value_range, target=target, abs=False,
+        x,
+        nt_type="smoothgrad",
+        nt_samples=samples,
+        nt_samples_batch_size=batch_size,
+        stdevs=noise * value_range,
+        target=target,
+        abs=False,
     )
 
 
@@ -42,10 +55,12 @@ def _guided_backprop(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
     return GuidedBackprop(model).attribute(x, target=target)
 
 
-def _integrated_gradients(model: nn.Module, x: Tensor, target: Tensor, *, steps: int, baseline: float,
-                          batch_size: int | None) -> Tensor:
-    return IntegratedGradients(model).attribute(x, baselines=baseline, target=target, n_steps=steps,
-                                                internal_batch_size=batch_size)
+def _integrated_gradients(
+    model: nn.Module, x: Tensor, target: Tensor, *, steps: int, baseline: float, batch_size: int | None
+) -> Tensor:
+    return IntegratedGradients(model).attribute(
+        x, baselines=baseline, target=target, n_steps=steps, internal_batch_size=batch_size
+    )
 
 
 def _excitation(model: nn.Module, x: Tensor, target: Tensor, *, schedule: Schedule) -> Tensor:
@@ -82,10 +97,16 @@ def explainer(
         fn = _vanilla
     elif method == "smoothgrad":
         if smoothgrad_samples < 1 or not smoothgrad_noise >= 0:
-            raise ValueError(f"smoothgrad needs samples >= 1 and noise >= 0, got {smoothgrad_samples}, "
-                             f"{smoothgrad_noise}")
-        fn = partial(_smoothgrad, samples=smoothgrad_samples, noise=smoothgrad_noise, batch_size=batch_size,
-                     value_range=value_range)
+            raise ValueError(
+                f"smoothgrad needs samples >= 1 and noise >= 0, got {smoothgrad_samples}, {smoothgrad_noise}"
+            )
+        fn = partial(
+            _smoothgrad,
+            samples=smoothgrad_samples,
+            noise=smoothgrad_noise,
+            batch_size=batch_size,
+            value_range=value_range,
+        )
     elif method == "guided_backprop":
         fn = _guided_backprop
     elif method == "integrated_gradients":

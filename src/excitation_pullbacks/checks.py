@@ -80,12 +80,15 @@ def captum_targets(target, n: int, device=None) -> Tensor:
     elif isinstance(target, Sequence) and not isinstance(target, str):
         items = [x[0] if isinstance(x, tuple) and len(x) == 1 else x for x in target]
         if not all(isinstance(x, int) and not isinstance(x, bool) for x in items):
-            raise ValueError("target must be class indices (an int, N ints, or a (N,) tensor); "
-                             "multi-dimensional output targets are not supported")
+            raise ValueError(
+                "target must be class indices (an int, N ints, or a (N,) tensor); "
+                "multi-dimensional output targets are not supported"
+            )
         t = torch.tensor(items)
     else:
         raise ValueError(  # noqa: TRY004
-            f"target must be an int, a list of ints or a tensor, got {type(target).__name__}")
+            f"target must be an int, a list of ints or a tensor, got {type(target).__name__}"
+        )
     if t.dim() != 1 or t.numel() not in (1, n):
         raise ValueError(f"target must hold 1 or {n} class indices, got shape {tuple(t.shape)}")
     return t.expand(n).to(device=device, dtype=torch.long)
@@ -103,6 +106,8 @@ def warn_if_training(model: nn.Module, *, stacklevel: int = 3) -> None:
     updates) batch statistics, so each image's result depends on the others in its batch; dropout is random.
     stacklevel 3 points the warning at the caller of the function that calls this."""
     if any(m.training for m in model.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Dropout))):
-        warnings.warn("the model is in training mode (BatchNorm uses and updates batch statistics, so each image's "
-                      "result depends on the others in its batch; dropout is random); call model.eval() first",
-                      stacklevel=stacklevel)
+        warnings.warn(
+            "the model is in training mode (BatchNorm uses and updates batch statistics, so each image's "
+            "result depends on the others in its batch; dropout is random); call model.eval() first",
+            stacklevel=stacklevel,
+        )

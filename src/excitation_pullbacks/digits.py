@@ -5,11 +5,11 @@ from .models.checkpoint import save_state_dict
 from .models.digits import CHECKPOINT, SPLIT_SEED, TEST_FRACTION, DigitsCNN, digits_images, load_digits_cnn
 
 __all__ = [
-           "CHECKPOINT",
-           "SPLIT_SEED",
-           "TEST_FRACTION",
-           "DigitsCNN",
-           "digits_images",
-           "load_digits_cnn",
-           "save_state_dict",
+    "CHECKPOINT",
+    "SPLIT_SEED",
+    "TEST_FRACTION",
+    "DigitsCNN",
+    "digits_images",
+    "load_digits_cnn",
+    "save_state_dict",
 ]

@@ -424,8 +424,11 @@ def make_schedule(
     author = compat == "author"
     detach = bool(author if pool_detach is None else pool_detach)
     relu = Gate(gate, temperature)
-    pool = Gate("hard", 0.0) if relu.shape == "own" and pool_temperature is None else (
-        _default_pool_gate(relu, pool_temperature, detach, "zero" if author else "exclude"))
+    pool = (
+        Gate("hard", 0.0)
+        if relu.shape == "own" and pool_temperature is None
+        else (_default_pool_gate(relu, pool_temperature, detach, "zero" if author else "exclude"))
+    )
     smooth = _default_smooth_gate(relu, smooth_temperature, smooth_gate)
     by_type = ByType(relu=relu, maxpool=pool, silu=smooth, gelu=smooth)
     if not author:
@@ -451,8 +454,9 @@ def as_schedule(schedule: Schedule | float | Tensor | None = None, /, **options)
     """
     unknown = sorted(set(options) - set(GATE_OPTIONS))
     if unknown:
-        raise TypeError(f"unexpected gate keyword(s) {', '.join(unknown)}; the schedule shorthands are "
-                        f"{', '.join(GATE_OPTIONS)}")
+        raise TypeError(
+            f"unexpected gate keyword(s) {', '.join(unknown)}; the schedule shorthands are {', '.join(GATE_OPTIONS)}"
+        )
     if schedule is None:
         return make_schedule(**options)
     if isinstance(schedule, Schedule):
@@ -460,11 +464,11 @@ def as_schedule(schedule: Schedule | float | Tensor | None = None, /, **options)
             raise ValueError(f"give either a Schedule or the gate keywords ({', '.join(sorted(options))}), not both")
         return schedule
     if isinstance(schedule, bool) or not isinstance(schedule, (int, float, Tensor)):
-        raise TypeError(f"schedule must be a Schedule, a temperature (a number) or None, got "
-                        f"{type(schedule).__name__}")
+        raise TypeError(f"schedule must be a Schedule, a temperature (a number) or None, got {type(schedule).__name__}")
     if isinstance(schedule, Tensor) and schedule.dim() != 0:
-        raise TypeError("a tensor schedule must be a 0-dim temperature; per-channel temperatures come from a "
-                        "PerChannel schedule")
+        raise TypeError(
+            "a tensor schedule must be a 0-dim temperature; per-channel temperatures come from a PerChannel schedule"
+        )
     if "temperature" in options:
         raise ValueError("give the temperature either as the schedule argument or as temperature=, not both")
     return make_schedule(temperature=schedule, **options)
@@ -476,7 +480,10 @@ def resolve_schedule(schedule: Schedule | float | Tensor | None, gate: Mapping[s
     DeprecationWarning) where :func:`as_schedule` itself refuses the combination."""
     if isinstance(schedule, Schedule) and gate:
         as_schedule(**gate)  # unknown or invalid keywords are still errors
-        warnings.warn(f"gate keywords ({', '.join(sorted(gate))}) beside a Schedule are ignored; pass one or the "
-                      "other", DeprecationWarning, stacklevel=3)
+        warnings.warn(
+            f"gate keywords ({', '.join(sorted(gate))}) beside a Schedule are ignored; pass one or the other",
+            DeprecationWarning,
+            stacklevel=3,
+        )
         return schedule
     return as_schedule(schedule, **gate)

@@ -47,11 +47,30 @@ _SMOOTH = {F.silu: "silu", F.gelu: "gelu"}
 _UNGATED_FUNCS = {
     getattr(F, name): name
     for name in (
-        "mish", "hardswish", "hardsigmoid", "elu", "selu", "celu", "leaky_relu", "rrelu",
-        "relu6", "hardtanh", "prelu", "softplus", "glu", "max_pool1d", "max_pool3d", "adaptive_max_pool1d",
-        "adaptive_max_pool2d", "adaptive_max_pool3d", "fractional_max_pool2d", "fractional_max_pool3d",
+        "mish",
+        "hardswish",
+        "hardsigmoid",
+        "elu",
+        "selu",
+        "celu",
+        "leaky_relu",
+        "rrelu",
+        "relu6",
+        "hardtanh",
+        "prelu",
+        "softplus",
+        "glu",
+        "max_pool1d",
+        "max_pool3d",
+        "adaptive_max_pool1d",
+        "adaptive_max_pool2d",
+        "adaptive_max_pool3d",
+        "fractional_max_pool2d",
+        "fractional_max_pool3d",
     )
 }
+
+
 class UngatedActivationWarning(UserWarning):
     """The model uses a nonlinearity whose gradient the excitation engine does not replace."""
 
@@ -99,8 +118,10 @@ class Report:
             if sites
         )
         lines = [
-            (f"gated calls per forward: {self.relu_calls} ReLU at {len(self.relu)} sites, "
-             f"{self.maxpool_calls} max-pool at {len(self.maxpool)} sites{smooth} ({self.forwards} forward passes)")
+            (
+                f"gated calls per forward: {self.relu_calls} ReLU at {len(self.relu)} sites, "
+                f"{self.maxpool_calls} max-pool at {len(self.maxpool)} sites{smooth} ({self.forwards} forward passes)"
+            )
         ]
         for kind, sites in (("relu", self.relu), ("maxpool", self.maxpool), ("silu", self.silu), ("gelu", self.gelu)):
             lines += [f"  {kind:8s} {name}" + (f" x{n}" if n > 1 else "") for name, n in sites.items()]
@@ -238,8 +259,15 @@ class Excitation:
         channel_dim = 1
         if z is not None and z.dim() > 2 and z is self._linear_out:
             channel_dim = z.dim() - 1
-        return Site(name, kind, call=call, depth=depth, module_type=type(inner).__name__, channel_dim=channel_dim,
-                    approximate=approximate)
+        return Site(
+            name,
+            kind,
+            call=call,
+            depth=depth,
+            module_type=type(inner).__name__,
+            channel_dim=channel_dim,
+            approximate=approximate,
+        )
 
     def _gate(self, site: Site, z: Tensor) -> Gate:
         gate = self.schedule.rule(site).resolve(site.activation)
@@ -308,8 +336,11 @@ class Excitation:
         first = what not in self.report.ungated
         self.report.ungated[what] = self.report.ungated.get(what, 0) + 1
         if first:
-            warnings.warn(f"excitation: {what} keeps its own gradient (only ReLU, SiLU, GELU and max-pool are gated)",
-                          UngatedActivationWarning, stacklevel=2)
+            warnings.warn(
+                f"excitation: {what} keeps its own gradient (only ReLU, SiLU, GELU and max-pool are gated)",
+                UngatedActivationWarning,
+                stacklevel=2,
+            )
 
 
 def excitation(model: nn.Module, schedule: Schedule | float | None = None, **gate) -> Excitation:

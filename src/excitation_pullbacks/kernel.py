@@ -57,8 +57,10 @@ def path_kernel(
         if site.kind == "maxpool":
             return
         if site.kind != "relu" and g.is_hard:
-            raise ValueError(f"path_kernel: the hard gate at {site.kind} site {site.key!r} is the activation's "
-                             "derivative, not a gating; use a soft gate (gate='own', temperature=1: its own gate)")
+            raise ValueError(
+                f"path_kernel: the hard gate at {site.kind} site {site.key!r} is the activation's "
+                "derivative, not a gating; use a soft gate (gate='own', temperature=1: its own gate)"
+            )
         accumulate(g(z.detach(), site.channel_dim))
 
     accumulate(images)

@@ -6,5 +6,8 @@ from .gating import Excitation, Report, UngatedActivationWarning, excitation
 
 __all__ = ["Excitation", "Report", "UngatedActivationWarning", "excitation"]
 
-warnings.warn("excitation_pullbacks.patching is deprecated: import from excitation_pullbacks.gating (or the package)",
-              DeprecationWarning, stacklevel=2)
+warnings.warn(
+    "excitation_pullbacks.patching is deprecated: import from excitation_pullbacks.gating (or the package)",
+    DeprecationWarning,
+    stacklevel=2,
+)

@@ -67,13 +67,17 @@ def _neuron_value(out, neuron: Neuron) -> Tensor:
     if not isinstance(out, Tensor):
         raise ValueError(f"layer {neuron.layer!r} does not output a single tensor")  # noqa: TRY004
     if out.dim() < 2 or not 0 <= neuron.channel < out.shape[1]:
-        raise ValueError(f"channel {neuron.channel} is out of range for layer {neuron.layer!r} output {tuple(out.shape)}")
+        raise ValueError(
+            f"channel {neuron.channel} is out of range for layer {neuron.layer!r} output {tuple(out.shape)}"
+        )
     a = out[:, neuron.channel]
     if neuron.position is None:
         return a.reshape(a.shape[0], -1).sum(1)
     h, w = neuron.position
     if a.dim() != 3 or not (0 <= h < a.shape[1] and 0 <= w < a.shape[2]):
-        raise ValueError(f"position {neuron.position} is out of range for layer {neuron.layer!r} output {tuple(out.shape)}")
+        raise ValueError(
+            f"position {neuron.position} is out of range for layer {neuron.layer!r} output {tuple(out.shape)}"
+        )
     return a[:, h, w]
 
 
@@ -97,7 +101,9 @@ def gated_forward(engine: Excitation, x: Tensor, neuron: Neuron | None = None) -
             out = engine.model(x)
         _check_gated(report)
         if not isinstance(out, Tensor) or out.dim() != 2:
-            raise ValueError(f"the model must return logits of shape (N, classes), got {getattr(out, 'shape', type(out))}")
+            raise ValueError(
+                f"the model must return logits of shape (N, classes), got {getattr(out, 'shape', type(out))}"
+            )
         return out
     module = _resolve_module(engine.model, neuron.layer)
     outs: list = []

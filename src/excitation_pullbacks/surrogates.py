@@ -222,6 +222,7 @@ def soft_pool_backward(x: Tensor, out: Tensor, grad: Tensor, gate: Gate, k, s, p
             grads[key][:, :, a, b] += coef * vphases[key][:, :, a, b]
     else:
         if isinstance(t, Tensor):
+
             def exponent(v):  # r = (v - m) / T
                 return torch.sub(v, out).div_(t)
         else:

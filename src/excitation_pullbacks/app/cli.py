@@ -10,14 +10,22 @@ __all__ = ["main", "parse_args"]
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="pullbacks-app", description="Interactive explorer of excitation pullbacks.")
-    p.add_argument("--model", default="digits_cnn", help="digits_cnn (default), resnet50, vgg11_bn, densenet121, "
-                   "or any torchvision classifier")
-    p.add_argument("--weights", default=None, help="weights name (IMAGENET1K_V1, DEFAULT, ...) or null for random "
-                   "weights; default: the trained digits CNN, IMAGENET1K_V1 otherwise")
+    p.add_argument(
+        "--model",
+        default="digits_cnn",
+        help="digits_cnn (default), resnet50, vgg11_bn, densenet121, or any torchvision classifier",
+    )
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="weights name (IMAGENET1K_V1, DEFAULT, ...) or null for random "
+        "weights; default: the trained digits CNN, IMAGENET1K_V1 otherwise",
+    )
     p.add_argument("--checkpoint", default=None, help="a local state-dict file loaded into the model")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--images", default=None, help="image folder for the gallery (default: digits test images "
-                   "for digits_cnn)")
+    p.add_argument(
+        "--images", default=None, help="image folder for the gallery (default: digits test images for digits_cnn)"
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
     p.add_argument("--port", type=int, default=7860)
     return p.parse_args(argv)

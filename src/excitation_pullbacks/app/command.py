@@ -23,8 +23,18 @@ def _value(v) -> str:
     return str(v)
 
 
-def command_line(spec: ModelSpec, *, gate: GateSettings, ascent: AscentSettings, data_root: str,
-                 resize: int, crop: int, image_class: int, target_class: int, gpu: bool = False) -> str:
+def command_line(
+    spec: ModelSpec,
+    *,
+    gate: GateSettings,
+    ascent: AscentSettings,
+    data_root: str,
+    resize: int,
+    crop: int,
+    image_class: int,
+    target_class: int,
+    gpu: bool = False,
+) -> str:
     """The pipeline run over the folder ``data_root`` (holding the image as ``0_<class index>.png``) with the
     same model, preprocessing, gate and ascent settings, and the image's class as the row and
     ``target_class`` as a column of the figures (indices of the model's class space)."""
@@ -35,14 +45,18 @@ def command_line(spec: ModelSpec, *, gate: GateSettings, ascent: AscentSettings,
         args.append(f"model.weights={_value(spec.weights)}")
     args += ["data=folder", f"data.root={data_root}", f"data.resize={resize}", f"data.crop={crop}"]
     args.append(f"gate={gate.shape}" if gate.shape in GATE_CONFIGS else f"gate.shape={gate.shape}")
-    args += [f"gate.temperature={_value(float(gate.temperature))}",
-             f"gate.pool_temperature={_value(None if gate.pool_temperature is None else float(gate.pool_temperature))}",
-             f"gate.pool_detach={_value(bool(gate.pool_detach))}",
-             f"ascent.steps={int(ascent.steps)}", f"ascent.step_size={_value(float(ascent.step_size))}",
-             f"ascent.eps={_value(float(ascent.eps))}",
-             "targets=custom", f"targets.rows=[{int(image_class)}]",
-             f"targets.extra=[{int(target_class)}]" if int(target_class) != int(image_class) else "targets.extra=[]",
-             "logger=csv"]
+    args += [
+        f"gate.temperature={_value(float(gate.temperature))}",
+        f"gate.pool_temperature={_value(None if gate.pool_temperature is None else float(gate.pool_temperature))}",
+        f"gate.pool_detach={_value(bool(gate.pool_detach))}",
+        f"ascent.steps={int(ascent.steps)}",
+        f"ascent.step_size={_value(float(ascent.step_size))}",
+        f"ascent.eps={_value(float(ascent.eps))}",
+        "targets=custom",
+        f"targets.rows=[{int(image_class)}]",
+        f"targets.extra=[{int(target_class)}]" if int(target_class) != int(image_class) else "targets.extra=[]",
+        "logger=csv",
+    ]
     if gpu:
         args.append("trainer=gpu")
     return "pullbacks " + " ".join(shlex.quote(a) for a in args)

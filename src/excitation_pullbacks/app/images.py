@@ -61,8 +61,10 @@ def open_image(source: str | os.PathLike | Image.Image) -> Image.Image:
             with Image.open(path) as im:
                 w, h = im.size
                 if w * h > MAX_PIXELS:
-                    raise ImageError(f"image {path.name} is too large ({w} x {h} pixels; at most "
-                                     f"{MAX_PIXELS // 1_000_000} megapixels)")
+                    raise ImageError(
+                        f"image {path.name} is too large ({w} x {h} pixels; at most "
+                        f"{MAX_PIXELS // 1_000_000} megapixels)"
+                    )
                 im.seek(0)  # first frame of a GIF / multi-page TIFF
                 im.load()
                 return to_rgb(ImageOps.exif_transpose(im))

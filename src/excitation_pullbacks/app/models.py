@@ -57,10 +57,14 @@ class ModelSpec:
 
 #: The choices the page offers: the paper's three models with their weights or random, and the digits CNN.
 MODEL_OPTIONS = (
-    ModelSpec("digits_cnn", "DEFAULT"), ModelSpec("digits_cnn", None),
-    ModelSpec("resnet50", "IMAGENET1K_V1"), ModelSpec("resnet50", None),
-    ModelSpec("vgg11_bn", "IMAGENET1K_V1"), ModelSpec("vgg11_bn", None),
-    ModelSpec("densenet121", "IMAGENET1K_V1"), ModelSpec("densenet121", None),
+    ModelSpec("digits_cnn", "DEFAULT"),
+    ModelSpec("digits_cnn", None),
+    ModelSpec("resnet50", "IMAGENET1K_V1"),
+    ModelSpec("resnet50", None),
+    ModelSpec("vgg11_bn", "IMAGENET1K_V1"),
+    ModelSpec("vgg11_bn", None),
+    ModelSpec("densenet121", "IMAGENET1K_V1"),
+    ModelSpec("densenet121", None),
 )
 
 
@@ -143,8 +147,9 @@ def _load(spec: ModelSpec, device: str, stamp: int | None) -> LoadedModel:
     probe = torch.zeros(1, 3, crop, crop, device=device)
     with torch.no_grad(), excitation(model) as report:
         logits = model(probe)
-    sites = tuple(list(report.relu.items()) + list(report.maxpool.items()) + list(report.silu.items())
-                  + list(report.gelu.items()))
+    sites = tuple(
+        list(report.relu.items()) + list(report.maxpool.items()) + list(report.silu.items()) + list(report.gelu.items())
+    )
     modules = dict(model.named_modules())
     layers = tuple(name for name, _ in sites if name in modules)
     classes = class_names_for(space, int(logits.shape[1]))

@@ -35,7 +35,15 @@ from .panels import (
     step_views,
 )
 
-__all__ = ["GATE_SHAPES", "ImageFile", "build_demo", "class_choices", "parse_pool_temperature", "parse_position", "parse_temperatures"]
+__all__ = [
+    "GATE_SHAPES",
+    "ImageFile",
+    "build_demo",
+    "class_choices",
+    "parse_pool_temperature",
+    "parse_position",
+    "parse_temperatures",
+]
 
 GATE_SHAPES = ("sigmoid", "normal_cdf", "normal_cdf_tanh", "softsign", "hard", "none")
 DEFAULT_TEMPERATURES = "0, 0.1, 0.3, 1, 3"
@@ -145,8 +153,13 @@ def _session(request: gr.Request | None) -> str:
     return getattr(request, "session_hash", None) or "local"
 
 
-def build_demo(initial: ModelSpec = MODEL_OPTIONS[0], *, device: str = "auto", images: str | os.PathLike | None = None,
-               work_dir: str | os.PathLike | None = None) -> gr.Blocks:
+def build_demo(
+    initial: ModelSpec = MODEL_OPTIONS[0],
+    *,
+    device: str = "auto",
+    images: str | os.PathLike | None = None,
+    work_dir: str | os.PathLike | None = None,
+) -> gr.Blocks:
     """The explorer page, with ``initial`` loaded (and cached) and the folder ``images`` in the gallery.
 
     device: where models run (auto: cuda when available). work_dir: where runs save their input image and
@@ -175,12 +188,18 @@ def build_demo(initial: ModelSpec = MODEL_OPTIONS[0], *, device: str = "auto", i
         except ModelError as err:
             raise gr.Error(str(err), print_exception=False) from None
         step_size, eps = _ascent_defaults(loaded)
-        status = (f"**{loaded.spec.label}** on {loaded.device}: {len(loaded.classes)} classes, input "
-                  f"{loaded.crop} x {loaded.crop}, {sum(n for _, n in loaded.sites)} gated calls")
+        status = (
+            f"**{loaded.spec.label}** on {loaded.device}: {len(loaded.classes)} classes, input "
+            f"{loaded.crop} x {loaded.crop}, {sum(n for _, n in loaded.sites)} gated calls"
+        )
         choices = class_choices(loaded)
-        return (status, gr.update(choices=choices, value=choices[0]),
-                gr.update(choices=list(loaded.layers), value=loaded.layers[0] if loaded.layers else None),
-                step_size, eps)
+        return (
+            status,
+            gr.update(choices=choices, value=choices[0]),
+            gr.update(choices=list(loaded.layers), value=loaded.layers[0] if loaded.layers else None),
+            step_size,
+            eps,
+        )
 
     def on_image(key, checkpoint, path):
         """A newly picked image: the class its file name names becomes the target (when the model has it)."""
@@ -193,8 +212,26 @@ def build_demo(initial: ModelSpec = MODEL_OPTIONS[0], *, device: str = "auto", i
         i = _label_class(path, loaded)
         return gr.update() if i is None else gr.update(value=class_choices(loaded)[i])
 
-    def run(key, checkpoint, path, mode, choice, layer, channel, position, shape, temperature, pool_temperature,
-            pool_detach, steps, step_size, eps, temperatures, request: gr.Request, progress=gr.Progress()):  # noqa: B008 - as above
+    def run(
+        key,
+        checkpoint,
+        path,
+        mode,
+        choice,
+        layer,
+        channel,
+        position,
+        shape,
+        temperature,
+        pool_temperature,
+        pool_detach,
+        steps,
+        step_size,
+        eps,
+        temperatures,
+        request: gr.Request,
+        progress=gr.Progress(),  # noqa: B008 - as above
+    ):
         stop = stops.flag(_session(request))
         stop.clear()
         try:
@@ -207,8 +244,9 @@ def build_demo(initial: ModelSpec = MODEL_OPTIONS[0], *, device: str = "auto", i
                 target = Neuron(str(layer), int(channel or 0), parse_position(position))
             else:
                 target = _class_index(choice, loaded)
-            gate = GateSettings(str(shape), float(temperature), parse_pool_temperature(pool_temperature),
-                                bool(pool_detach))
+            gate = GateSettings(
+                str(shape), float(temperature), parse_pool_temperature(pool_temperature), bool(pool_detach)
+            )
             settings = AscentSettings(int(steps), float(step_size), float(eps))
             temps = parse_temperatures(temperatures)
             total = 3 + (0 if isinstance(target, Neuron) else 2 * settings.steps)  # explore's ticks
@@ -236,24 +274,46 @@ def build_demo(initial: ModelSpec = MODEL_OPTIONS[0], *, device: str = "auto", i
         folder.mkdir(parents=True)
         image.save(folder / f"0_{row}.png")
         column = row if isinstance(target, Neuron) else target
-        lines = [(f"# image class (row): {loaded.classes[row]} ({row}), from {where}; target column: "
-                  f"{loaded.classes[column]} ({column})")]
+        lines = [
+            (
+                f"# image class (row): {loaded.classes[row]} ({row}), from {where}; target column: "
+                f"{loaded.classes[column]} ({column})"
+            )
+        ]
         if isinstance(target, Neuron):
             lines.append("# hidden-neuron targets are no pipeline option: this command targets the image's class")
-        lines.append(command_line(loaded.spec, gate=gate, ascent=settings, data_root=str(folder), resize=loaded.resize,
-                                  crop=loaded.crop, image_class=row, target_class=column,
-                                  gpu=loaded.device.type == "cuda"))
+        lines.append(
+            command_line(
+                loaded.spec,
+                gate=gate,
+                ascent=settings,
+                data_root=str(folder),
+                resize=loaded.resize,
+                crop=loaded.crop,
+                image_class=row,
+                target_class=column,
+                gpu=loaded.device.type == "cuda",
+            )
+        )
         state = {"result": result, "command": "\n".join(lines), "input_dir": str(folder)}
         return (state, *_panels(result, settings.steps), result.report, state["command"])
 
     def _panels(result: Exploration, steps: int):
         has_ascent = bool(result.trajectories)
         views = _step_images(result, steps if has_ascent else 0)
-        return (render_image(result.x[0]), render_map(result.vanilla[0]), render_map(result.excitation[0]),
-                result.before, result.after.get("excitation"), result.after.get("vanilla"),
-                render_strip(result.strip, result.temperatures),
-                gr.update(maximum=max(steps, 1) if has_ascent else 1, value=steps if has_ascent else 0,
-                          interactive=has_ascent), *views)
+        return (
+            render_image(result.x[0]),
+            render_map(result.vanilla[0]),
+            render_map(result.excitation[0]),
+            result.before,
+            result.after.get("excitation"),
+            result.after.get("vanilla"),
+            render_strip(result.strip, result.temperatures),
+            gr.update(
+                maximum=max(steps, 1) if has_ascent else 1, value=steps if has_ascent else 0, interactive=has_ascent
+            ),
+            *views,
+        )
 
     def _step_images(result: Exploration, step: int):
         if not result.trajectories:
@@ -271,9 +331,12 @@ def build_demo(initial: ModelSpec = MODEL_OPTIONS[0], *, device: str = "auto", i
         result: Exploration = state["result"]
         out = work / "exports" / uuid.uuid4().hex[:12]
         out.mkdir(parents=True)
-        panels = {"input": render_image(result.x[0]), "vanilla_gradient": render_map(result.vanilla[0]),
-                  "excitation_pullback": render_map(result.excitation[0]),
-                  "temperature_strip": render_strip(result.strip, result.temperatures)}
+        panels = {
+            "input": render_image(result.x[0]),
+            "vanilla_gradient": render_map(result.vanilla[0]),
+            "excitation_pullback": render_map(result.excitation[0]),
+            "temperature_strip": render_strip(result.strip, result.temperatures),
+        }
         if result.trajectories:
             names = ("ascent_excitation", "difference_excitation", "ascent_vanilla", "difference_vanilla")
             panels.update({f"{n}_step{int(step)}": im for n, im in zip(names, _step_images(result, int(step)))})
@@ -281,9 +344,17 @@ def build_demo(initial: ModelSpec = MODEL_OPTIONS[0], *, device: str = "auto", i
         for name, im in panels.items():
             im.save(out / f"{name}.png")
             files.append(str(out / f"{name}.png"))
-        torch.save({"x": result.x, "vanilla": result.vanilla, "excitation": result.excitation,
-                    "temperatures": torch.tensor(result.temperatures), "strip": result.strip,
-                    "trajectories": result.trajectories}, out / "tensors.pt")
+        torch.save(
+            {
+                "x": result.x,
+                "vanilla": result.vanilla,
+                "excitation": result.excitation,
+                "temperatures": torch.tensor(result.temperatures),
+                "strip": result.strip,
+                "trajectories": result.trajectories,
+            },
+            out / "tensors.pt",
+        )
         (out / "command.txt").write_text(state["command"] + "\n")
         return files + [str(out / "tensors.pt"), str(out / "command.txt")]
 
@@ -292,29 +363,46 @@ def build_demo(initial: ModelSpec = MODEL_OPTIONS[0], *, device: str = "auto", i
 
     # -- layout ---------------------------------------------------------------------------------------
     with gr.Blocks(title="Excitation pullbacks explorer") as demo:
-        gr.Markdown("## Excitation pullbacks explorer\nInput gradients with soft backward gates sigmoid(z/T) "
-                    "(forward untouched), side by side with the vanilla gradient, and projected gradient ascent "
-                    "along each.")
+        gr.Markdown(
+            "## Excitation pullbacks explorer\nInput gradients with soft backward gates sigmoid(z/T) "
+            "(forward untouched), side by side with the vanilla gradient, and projected gradient ascent "
+            "along each."
+        )
         state = gr.State(None)
         with gr.Row():
             with gr.Column(scale=1, min_width=320):
                 model_key = gr.Dropdown([(s.label, s.key) for s in options], value=initial.key, label="Model")
-                checkpoint = gr.Textbox(value=initial.checkpoint or "", label="Local checkpoint (state dict; optional)",
-                                        placeholder="/path/to/weights.pt")
-                status = gr.Markdown(f"**{loaded0.spec.label}** on {loaded0.device}: {len(loaded0.classes)} classes, "
-                                     f"input {loaded0.crop} x {loaded0.crop}, "
-                                     f"{sum(n for _, n in loaded0.sites)} gated calls")
-                image = ImageFile(type="filepath", image_mode=None, sources=["upload", "clipboard"], label="Image",
-                                  height=240, elem_id="image")
+                checkpoint = gr.Textbox(
+                    value=initial.checkpoint or "",
+                    label="Local checkpoint (state dict; optional)",
+                    placeholder="/path/to/weights.pt",
+                )
+                status = gr.Markdown(
+                    f"**{loaded0.spec.label}** on {loaded0.device}: {len(loaded0.classes)} classes, "
+                    f"input {loaded0.crop} x {loaded0.crop}, "
+                    f"{sum(n for _, n in loaded0.sites)} gated calls"
+                )
+                image = ImageFile(
+                    type="filepath",
+                    image_mode=None,
+                    sources=["upload", "clipboard"],
+                    label="Image",
+                    height=240,
+                    elem_id="image",
+                )
                 if gallery:
                     gr.Examples(gallery, inputs=image, label="Image folder", examples_per_page=20, elem_id="gallery")
                 mode = gr.Radio(["class", "hidden neuron"], value="class", label="Target")
                 choices0 = class_choices(loaded0)
-                target_class = gr.Dropdown(choices0, value=choices0[0], label="Class (type to filter)",
-                                           filterable=True, elem_id="target-class")
+                target_class = gr.Dropdown(
+                    choices0, value=choices0[0], label="Class (type to filter)", filterable=True, elem_id="target-class"
+                )
                 with gr.Row(equal_height=True):
-                    layer = gr.Dropdown(list(loaded0.layers), value=loaded0.layers[0] if loaded0.layers else None,
-                                        label="Layer (gated site)")
+                    layer = gr.Dropdown(
+                        list(loaded0.layers),
+                        value=loaded0.layers[0] if loaded0.layers else None,
+                        label="Layer (gated site)",
+                    )
                     channel = gr.Number(0, precision=0, minimum=0, label="Channel")
                     position = gr.Textbox("", label="Position h, w (blank: sum)")
                 with gr.Row():
@@ -322,7 +410,9 @@ def build_demo(initial: ModelSpec = MODEL_OPTIONS[0], *, device: str = "auto", i
                     stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
                 with gr.Accordion("Gate", open=True):
                     shape = gr.Dropdown(list(GATE_SHAPES), value="sigmoid", label="Gate shape")
-                    temperature = gr.Slider(0.0, 3.0, value=0.3, step=0.01, label="Temperature T", elem_id="temperature")
+                    temperature = gr.Slider(
+                        0.0, 3.0, value=0.3, step=0.01, label="Temperature T", elem_id="temperature"
+                    )
                     pool_temperature = gr.Textbox("", label="Max-pool T (blank: same as T)")
                     pool_detach = gr.Checkbox(False, label="Detach max-pool softmax weights")
                 with gr.Accordion("Ascent", open=False):
@@ -348,26 +438,68 @@ def build_demo(initial: ModelSpec = MODEL_OPTIONS[0], *, device: str = "auto", i
                     va_img = gr.Image(label="Vanilla ascent", format="png")
                     va_diff = gr.Image(label="Difference (vanilla)", format="png")
                 report = gr.Code(label="Gated call sites", language=None, lines=4, max_lines=12)
-                command = gr.Code(label="Reproduce with the pipeline", language="shell", lines=2, max_lines=6,
-                                  elem_id="command")
+                command = gr.Code(
+                    label="Reproduce with the pipeline", language="shell", lines=2, max_lines=6, elem_id="command"
+                )
                 export_btn = gr.Button("Export panels, tensors and command")
                 files = gr.File(label="Exported files", file_count="multiple", height=120)
 
-        model_key.change(on_model, [model_key, checkpoint], [status, target_class, layer, step_size, eps],
-                         api_name="load_model")
-        checkpoint.submit(on_model, [model_key, checkpoint], [status, target_class, layer, step_size, eps],
-                          api_name=False)
-        image.change(on_image, [model_key, checkpoint, image], [target_class], api_name="pick_image",
-                     concurrency_limit=None)
-        inputs = [model_key, checkpoint, image, mode, target_class, layer, channel, position, shape, temperature,
-                  pool_temperature, pool_detach, steps, step_size, eps, temperatures]
-        outputs = [state, shown, vanilla, excitation, before, after_ex, after_va, strip, step, ex_img, ex_diff,
-                   va_img, va_diff, report, command]
+        model_key.change(
+            on_model, [model_key, checkpoint], [status, target_class, layer, step_size, eps], api_name="load_model"
+        )
+        checkpoint.submit(
+            on_model, [model_key, checkpoint], [status, target_class, layer, step_size, eps], api_name=False
+        )
+        image.change(
+            on_image, [model_key, checkpoint, image], [target_class], api_name="pick_image", concurrency_limit=None
+        )
+        inputs = [
+            model_key,
+            checkpoint,
+            image,
+            mode,
+            target_class,
+            layer,
+            channel,
+            position,
+            shape,
+            temperature,
+            pool_temperature,
+            pool_detach,
+            steps,
+            step_size,
+            eps,
+            temperatures,
+        ]
+        outputs = [
+            state,
+            shown,
+            vanilla,
+            excitation,
+            before,
+            after_ex,
+            after_va,
+            strip,
+            step,
+            ex_img,
+            ex_diff,
+            va_img,
+            va_diff,
+            report,
+            command,
+        ]
         run_event = run_btn.click(run, inputs, outputs, api_name="run")
-        step.change(show_step, [state, step], [ex_img, ex_diff, va_img, va_diff], api_name="step",
-                    concurrency_limit=None, show_progress="hidden")
+        step.change(
+            show_step,
+            [state, step],
+            [ex_img, ex_diff, va_img, va_diff],
+            api_name="step",
+            concurrency_limit=None,
+            show_progress="hidden",
+        )
         export_btn.click(export, [state, step], [files], api_name="export", concurrency_limit=None)
-        stop_btn.click(request_stop, None, None, cancels=[run_event], api_name="stop", concurrency_limit=None,
-                       queue=False)
+        stop_btn.click(
+            request_stop, None, None, cancels=[run_event], api_name="stop", concurrency_limit=None, queue=False
+        )
     demo.queue(max_size=32, default_concurrency_limit=1)
     return demo

@@ -49,9 +49,12 @@ class GateSettings:
     pool_detach: bool = False
 
     def kwargs(self) -> dict:
-        return {"gate": self.shape, "temperature": float(self.temperature),
-                "pool_temperature": None if self.pool_temperature is None else float(self.pool_temperature),
-                "pool_detach": bool(self.pool_detach)}
+        return {
+            "gate": self.shape,
+            "temperature": float(self.temperature),
+            "pool_temperature": None if self.pool_temperature is None else float(self.pool_temperature),
+            "pool_detach": bool(self.pool_detach),
+        }
 
     def at(self, temperature: float) -> GateSettings:
         return GateSettings(self.shape, temperature, self.pool_temperature, self.pool_detach)
@@ -73,8 +76,10 @@ class AscentSettings:
 def gradients(model: nn.Module, x: Tensor, target: int | Neuron, gate: GateSettings) -> dict[str, Tensor]:
     """x (1, 3, H, W) in [-1, 1] -> {"vanilla": (1, 3, H, W) input gradient, "excitation": (1, 3, H, W)
     pullback with ``gate``} of the class logit or hidden neuron ``target``."""
-    return {"vanilla": pullback(model, x, target, **VANILLA.kwargs()),
-            "excitation": pullback(model, x, target, **gate.kwargs())}
+    return {
+        "vanilla": pullback(model, x, target, **VANILLA.kwargs()),
+        "excitation": pullback(model, x, target, **gate.kwargs()),
+    }
 
 
 @torch.no_grad()
@@ -85,15 +90,22 @@ def top_k(model: nn.Module, x: Tensor, classes: Sequence[str], k: int = 5) -> di
     return {f"{classes[i]} ({i})": float(v) for v, i in zip(values.tolist(), indices.tolist())}
 
 
-def temperature_strip(model: nn.Module, x: Tensor, target: int | Neuron, gate: GateSettings,
-                      temperatures: Sequence[float]) -> Tensor:
+def temperature_strip(
+    model: nn.Module, x: Tensor, target: int | Neuron, gate: GateSettings, temperatures: Sequence[float]
+) -> Tensor:
     """The pullback at each temperature: (K, 3, H, W) for K temperatures (T = 0: the vanilla gradient)."""
     rows = [pullback(model, x, target, **(VANILLA if t == 0 else gate.at(t)).kwargs())[0] for t in temperatures]
     return torch.stack(rows)
 
 
-def trajectories(model: nn.Module, x: Tensor, target: int, gate: GateSettings, settings: AscentSettings,
-                 tick: Callable[[str], None] | None = None) -> dict[str, Tensor]:
+def trajectories(
+    model: nn.Module,
+    x: Tensor,
+    target: int,
+    gate: GateSettings,
+    settings: AscentSettings,
+    tick: Callable[[str], None] | None = None,
+) -> dict[str, Tensor]:
     """Projected gradient ascent of class ``target`` from x (1, 3, H, W), along excitation pullbacks and
     along vanilla gradients: {"excitation": (steps + 1, 3, H, W), "vanilla": (steps + 1, 3, H, W)}, row 0
     the original. ``tick(what)`` is called before every step (progress; it may raise :class:`Cancelled`).
@@ -101,13 +113,22 @@ def trajectories(model: nn.Module, x: Tensor, target: int, gate: GateSettings, s
     it is ``pullback`` with the same settings, i.e. what ``ascent`` computes itself."""
     out = {}
     for kind, g in (("excitation", gate), ("vanilla", VANILLA)):
+
         def direction(xs: Tensor, t: Tensor, g=g, kind=kind) -> Tensor:
             if tick is not None:
                 tick(kind)
             return pullback(model, xs, t, **g.kwargs())
 
-        _, traj = ascent(model, x, int(target), steps=int(settings.steps), step_size=float(settings.step_size),
-                         eps=float(settings.eps), direction=direction, return_trajectory=True)
+        _, traj = ascent(
+            model,
+            x,
+            int(target),
+            steps=int(settings.steps),
+            step_size=float(settings.step_size),
+            eps=float(settings.eps),
+            direction=direction,
+            return_trajectory=True,
+        )
         out[kind] = traj[:, 0]
     return out
 
@@ -184,11 +205,19 @@ class Exploration:
     report: str
 
 
-def explore(model: nn.Module, x: Tensor, target: int | Neuron, classes: Sequence[str], gate: GateSettings,
-            settings: AscentSettings, temperatures: Sequence[float],
-            tick: Callable[[str], None] | None = None) -> Exploration:
+def explore(
+    model: nn.Module,
+    x: Tensor,
+    target: int | Neuron,
+    classes: Sequence[str],
+    gate: GateSettings,
+    settings: AscentSettings,
+    temperatures: Sequence[float],
+    tick: Callable[[str], None] | None = None,
+) -> Exploration:
     """All panels for x (1, 3, H, W) on the model's device: gradients, strip, ascent (class targets only),
     top-5 before and after, call sites. ``tick(what)`` runs between the pieces of work (progress, Stop)."""
+
     def note(what: str) -> None:
         if tick is not None:
             tick(what)
@@ -202,6 +231,14 @@ def explore(model: nn.Module, x: Tensor, target: int | Neuron, classes: Sequence
         trajs = trajectories(model, x, target, gate, settings, tick)
         after = {kind: top_k(model, t[-1:], classes) for kind, t in trajs.items()}
     note("call sites")
-    return Exploration(x.cpu(), grads["vanilla"].cpu(), grads["excitation"].cpu(), tuple(temperatures), strip.cpu(),
-                       {k: v.cpu() for k, v in trajs.items()}, top_k(model, x, classes), after,
-                       call_site_report(model, x, gate))
+    return Exploration(
+        x.cpu(),
+        grads["vanilla"].cpu(),
+        grads["excitation"].cpu(),
+        tuple(temperatures),
+        strip.cpu(),
+        {k: v.cpu() for k, v in trajs.items()},
+        top_k(model, x, classes),
+        after,
+        call_site_report(model, x, gate),
+    )

@@ -71,8 +71,9 @@ def ascent_scores(model: nn.Module, x: Tensor, x_adv: Tensor, target, *, batch_s
     return AscentScores(gain=gain, l2=l2, gain_per_l2=per, flipped=flipped, before=top0, after=top1)
 
 
-def transfer_scores(models: Mapping[str, nn.Module], x: Tensor, x_adv: Tensor, target, *,
-                    batch_size: int | None = None) -> dict[str, AscentScores]:
+def transfer_scores(
+    models: Mapping[str, nn.Module], x: Tensor, x_adv: Tensor, target, *, batch_size: int | None = None
+) -> dict[str, AscentScores]:
     """:func:`ascent_scores` of precomputed counterfactuals x_adv (N, C, H, W) on each model: name -> scores
     with (N,) tensors (gain: target logit gain on that model; flipped: its top-1 became the target)."""
     return {name: ascent_scores(m, x, x_adv, target, batch_size=batch_size) for name, m in models.items()}
@@ -109,6 +110,15 @@ def transfer(
     on another model: the counterfactual transfers.
     """
     t = class_targets(target, x.shape[0], x.device, grid=False)
-    x_adv = ascent(source_model, x, t, steps=steps, step_size=step_size, eps=eps, vanilla=vanilla,
-                   direction=direction, **ascent_options)
+    x_adv = ascent(
+        source_model,
+        x,
+        t,
+        steps=steps,
+        step_size=step_size,
+        eps=eps,
+        vanilla=vanilla,
+        direction=direction,
+        **ascent_options,
+    )
     return TransferResult(x_adv=x_adv, scores=transfer_scores(target_models, x, x_adv, t, batch_size=batch_size))

@@ -149,8 +149,17 @@ def perturbation_auc(
     unperturbed point left out of curve and AUC).
     """
     curves, fractions = perturbation_curves(
-        model, x, maps, target, mode=mode, steps=steps, baseline=baseline, score=score, reduce=reduce,
-        blur_sigma=blur_sigma, batch_size=batch_size,
+        model,
+        x,
+        maps,
+        target,
+        mode=mode,
+        steps=steps,
+        baseline=baseline,
+        score=score,
+        reduce=reduce,
+        blur_sigma=blur_sigma,
+        batch_size=batch_size,
     )
     auc, curves = _auc(curves, fractions, include_start, auc_spacing)
     return (auc, curves) if return_curves else auc

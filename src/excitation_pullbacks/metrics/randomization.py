@@ -55,8 +55,9 @@ def _parameterised_layers(model: nn.Module, x: Tensor, batchnorm: str) -> list[s
     return seen
 
 
-def randomization_layers(model: nn.Module, x: Tensor, *, layers: int | Sequence[str] | None = None,
-                         batchnorm: str = "skip") -> list[str]:
+def randomization_layers(
+    model: nn.Module, x: Tensor, *, layers: int | Sequence[str] | None = None, batchnorm: str = "skip"
+) -> list[str]:
     """The layer names :func:`randomization_check` randomises, in its order (top first). x: (N, C, H, W), one
     image is run to order the layers by their first call; layers and batchnorm as there."""
     if batchnorm not in ("skip", "reset"):

@@ -36,8 +36,9 @@ def total_variation(maps: Tensor, *, normalize: bool = True) -> Tensor:
     """
     if maps.dim() == 3:
         maps = maps[:, None]
-    tv = (maps[..., 1:, :] - maps[..., :-1, :]).abs().flatten(1).sum(1) + \
-        (maps[..., :, 1:] - maps[..., :, :-1]).abs().flatten(1).sum(1)
+    tv = (maps[..., 1:, :] - maps[..., :-1, :]).abs().flatten(1).sum(1) + (
+        maps[..., :, 1:] - maps[..., :, :-1]
+    ).abs().flatten(1).sum(1)
     if not normalize:
         return tv
     return tv / maps.abs().flatten(1).sum(1)

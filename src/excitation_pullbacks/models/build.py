@@ -59,5 +59,6 @@ def _digits_cnn(weights: str | None, checkpoint: str | os.PathLike | None) -> nn
         return DigitsCNN().eval()
     if weights is _DEFAULT_WEIGHTS or weights in DIGITS_WEIGHTS:
         return load_digits_cnn()
-    raise ValueError(f"model {DIGITS_CNN} has no weights {weights!r}; choose one of {', '.join(DIGITS_WEIGHTS)}, "
-                     "or null")
+    raise ValueError(
+        f"model {DIGITS_CNN} has no weights {weights!r}; choose one of {', '.join(DIGITS_WEIGHTS)}, or null"
+    )

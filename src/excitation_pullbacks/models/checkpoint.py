@@ -34,12 +34,15 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "weights_only" in str(err) or "global" in str(err).lower():
-            raise ValueError(f"checkpoint {path} holds Python objects besides tensors (e.g. a whole pickled model); "
-                             "save and load model.state_dict() instead") from None
+            raise ValueError(
+                f"checkpoint {path} holds Python objects besides tensors (e.g. a whole pickled model); "
+                "save and load model.state_dict() instead"
+            ) from None
         raise ValueError(f"checkpoint {path} is corrupt or truncated ({type(err).__name__})") from None
     except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError) as err:
         raise ValueError(
-            f"checkpoint {path} is corrupt, truncated or not a torch file ({type(err).__name__})") from None
+            f"checkpoint {path} is corrupt, truncated or not a torch file ({type(err).__name__})"
+        ) from None
     if isinstance(state, Mapping) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
@@ -48,11 +51,15 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     missing, unexpected = own.keys() - state.keys(), state.keys() - own.keys()
     shapes = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
     if missing or unexpected or shapes:
-        parts = [f"{len(missing)} missing ({_examples(missing)})" if missing else "",
-                 f"{len(unexpected)} unexpected ({_examples(unexpected)})" if unexpected else "",
-                 f"{len(shapes)} of another shape ({_examples(shapes)})" if shapes else ""]
-        raise ValueError(f"checkpoint {path} does not fit {type(model).__name__} (another architecture or "
-                         f"configuration?): parameters " + "; ".join(p for p in parts if p))
+        parts = [
+            f"{len(missing)} missing ({_examples(missing)})" if missing else "",
+            f"{len(unexpected)} unexpected ({_examples(unexpected)})" if unexpected else "",
+            f"{len(shapes)} of another shape ({_examples(shapes)})" if shapes else "",
+        ]
+        raise ValueError(
+            f"checkpoint {path} does not fit {type(model).__name__} (another architecture or "
+            f"configuration?): parameters " + "; ".join(p for p in parts if p)
+        )
     model.load_state_dict(state)
     return model
 

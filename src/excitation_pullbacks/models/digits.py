@@ -30,7 +30,7 @@ __all__ = [
 #: The committed checkpoint (a state dict of ``DigitsCNN()``).
 CHECKPOINT = Path(__file__).parent / "weights" / "digits_cnn.pt"
 
-SPLIT_SEED = 0        # seeds the fixed train/test permutation
+SPLIT_SEED = 0  # seeds the fixed train/test permutation
 TEST_FRACTION = 0.25  # 449 of the 1797 images are held out
 
 

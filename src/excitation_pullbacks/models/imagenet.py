@@ -58,8 +58,9 @@ def torchvision_model(
 
     available = tvm.list_models(module=tvm)
     if name not in available:
-        raise ValueError(f"unknown model {name!r}; torchvision classifiers include: resnet50, vgg11_bn, "
-                         f"densenet121, ...")
+        raise ValueError(
+            f"unknown model {name!r}; torchvision classifiers include: resnet50, vgg11_bn, densenet121, ..."
+        )
     if checkpoint is not None:
         weights = None
     if weights is not None:

@@ -16,8 +16,16 @@ from torchvision.models import ResNet50_Weights
 
 from .errors import PipelineError
 
-__all__ = ["CLASS_SPACES", "IMAGENETTE", "class_names", "class_space", "imagenet_classes", "normalise_name",
-           "resolve_class", "resolve_classes"]
+__all__ = [
+    "CLASS_SPACES",
+    "IMAGENETTE",
+    "class_names",
+    "class_space",
+    "imagenet_classes",
+    "normalise_name",
+    "resolve_class",
+    "resolve_classes",
+]
 
 #: ImageNet indices of the ten Imagenette classes, in Imagenette's label order (sorted WordNet ids).
 IMAGENETTE = (0, 217, 482, 491, 497, 566, 569, 571, 574, 701)

@@ -53,7 +53,9 @@ def _one_line(message: str) -> str:
         if line.startswith("\t"):
             options.append(line.strip())
         elif line.strip():
-            lines.append("- " + line.strip().rstrip(":").lower() if line.startswith("Available options") else line.strip())
+            lines.append(
+                "- " + line.strip().rstrip(":").lower() if line.startswith("Available options") else line.strip()
+            )
     text = " ".join(lines)
     return f"{text}: {', '.join(options)}" if options else text
 
@@ -80,7 +82,7 @@ def check_overrides(args: list[str]) -> str | None:
         parsed = OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-")])
         choices = [[o.input_line] if not o.is_sweep_override() else _sweep_values(o) for o in parsed]
         base = [c[0] for c in choices]  # the first value of every sweep, then each other value in turn
-        combos = [base] + [base[:i] + [v] + base[i + 1:] for i, c in enumerate(choices) for v in c[1:]]
+        combos = [base] + [base[:i] + [v] + base[i + 1 :] for i, c in enumerate(choices) for v in c[1:]]
         with initialize_config_dir(CONFIG_DIR, version_base=None):
             for overrides in combos:
                 compose("config", overrides=overrides)

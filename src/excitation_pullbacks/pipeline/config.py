@@ -111,12 +111,13 @@ class BaselinesConfig:
     """Captum baseline methods (``baselines=``): the ``baselines`` figure's panels and the options every
     baseline explainer takes (figures and the evaluate task)."""
 
-    methods: List[str] = field(default_factory=lambda: ["vanilla", "smoothgrad", "guided_backprop",
-                                                        "integrated_gradients"])
+    methods: List[str] = field(
+        default_factory=lambda: ["vanilla", "smoothgrad", "guided_backprop", "integrated_gradients"]
+    )
     smoothgrad_samples: int = 16
-    smoothgrad_noise: float = 0.15   # noise std as a fraction of the [-1, 1] range
+    smoothgrad_noise: float = 0.15  # noise std as a fraction of the [-1, 1] range
     ig_steps: int = 16
-    ig_baseline: float = -1.0        # integrated gradients from the black image
+    ig_baseline: float = -1.0  # integrated gradients from the black image
     batch_size: Optional[int] = None  # SmoothGrad samples / IG steps per forward (null: all)
 
 
@@ -141,8 +142,13 @@ class LoggerConfig:
     mode: LoggerMode = LoggerMode.offline
 
 
-SCHEMAS = {"gate": GateConfig, "ascent": AscentConfig, "baselines": BaselinesConfig, "trainer": TrainerConfig,
-           "logger": LoggerConfig}
+SCHEMAS = {
+    "gate": GateConfig,
+    "ascent": AscentConfig,
+    "baselines": BaselinesConfig,
+    "trainer": TrainerConfig,
+    "logger": LoggerConfig,
+}
 
 
 def register_schemas() -> None:

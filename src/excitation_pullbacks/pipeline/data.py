@@ -32,13 +32,15 @@ DATA_CLASS_SPACE = {"imagenette_hf": "imagenet", "imagenette_tv": "imagenet", "d
 
 def build_transform(resize: int = 256, crop: int = 224):
     """PIL image (any mode) -> (3, crop, crop) in [-1, 1]: RGB, Resize(resize), CenterCrop(crop)."""
-    return T.Compose([
-        T.Lambda(lambda im: im.convert("RGB")),
-        T.Resize(resize),
-        T.CenterCrop(crop),
-        T.ToTensor(),
-        T.Lambda(lambda x: x * 2 - 1),
-    ])
+    return T.Compose(
+        [
+            T.Lambda(lambda im: im.convert("RGB")),
+            T.Resize(resize),
+            T.CenterCrop(crop),
+            T.ToTensor(),
+            T.Lambda(lambda x: x * 2 - 1),
+        ]
+    )
 
 
 class ImagenetteAsImageNet(Dataset):
@@ -196,8 +198,10 @@ def build_dataset(cfg, classes: Sequence[int], space: str = "imagenet") -> Datas
     own = DATA_CLASS_SPACE.get(kind)
     if own is not None and own != space:
         fits = [k for k, v in DATA_CLASS_SPACE.items() if v == space] + ["folder", "synthetic"]
-        raise PipelineError(f"data={kind} holds {own} classes but the model's classes are {space} (model.classes); "
-                            f"choose data={' | '.join(fits)}")
+        raise PipelineError(
+            f"data={kind} holds {own} classes but the model's classes are {space} (model.classes); "
+            f"choose data={' | '.join(fits)}"
+        )
     if kind == "digits":
         return DigitsDataset(cfg.get("split", "test"), cfg.get("size", 32))
     if kind == "synthetic":
@@ -224,8 +228,9 @@ def select_images(
     """
     if len(dataset) == 0:
         raise PipelineError("the dataset is empty")
-    order = DataLoader(range(len(dataset)), batch_size=batch_size, shuffle=True,
-                       generator=torch.Generator().manual_seed(seed))
+    order = DataLoader(
+        range(len(dataset)), batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)
+    )
     wanted = {c: r for r, c in enumerate(classes)}
     found: dict[int, tuple[Tensor, int]] = {}
     labels = getattr(dataset, "labels", None)  # skip decoding images of other classes when known

@@ -26,9 +26,15 @@ def log_results(cfg: dict, staging: Path, out: Path, figs: dict, table: list, su
     if not log["wandb"] or log["mode"] == "disabled":
         return
     # silent: W&B would print the staging path; the CLI reports the final one
-    logger = WandbLogger(project=log["project"], name=run_name, group=log.get("group") or cfg["name"],
-                         save_dir=str(staging), offline=log["mode"] == "offline", config=cfg,
-                         settings=wandb.Settings(silent=True))
+    logger = WandbLogger(
+        project=log["project"],
+        name=run_name,
+        group=log.get("group") or cfg["name"],
+        save_dir=str(staging),
+        offline=log["mode"] == "offline",
+        config=cfg,
+        settings=wandb.Settings(silent=True),
+    )
     try:
         for key, (im, caption) in figs.items():
             logger.log_image(key=f"figures/{key}", images=[im], caption=[caption])

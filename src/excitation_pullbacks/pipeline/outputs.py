@@ -91,9 +91,12 @@ def publish_staging(out: Path) -> None:
 def write_timing(final: Path, total: float, model: float) -> dict:
     """timing.json: wall time of the run split into model passes (predict steps in this process) and
     everything else (model and data loading, selection, figures, writing, logging). Returns the dict."""
-    timing = {"total_s": round(total, 3), "model_passes_s": round(model, 3) if model else None,
-              "other_s": round(total - model, 3) if model else None,
-              "other_fraction": round((total - model) / total, 4) if model else None}
+    timing = {
+        "total_s": round(total, 3),
+        "model_passes_s": round(model, 3) if model else None,
+        "other_s": round(total - model, 3) if model else None,
+        "other_fraction": round((total - model) / total, 4) if model else None,
+    }
     tmp = final / ".timing.json.tmp"
     tmp.write_text(json.dumps(timing, indent=1) + "\n")
     os.replace(tmp, final / "timing.json")

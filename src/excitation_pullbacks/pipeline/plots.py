@@ -101,57 +101,90 @@ def _with_original(images: Tensor, cells: Tensor) -> Tensor:
     return torch.cat([images[:, None], cells], 1)
 
 
-def fig1(images: Tensor, perturbed: Tensor, columns: Sequence[str], rows: Sequence[str] | None = None, *,
-         steps: int = 5) -> Image.Image:
+def fig1(
+    images: Tensor, perturbed: Tensor, columns: Sequence[str], rows: Sequence[str] | None = None, *, steps: int = 5
+) -> Image.Image:
     """Fig 1: differences after ``steps`` ascent steps. images (R, 3, H, W); perturbed (R, K, 3, H, W)."""
     panel = labelled_grid(_with_original(images, perturbed - images[:, None]), ["original", *columns], rows)
     return stack_panels([panel], [f"Differences after {steps} steps of ascent along excitation pullbacks"])
 
 
-def fig2(images: Tensor, vanilla: Tensor, excitation: Tensor, columns: Sequence[str],
-         rows: Sequence[str] | None = None, *, temperature: str = "0.3") -> Image.Image:
+def fig2(
+    images: Tensor,
+    vanilla: Tensor,
+    excitation: Tensor,
+    columns: Sequence[str],
+    rows: Sequence[str] | None = None,
+    *,
+    temperature: str = "0.3",
+) -> Image.Image:
     """Fig 2: vanilla gradients (top) vs excitation pullbacks (bottom); pullbacks (R, K, 3, H, W)."""
     titles = ["original", *columns]
     return stack_panels(
-        [labelled_grid(_with_original(images, vanilla), titles, rows),
-         labelled_grid(_with_original(images, excitation), titles, rows)],
+        [
+            labelled_grid(_with_original(images, vanilla), titles, rows),
+            labelled_grid(_with_original(images, excitation), titles, rows),
+        ],
         ["Vanilla gradients", f"Excitation pullbacks (T = {temperature})"],
     )
 
 
-def fig_ascent(images: Tensor, perturbed: Tensor, columns: Sequence[str], rows: Sequence[str] | None = None, *,
-               method: str = "excitation pullbacks", steps: int = 10) -> Image.Image:
+def fig_ascent(
+    images: Tensor,
+    perturbed: Tensor,
+    columns: Sequence[str],
+    rows: Sequence[str] | None = None,
+    *,
+    method: str = "excitation pullbacks",
+    steps: int = 10,
+) -> Image.Image:
     """Figs 3 / 4: perturbed images (top) and their differences from the original (bottom)."""
     titles = ["original", *columns]
     return stack_panels(
-        [labelled_grid(_with_original(images, perturbed), titles, rows),
-         labelled_grid(_with_original(images, perturbed - images[:, None]), titles, rows)],
+        [
+            labelled_grid(_with_original(images, perturbed), titles, rows),
+            labelled_grid(_with_original(images, perturbed - images[:, None]), titles, rows),
+        ],
         [f"Perturbed images: {steps} steps of ascent along {method}", "Differences from the original"],
     )
 
 
-def fig_sweep(image: Tensor, pullbacks: Tensor, temperatures: Sequence[str], columns: Sequence[str],
-              *, title: str = "") -> Image.Image:
+def fig_sweep(
+    image: Tensor, pullbacks: Tensor, temperatures: Sequence[str], columns: Sequence[str], *, title: str = ""
+) -> Image.Image:
     """Temperature sweep for one image (3, H, W): pullbacks (nT, K, 3, H, W), one row per temperature."""
     cells = _with_original(image[None].expand(len(temperatures), *image.shape), pullbacks)
     panel = labelled_grid(cells, ["original", *columns], [f"T = {t}" for t in temperatures])
     return stack_panels([panel], [title or "Pullbacks by gate temperature"])
 
 
-def fig_baselines(images: Tensor, baselines: Tensor, excitation: Tensor, methods: Sequence[str],
-                  columns: Sequence[str], rows: Sequence[str] | None = None, *, temperature: str = "0.3") -> Image.Image:
+def fig_baselines(
+    images: Tensor,
+    baselines: Tensor,
+    excitation: Tensor,
+    methods: Sequence[str],
+    columns: Sequence[str],
+    rows: Sequence[str] | None = None,
+    *,
+    temperature: str = "0.3",
+) -> Image.Image:
     """Fig 2's grid for each Captum baseline, then for excitation pullbacks: images (R, 3, H, W), baselines
     (R, nB, K, 3, H, W), excitation (R, K, 3, H, W)."""
     titles = ["original", *columns]
     panels = [labelled_grid(_with_original(images, baselines[:, i]), titles, rows) for i in range(len(methods))]
     panels.append(labelled_grid(_with_original(images, excitation), titles, rows))
-    names = {"vanilla": "Vanilla gradients (Captum Saliency)", "smoothgrad": "SmoothGrad (Captum NoiseTunnel)",
-             "guided_backprop": "Guided backprop (Captum)", "integrated_gradients": "Integrated gradients (Captum)"}
+    names = {
+        "vanilla": "Vanilla gradients (Captum Saliency)",
+        "smoothgrad": "SmoothGrad (Captum NoiseTunnel)",
+        "guided_backprop": "Guided backprop (Captum)",
+        "integrated_gradients": "Integrated gradients (Captum)",
+    }
     return stack_panels(panels, [names.get(m, m) for m in methods] + [f"Excitation pullbacks (T = {temperature})"])
 
 
-def methods_grid(images: Tensor, maps: Tensor, methods: Sequence[str], targets: Sequence[str],
-                 *, max_rows: int = 8) -> Image.Image:
+def methods_grid(
+    images: Tensor, maps: Tensor, methods: Sequence[str], targets: Sequence[str], *, max_rows: int = 8
+) -> Image.Image:
     """Maps of every method: images (N, C, H, W), maps (N, J, C, H, W); rows are images (titled with the
     target class), columns the original and the J methods; at most ``max_rows`` rows."""
     n = min(max_rows, images.shape[0])
@@ -193,7 +226,7 @@ def metric_curves(table: Sequence[dict], metrics: Sequence[str]) -> Image.Image:
         ax.set_title(m, fontsize=10)
         ax.set_xlabel("gate temperature T")
         ax.tick_params(labelsize=8)
-    for ax in list(axes.flat)[len(present):]:
+    for ax in list(axes.flat)[len(present) :]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     if handles:

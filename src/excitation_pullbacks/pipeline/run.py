@@ -68,13 +68,21 @@ def predict(cfg: DictConfig, plan: Plan, writer: ResultWriter, out: Path) -> Non
     """``Trainer.predict`` of ``plan.module`` over (image, label, dataset index, row) batches of
     ``cfg.batch_size`` on ``cfg.trainer``'s devices; ``writer`` gathers the ranks' results."""
     trainer = L.Trainer(
-        accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=int(cfg.trainer.num_nodes),
-        strategy=cfg.trainer.strategy, inference_mode=False, logger=False, callbacks=[writer],
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(out),
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        num_nodes=int(cfg.trainer.num_nodes),
+        strategy=cfg.trainer.strategy,
+        inference_mode=False,
+        logger=False,
+        callbacks=[writer],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(out),
     )
     rows = torch.arange(len(plan.images))
-    loader = DataLoader(TensorDataset(plan.images, plan.labels, plan.index, rows), batch_size=int(cfg.batch_size),
-                        shuffle=False)
+    loader = DataLoader(
+        TensorDataset(plan.images, plan.labels, plan.index, rows), batch_size=int(cfg.batch_size), shuffle=False
+    )
     trainer.predict(plan.module, dataloaders=loader, return_predictions=False)
 
 
@@ -126,8 +134,11 @@ def report(result: dict, stream=sys.stdout) -> None:
     print(f"results: {result['results']}", file=stream)
     timing = result.get("timing") or {}
     if timing.get("model_passes_s") is not None:
-        print(f"time: {timing['total_s']:.1f} s, model passes {timing['model_passes_s']:.1f} s, everything else "
-              f"{timing['other_s']:.1f} s ({100 * timing['other_fraction']:.1f}%)", file=stream)
+        print(
+            f"time: {timing['total_s']:.1f} s, model passes {timing['model_passes_s']:.1f} s, everything else "
+            f"{timing['other_s']:.1f} s ({100 * timing['other_fraction']:.1f}%)",
+            file=stream,
+        )
     if result.get("objective") is not None:
         print(f"objective: {result['objective']:.6g}", file=stream)
     if result.get("wandb"):

@@ -41,16 +41,22 @@ VANILLA = GateSetting("0", 0.0, make_schedule(temperature=0.0, gate="hard"))
 def check_temperatures(temperatures: Sequence) -> list[float]:
     """``temperatures`` of a run config -> floats; PipelineError unless a non-empty list of numbers >= 0."""
     temps = list(temperatures)
-    ok = temps and all(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0
-                       for t in temps)
+    ok = temps and all(
+        isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0 for t in temps
+    )
     if not ok:
         raise PipelineError(f"temperatures must be a non-empty list of numbers >= 0, got {temps}")
     return [float(t) for t in temps]
 
 
 def _uniform(gate, temperature: float) -> Schedule:
-    return make_schedule(temperature=temperature, gate=gate.shape.value, pool_temperature=gate.pool_temperature,
-                         pool_detach=gate.pool_detach, compat=gate.compat.value)
+    return make_schedule(
+        temperature=temperature,
+        gate=gate.shape.value,
+        pool_temperature=gate.pool_temperature,
+        pool_detach=gate.pool_detach,
+        compat=gate.compat.value,
+    )
 
 
 def _by_depth(gate, temperature: float, relu_calls: int) -> Schedule:
@@ -68,9 +74,15 @@ def relu_calls(model: nn.Module, example: Tensor) -> int:
     return report.relu_calls
 
 
-def gate_settings(gate, temperatures: Sequence[float], *, model: nn.Module, example: Tensor,
-                  batches: Callable[[], Iterable[Tensor]] | None = None, save_to: Path | None = None
-                  ) -> list[GateSetting]:
+def gate_settings(
+    gate,
+    temperatures: Sequence[float],
+    *,
+    model: nn.Module,
+    example: Tensor,
+    batches: Callable[[], Iterable[Tensor]] | None = None,
+    save_to: Path | None = None,
+) -> list[GateSetting]:
     """The run's gate settings from its ``gate`` config (a :class:`~.config.GateConfig` node).
 
     uniform / by_depth: one setting per temperature. calibrated: one setting, ``calibrated``, read from
@@ -88,8 +100,9 @@ def gate_settings(gate, temperatures: Sequence[float], *, model: nn.Module, exam
         else:
             if batches is None:
                 raise PipelineError("gate=calibrated needs data to calibrate on, or gate.calibration=<file>")
-            schedule = calibrate(model, batches(), scale=float(gate.calibration_scale), shape=gate.shape.value,
-                                 default=fallback)
+            schedule = calibrate(
+                model, batches(), scale=float(gate.calibration_scale), shape=gate.shape.value, default=fallback
+            )
             if save_to is not None:
                 schedule.save(save_to)
         return [GateSetting("calibrated", None, schedule)]
@@ -105,9 +118,11 @@ def gate_settings(gate, temperatures: Sequence[float], *, model: nn.Module, exam
 def check_main_temperature(gate, temperatures: Sequence[float]) -> None:
     """PipelineError unless ``gate.temperature`` is one of ``temperatures`` (per-channel gates need not be)."""
     if GateKind(gate.kind) != GateKind.calibrated and float(gate.temperature) not in temperatures:
-        raise PipelineError(f"gate.temperature={float(gate.temperature):g} is not one of temperatures "
-                            f"[{', '.join(f'{t:g}' for t in temperatures)}]: add it, or set gate.temperature to one "
-                            f"of them")
+        raise PipelineError(
+            f"gate.temperature={float(gate.temperature):g} is not one of temperatures "
+            f"[{', '.join(f'{t:g}' for t in temperatures)}]: add it, or set gate.temperature to one "
+            f"of them"
+        )
 
 
 def main_setting(settings: Sequence[GateSetting], gate) -> int:
@@ -118,5 +133,7 @@ def main_setting(settings: Sequence[GateSetting], gate) -> int:
     for i, s in enumerate(settings):
         if s.temperature == float(gate.temperature):
             return i
-    raise PipelineError(f"gate.temperature={float(gate.temperature):g} is not one of temperatures "
-                        f"[{', '.join(s.label for s in settings)}]: add it, or set gate.temperature to one of them")
+    raise PipelineError(
+        f"gate.temperature={float(gate.temperature):g} is not one of temperatures "
+        f"[{', '.join(s.label for s in settings)}]: add it, or set gate.temperature to one of them"
+    )

@@ -88,8 +88,9 @@ class MethodSetting:
         return "" if self.gate is None or self.gate.temperature is None else self.gate.label
 
 
-def method_settings(ev, baselines: dict, gates: Sequence[GateSetting], depth: Sequence[float] | None = None
-                    ) -> list[MethodSetting]:
+def method_settings(
+    ev, baselines: dict, gates: Sequence[GateSetting], depth: Sequence[float] | None = None
+) -> list[MethodSetting]:
     """The table's rows: the baselines of ``ev.methods`` (Captum options ``baselines``), then excitation
     pullbacks at each gate setting. depth: the by-depth temperatures, named in the row labels."""
     unknown = [m for m in ev.methods if m not in METHODS]
@@ -102,8 +103,9 @@ def method_settings(ev, baselines: dict, gates: Sequence[GateSetting], depth: Se
             label = "excitation calibrated" if g.temperature is None else f"excitation T={g.label}"
             if depth:
                 label += f" depth {'/'.join(f'{float(d):g}' for d in depth)}"
-            rows.append(MethodSetting(label, "excitation", g, dict(baselines, schedule=g.schedule),
-                                      "excitation" in asc))
+            rows.append(
+                MethodSetting(label, "excitation", g, dict(baselines, schedule=g.schedule), "excitation" in asc)
+            )
     if not rows:
         raise PipelineError("evaluate.methods is empty")
     return rows
@@ -119,10 +121,22 @@ class EvaluateModule(L.LightningModule):
     row is below ``randomization_images``.
     """
 
-    def __init__(self, model: nn.Module, settings: Sequence[MethodSetting], *, target: str = "label",
-                 perturbation: dict, structure: dict, steps: int, step_size: float, eps: float,
-                 randomization_images: int, randomization_layers: Sequence[str], transfer: dict | None = None,
-                 seed: int = 0):
+    def __init__(
+        self,
+        model: nn.Module,
+        settings: Sequence[MethodSetting],
+        *,
+        target: str = "label",
+        perturbation: dict,
+        structure: dict,
+        steps: int,
+        step_size: float,
+        eps: float,
+        randomization_images: int,
+        randomization_layers: Sequence[str],
+        transfer: dict | None = None,
+        seed: int = 0,
+    ):
         super().__init__()
         self.model = model
         self.settings = list(settings)
@@ -149,16 +163,31 @@ class EvaluateModule(L.LightningModule):
         t = logits.argmax(1) if self.target == "predicted" else labels
         # ascent target: a seeded random class other than t, fixed per dataset index
         k = logits.shape[1]
-        offsets = torch.stack([torch.randint(1, k, (1,), generator=torch.Generator().manual_seed(self.seed + int(i)))
-                               for i in index.cpu()]).view(-1).to(t.device)
+        offsets = (
+            torch.stack(
+                [
+                    torch.randint(1, k, (1,), generator=torch.Generator().manual_seed(self.seed + int(i)))
+                    for i in index.cpu()
+                ]
+            )
+            .view(-1)
+            .to(t.device)
+        )
         return t, (t + offsets) % k, logits
 
     def _predict(self, batch) -> dict[str, Tensor]:
         x, labels, index, rows = batch
         t, t_asc, logits = self._targets(x, labels, index)
         n, j = x.shape[0], len(self.settings)
-        out: dict[str, Tensor] = {"row": rows, "index": index, "label": labels, "target": t, "ascent_target": t_asc,
-                                  "top1": logits.argmax(1), "images": x}
+        out: dict[str, Tensor] = {
+            "row": rows,
+            "index": index,
+            "label": labels,
+            "target": t,
+            "ascent_target": t_asc,
+            "top1": logits.argmax(1),
+            "images": x,
+        }
         nan = torch.full((n, j), math.nan, dtype=torch.float64)
         cols = {name: nan.clone() for name in METRICS}
         for name in self.transfer:
@@ -180,8 +209,9 @@ class EvaluateModule(L.LightningModule):
             curve = torch.full((n, 2, len(self.layer_names)), math.nan, dtype=torch.float64)
             if rand_rows.any() and self.layer_names:
                 log.info("rank %d: randomization check over %d layers", self.global_rank, len(self.layer_names))
-                res = M.randomization_check(self.model, x[rand_rows], t[rand_rows], explain,
-                                            layers=self.layer_names, seed=self.seed)
+                res = M.randomization_check(
+                    self.model, x[rand_rows], t[rand_rows], explain, layers=self.layer_names, seed=self.seed
+                )
                 curve[rand_rows, 0] = res.spearman.T.cpu().double()
                 curve[rand_rows, 1] = res.ssim.T.cpu().double()
                 for key, sim in (("spearman", res.spearman), ("ssim", res.ssim)):
@@ -190,8 +220,9 @@ class EvaluateModule(L.LightningModule):
             curves.append(curve)
             if s.ascent and self.steps > 0:
                 direction = as_direction(self.model, explain)
-                x_adv = ascent(self.model, x, t_asc, steps=self.steps, step_size=self.step_size, eps=self.eps,
-                               direction=direction)
+                x_adv = ascent(
+                    self.model, x, t_asc, steps=self.steps, step_size=self.step_size, eps=self.eps, direction=direction
+                )
                 scores = M.ascent_scores(self.model, x, x_adv, t_asc)
                 cols["ascent_gain"][:, i] = scores.gain.cpu().double()
                 cols["ascent_gain_per_l2"][:, i] = scores.gain_per_l2.cpu().double()
@@ -278,16 +309,19 @@ def _baseline(value) -> str | float:
     return str(value)
 
 
-
-
 def summary_table(model: str, rows: Sequence[MethodSetting], merged: dict) -> list[dict]:
     """One dict per table row: model, setting, method, temperature, n_images, and the mean and standard error
     of every per-image metric column of ``merged`` (N, J)."""
     metric_keys = [k for k in merged if _is_metric(k)]
     table = []
     for i, s in enumerate(rows):
-        row = {"model": model, "setting": s.label, "method": s.method, "temperature": s.temperature,
-               "n_images": int(merged["row"].numel())}
+        row = {
+            "model": model,
+            "setting": s.label,
+            "method": s.method,
+            "temperature": s.temperature,
+            "n_images": int(merged["row"].numel()),
+        }
         for k in metric_keys:
             mean, sem = _mean_sem(merged[k][:, i])
             row[k], row[f"{k}_sem"] = mean, sem
@@ -301,10 +335,16 @@ def per_image_table(rows: Sequence[MethodSetting], merged: dict) -> list[dict]:
     keys = [k for k in merged if _is_metric(k)]
     for b in range(merged["row"].numel()):
         for i, s in enumerate(rows):
-            row = {"row": int(merged["row"][b]), "dataset_index": int(merged["index"][b]),
-                   "label": int(merged["label"][b]), "target": int(merged["target"][b]),
-                   "ascent_target": int(merged["ascent_target"][b]), "setting": s.label, "method": s.method,
-                   "temperature": s.temperature}
+            row = {
+                "row": int(merged["row"][b]),
+                "dataset_index": int(merged["index"][b]),
+                "label": int(merged["label"][b]),
+                "target": int(merged["target"][b]),
+                "ascent_target": int(merged["ascent_target"][b]),
+                "setting": s.label,
+                "method": s.method,
+                "temperature": s.temperature,
+            }
             for k in keys:
                 v = float(merged[k][b, i])
                 row[k] = "" if math.isnan(v) else v
@@ -341,57 +381,94 @@ class EvaluateTask(Task):
         images, labels, index = evaluation_images(dataset, int(ev.num_images), int(cfg.seed))
 
         def batches():
-            loader = DataLoader(dataset, batch_size=int(cfg.batch_size), shuffle=True,
-                                generator=torch.Generator().manual_seed(int(cfg.seed)))
+            loader = DataLoader(
+                dataset,
+                batch_size=int(cfg.batch_size),
+                shuffle=True,
+                generator=torch.Generator().manual_seed(int(cfg.seed)),
+            )
             return (b[0] for _, b in zip(range(int(cfg.gate.calibration_batches)), loader))
 
-        gates = gate_settings(cfg.gate, check_temperatures(cfg.temperatures), model=model, example=images[:1],
-                              batches=batches, save_to=ctx.staging / "calibration.pt" if ctx.launcher else None)
+        gates = gate_settings(
+            cfg.gate,
+            check_temperatures(cfg.temperatures),
+            model=model,
+            example=images[:1],
+            batches=batches,
+            save_to=ctx.staging / "calibration.pt" if ctx.launcher else None,
+        )
         depth = list(cfg.gate.depth_temperatures) if cfg.gate.kind == "by_depth" else None
         self.rows = method_settings(ev, baseline_options(cfg.baselines), gates, depth)
         self.main = 0
         if "excitation" in ev.methods:
             self.main = len(self.rows) - len(gates) + main_setting(gates, cfg.gate)
         transfer = transfer_models(ev.transfer_models or [], cfg.model.weights, int(cfg.seed))
-        self.layer_names = (M.randomization_layers(model, images[:1], layers=ev.randomization_layers)
-                            if int(ev.randomization_images) > 0 else [])
+        self.layer_names = (
+            M.randomization_layers(model, images[:1], layers=ev.randomization_layers)
+            if int(ev.randomization_images) > 0
+            else []
+        )
         module = EvaluateModule(
-            model, self.rows, target=str(ev.target),
-            perturbation=dict(steps=int(ev.perturbation_steps), baseline=_baseline(ev.perturbation_baseline),
-                              score=str(ev.score), batch_size=int(ev.perturbation_batch_size)),
-            structure=dict(cutoff=float(ev.hf_cutoff)), steps=int(cfg.ascent.steps),
-            step_size=float(cfg.ascent.step_size), eps=float(cfg.ascent.eps),
-            randomization_images=int(ev.randomization_images), randomization_layers=self.layer_names,
-            transfer=transfer, seed=int(cfg.seed))
+            model,
+            self.rows,
+            target=str(ev.target),
+            perturbation=dict(
+                steps=int(ev.perturbation_steps),
+                baseline=_baseline(ev.perturbation_baseline),
+                score=str(ev.score),
+                batch_size=int(ev.perturbation_batch_size),
+            ),
+            structure=dict(cutoff=float(ev.hf_cutoff)),
+            steps=int(cfg.ascent.steps),
+            step_size=float(cfg.ascent.step_size),
+            eps=float(cfg.ascent.eps),
+            randomization_images=int(ev.randomization_images),
+            randomization_layers=self.layer_names,
+            transfer=transfer,
+            seed=int(cfg.seed),
+        )
         return Plan(module, images, labels, index)
 
     def finalize(self, merged: dict[str, Tensor], staging: Path) -> Outputs:
         table = summary_table(self.model_name, self.rows, merged)
         key = self.objective_key
         if key not in table[self.main]:
-            raise PipelineError(f"evaluate.objective {key!r} is not a table column; choose one of "
-                                f"{', '.join(k for k in table[0] if _is_metric(k))}")
+            raise PipelineError(
+                f"evaluate.objective {key!r} is not a table column; choose one of "
+                f"{', '.join(k for k in table[0] if _is_metric(k))}"
+            )
         value = table[self.main][key]
         objective = float(value) if value != "" else math.nan
         _write_csv(staging / "metrics_table.csv", table)
         _write_csv(staging / "per_image.csv", per_image_table(self.rows, merged))
         curves = merged["randomization_curves"] if self.layer_names else None
-        data = {"objective": {"metric": key, "setting": table[self.main]["setting"], "value": objective},
-                "metrics": METRICS, "table": table,
-                "randomization": None if curves is None else {
-                    "layers": self.layer_names,
-                    "spearman": {r.label: _nanmean0(curves[:, i, 0]) for i, r in enumerate(self.rows)},
-                    "ssim": {r.label: _nanmean0(curves[:, i, 1]) for i, r in enumerate(self.rows)}}}
+        data = {
+            "objective": {"metric": key, "setting": table[self.main]["setting"], "value": objective},
+            "metrics": METRICS,
+            "table": table,
+            "randomization": None
+            if curves is None
+            else {
+                "layers": self.layer_names,
+                "spearman": {r.label: _nanmean0(curves[:, i, 0]) for i, r in enumerate(self.rows)},
+                "ssim": {r.label: _nanmean0(curves[:, i, 1]) for i, r in enumerate(self.rows)},
+            },
+        }
         (staging / "metrics.json").write_text(json.dumps(data, indent=1) + "\n")
         figs = {"curves": (plots.metric_curves(table, list(METRICS)), "Metrics by gate temperature (baselines dashed)")}
         if curves is not None:
-            figs["randomization"] = (plots.randomization_curves(data["randomization"]),
-                                     "Cascading randomization: similarity to the original maps")
+            figs["randomization"] = (
+                plots.randomization_curves(data["randomization"]),
+                "Cascading randomization: similarity to the original maps",
+            )
         short = {"guided_backprop": "guided BP", "integrated_gradients": "IG", "smoothgrad": "SmoothGrad"}
         titles = [short.get(r.label, r.label).replace("excitation ", "exc. ") for r in self.rows]
-        figs["methods"] = (plots.methods_grid(merged["images"], merged["maps"], titles,
-                                              [self.class_names[int(c)] for c in merged["target"]]),
-                           "Maps of every method for the target class (each cell min-max scaled)")
+        figs["methods"] = (
+            plots.methods_grid(
+                merged["images"], merged["maps"], titles, [self.class_names[int(c)] for c in merged["target"]]
+            ),
+            "Maps of every method for the target class (each cell min-max scaled)",
+        )
         summary = {f"{r['setting']}/{k}": r[k] for r in table for k in r if _is_metric(k) and r[k] != ""}
         summary["objective"] = objective
         return Outputs(figs, [list(table[0])] + [list(r.values()) for r in table], summary)

@@ -41,8 +41,13 @@ FIGURES = ("fig1", "fig2", "fig3", "fig4", "sweep", "baselines")
 
 def baseline_options(b) -> dict:
     """The ``baselines`` config node -> keyword options of :func:`excitation_pullbacks.baselines.explainer`."""
-    return dict(smoothgrad_samples=int(b.smoothgrad_samples), smoothgrad_noise=float(b.smoothgrad_noise),
-                ig_steps=int(b.ig_steps), ig_baseline=float(b.ig_baseline), batch_size=b.get("batch_size"))
+    return dict(
+        smoothgrad_samples=int(b.smoothgrad_samples),
+        smoothgrad_noise=float(b.smoothgrad_noise),
+        ig_steps=int(b.ig_steps),
+        ig_baseline=float(b.ig_baseline),
+        batch_size=b.get("batch_size"),
+    )
 
 
 class PullbackModule(L.LightningModule):
@@ -53,9 +58,18 @@ class PullbackModule(L.LightningModule):
     baselines: {Captum method: explainer options} for the same grid.
     """
 
-    def __init__(self, model: torch.nn.Module, columns: Sequence[int], settings: Sequence[GateSetting], *,
-                 steps: int = 0, step_size: float = 20.0, eps: float = 100.0, keep_steps: Sequence[int] | None = None,
-                 baselines: dict | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        columns: Sequence[int],
+        settings: Sequence[GateSetting],
+        *,
+        steps: int = 0,
+        step_size: float = 20.0,
+        eps: float = 100.0,
+        keep_steps: Sequence[int] | None = None,
+        baselines: dict | None = None,
+    ):
         super().__init__()
         self.baselines = dict(baselines or {})
         self.model = model
@@ -70,8 +84,16 @@ class PullbackModule(L.LightningModule):
 
     def _ascent(self, x: Tensor, t: Tensor, setting: GateSetting) -> tuple[Tensor, Tensor]:
         """-> kept trajectory steps (B, S, K, 3, H, W) and the final images' logits (B, K, classes)."""
-        final, traj = ascent(self.model, x, t, steps=self.steps, step_size=self.step_size, eps=self.eps,
-                             schedule=setting.schedule, return_trajectory=True)
+        final, traj = ascent(
+            self.model,
+            x,
+            t,
+            steps=self.steps,
+            step_size=self.step_size,
+            eps=self.eps,
+            schedule=setting.schedule,
+            return_trajectory=True,
+        )
         with torch.no_grad():
             logits = self.model(final.flatten(0, 1)).view(*final.shape[:2], -1)
         return traj[self.keep_steps].transpose(0, 1), logits
@@ -96,8 +118,13 @@ class PullbackModule(L.LightningModule):
         x, labels, index, rows = batch
         t = torch.tensor(self.columns, device=x.device).expand(x.shape[0], -1)
         out: dict[str, Tensor] = {"images": x, "label": labels, "index": index, "row": rows}
-        log.info("rank %d: pullbacks of %d images x %d targets at %d gate settings", self.global_rank, x.shape[0],
-                 t.shape[1], len(self.settings))
+        log.info(
+            "rank %d: pullbacks of %d images x %d targets at %d gate settings",
+            self.global_rank,
+            x.shape[0],
+            t.shape[1],
+            len(self.settings),
+        )
         out["vanilla"] = pullback(self.model, x, t, schedule=VANILLA.schedule)
         out["excitation"] = torch.stack([pullback(self.model, x, t, schedule=s.schedule) for s in self.settings], 1)
         if self.baselines:
@@ -114,8 +141,12 @@ class PullbackModule(L.LightningModule):
         if self.steps > 0:
             runs = []
             for s in self.settings:
-                log.info("rank %d: %d ascent steps along excitation pullbacks (T = %s)", self.global_rank,
-                         self.steps, s.label)
+                log.info(
+                    "rank %d: %d ascent steps along excitation pullbacks (T = %s)",
+                    self.global_rank,
+                    self.steps,
+                    s.label,
+                )
                 runs.append(self._ascent(x, t, s))
             out["exc_ascent"] = torch.stack([r[0] for r in runs], 1)
             after = torch.stack([r[1] for r in runs], 1)  # (B, nT, K, classes)
@@ -128,13 +159,28 @@ class PullbackModule(L.LightningModule):
         return {k: v.detach().cpu() for k, v in out.items()}
 
 
-def write_metrics_csv(path: Path, merged: dict[str, Tensor], columns: Sequence[int], labels: Sequence[str],
-                      names: Sequence[str]) -> list[list]:
+def write_metrics_csv(
+    path: Path, merged: dict[str, Tensor], columns: Sequence[int], labels: Sequence[str], names: Sequence[str]
+) -> list[list]:
     """metrics.csv: one row per image x target x method (excitation at each setting, vanilla). Returns the
     header and rows ("" where there was no ascent)."""
-    header = ["row", "dataset_index", "label", "label_name", "target", "target_name", "method", "temperature",
-              "logit_before", "top1_before", "top1_before_name", "logit_after", "top1_after", "top1_after_name",
-              "hit_after"]
+    header = [
+        "row",
+        "dataset_index",
+        "label",
+        "label_name",
+        "target",
+        "target_name",
+        "method",
+        "temperature",
+        "logit_before",
+        "top1_before",
+        "top1_before_name",
+        "logit_after",
+        "top1_after",
+        "top1_after_name",
+        "hit_after",
+    ]
     rows = []
     has_ascent = "exc_ascent" in merged
     for i in range(merged["images"].shape[0]):
@@ -192,8 +238,9 @@ class FiguresTask(Task):
         if ("fig3" in cfg.figures or "fig4" in cfg.figures) and steps == 0:
             raise PipelineError("figures fig3/fig4 need ascent steps > 0 (use ascent=paper)")
         if "fig1" in cfg.figures and not 0 < int(cfg.ascent.fig1_steps) <= steps:
-            raise PipelineError(f"fig1 needs 0 < ascent.fig1_steps <= ascent.steps (got {cfg.ascent.fig1_steps}, "
-                                f"{steps})")
+            raise PipelineError(
+                f"fig1 needs 0 < ascent.fig1_steps <= ascent.steps (got {cfg.ascent.fig1_steps}, {steps})"
+            )
         temps = check_temperatures(cfg.temperatures)
         if any(f != "sweep" for f in cfg.figures):  # the figures draw the setting at gate.temperature
             check_main_temperature(cfg.gate, temps)
@@ -218,27 +265,49 @@ class FiguresTask(Task):
         self.figures, self.ascent = list(cfg.figures), dict(ctx.resolved["ascent"])
         model = build_model(cfg.model.name, cfg.model.weights, checkpoint=cfg.model.checkpoint)
         dataset = build_dataset(cfg.data, self.rows, space)
-        images, labels, index = select_images(dataset, self.rows, batch_size=int(cfg.selection_batch_size),
-                                              seed=int(cfg.seed), space=space)
+        images, labels, index = select_images(
+            dataset, self.rows, batch_size=int(cfg.selection_batch_size), seed=int(cfg.seed), space=space
+        )
 
         def batches():
-            loader = DataLoader(dataset, batch_size=int(cfg.batch_size), shuffle=True,
-                                generator=torch.Generator().manual_seed(int(cfg.seed)))
+            loader = DataLoader(
+                dataset,
+                batch_size=int(cfg.batch_size),
+                shuffle=True,
+                generator=torch.Generator().manual_seed(int(cfg.seed)),
+            )
             return (b[0] for _, b in zip(range(int(cfg.gate.calibration_batches)), loader))
 
-        settings = gate_settings(cfg.gate, check_temperatures(cfg.temperatures), model=model, example=images[:1],
-                                 batches=batches, save_to=ctx.staging / "calibration.pt" if ctx.launcher else None)
+        settings = gate_settings(
+            cfg.gate,
+            check_temperatures(cfg.temperatures),
+            model=model,
+            example=images[:1],
+            batches=batches,
+            save_to=ctx.staging / "calibration.pt" if ctx.launcher else None,
+        )
         self.labels = [s.label for s in settings]
         needs_main = any(f != "sweep" for f in self.figures)
         self.main = main_setting(settings, cfg.gate) if needs_main else 0
         steps = int(cfg.ascent.steps)
-        keep = None if cfg.save_trajectories else [s for s in sorted({int(cfg.ascent.fig1_steps), steps})
-                                                   if 0 < s <= steps]
+        keep = (
+            None
+            if cfg.save_trajectories
+            else [s for s in sorted({int(cfg.ascent.fig1_steps), steps}) if 0 < s <= steps]
+        )
         baselines = None
         if "baselines" in self.figures:
             baselines = {str(m): baseline_options(cfg.baselines) for m in cfg.baselines.methods}
-        module = PullbackModule(model, self.columns, settings, steps=steps, step_size=float(cfg.ascent.step_size),
-                                eps=float(cfg.ascent.eps), keep_steps=keep, baselines=baselines)
+        module = PullbackModule(
+            model,
+            self.columns,
+            settings,
+            steps=steps,
+            step_size=float(cfg.ascent.step_size),
+            eps=float(cfg.ascent.eps),
+            keep_steps=keep,
+            baselines=baselines,
+        )
         self.keep_steps = module.keep_steps
         self.methods = list(baselines or [])
         return Plan(module, images, labels, index)
@@ -257,24 +326,40 @@ class FiguresTask(Task):
             im = plots.fig2(imgs, merged["vanilla"], merged["excitation"][:, main], col_names, temperature=t_main)
             figs["fig2"] = (im, f"Fig 2: vanilla gradients (top) vs excitation pullbacks (bottom, T = {t_main})")
         if "fig3" in self.figures:
-            im = plots.fig_ascent(imgs, merged["exc_ascent"][:, main, -1], col_names, steps=steps,
-                                  method=f"excitation pullbacks (T = {t_main})")
+            im = plots.fig_ascent(
+                imgs,
+                merged["exc_ascent"][:, main, -1],
+                col_names,
+                steps=steps,
+                method=f"excitation pullbacks (T = {t_main})",
+            )
             figs["fig3"] = (im, f"Fig 3: {steps}-step ascent along excitation pullbacks: images and differences")
         if "fig4" in self.figures:
             im = plots.fig_ascent(imgs, merged["van_ascent"][:, -1], col_names, steps=steps, method="vanilla gradients")
             figs["fig4"] = (im, f"Fig 4: {steps}-step ascent along vanilla gradients: images and differences")
         if "baselines" in self.figures:
-            im = plots.fig_baselines(imgs, merged["baselines"], merged["excitation"][:, main], self.methods,
-                                     col_names, temperature=t_main)
+            im = plots.fig_baselines(
+                imgs, merged["baselines"], merged["excitation"][:, main], self.methods, col_names, temperature=t_main
+            )
             figs["baselines"] = (im, "Captum baselines and excitation pullbacks for the same images and targets")
         if "sweep" in self.figures:
             for r, name in enumerate(row_names):
                 key = f"sweep_{r}_{name.replace(' ', '_')}"
-                im = plots.fig_sweep(imgs[r], merged["excitation"][r], self.labels, col_names,
-                                     title=f"Excitation pullbacks of a {name} image by gate temperature")
+                im = plots.fig_sweep(
+                    imgs[r],
+                    merged["excitation"][r],
+                    self.labels,
+                    col_names,
+                    title=f"Excitation pullbacks of a {name} image by gate temperature",
+                )
                 figs[key] = (im, f"Temperature sweep, {name} image: rows are gate temperatures")
-        tensors = dict(merged, columns=torch.tensor(self.columns), column_names=col_names, temperatures=self.labels,
-                       ascent_steps=self.keep_steps)
+        tensors = dict(
+            merged,
+            columns=torch.tensor(self.columns),
+            column_names=col_names,
+            temperatures=self.labels,
+            ascent_steps=self.keep_steps,
+        )
         torch.save(tensors, staging / "tensors.pt")
         table = write_metrics_csv(staging / "metrics.csv", merged, self.columns, self.labels, self.names)
         return Outputs(figs, table, summary(table))
