@@ -89,6 +89,7 @@ def images():
 # -- torchvision models ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # full-size EfficientNet-B0 / ConvNeXt-Tiny
 @pytest.mark.parametrize("arch", ARCHS)
 def test_forward_bit_identical_and_every_call_gated(arch, models, images):
     model = models(arch)
@@ -119,6 +120,7 @@ def test_forward_bit_identical_and_every_call_gated(arch, models, images):
     assert f"{expected} {kind.upper() if kind == 'gelu' else 'SiLU'} at" in str(report)
 
 
+@pytest.mark.slow  # full-size EfficientNet-B0 / ConvNeXt-Tiny
 @pytest.mark.parametrize("arch", ARCHS)
 def test_matches_independent_reference(arch, models, images):
     model = models(arch)
@@ -130,6 +132,7 @@ def test_matches_independent_reference(arch, models, images):
     assert (_cos(ours, vanilla) < 0.999).all()  # the gates did change something
 
 
+@pytest.mark.slow  # full-size EfficientNet-B0 / ConvNeXt-Tiny
 @pytest.mark.parametrize("arch", ARCHS)
 def test_hard_gate_is_vanilla_gradient(arch, models, images):
     model = models(arch)
@@ -144,6 +147,7 @@ def test_hard_gate_is_vanilla_gradient(arch, models, images):
         assert torch.equal(pullback(model, images, TARGETS, **kwargs), vanilla), kwargs
 
 
+@pytest.mark.slow  # full-size EfficientNet-B0 / ConvNeXt-Tiny
 @pytest.mark.parametrize("arch", ARCHS)
 def test_model_restored_also_after_exception(arch, models, images):
     model = models(arch)
@@ -167,6 +171,7 @@ def test_model_restored_also_after_exception(arch, models, images):
     assert_model_unchanged(model, before)
 
 
+@pytest.mark.slow  # full-size EfficientNet-B0 / ConvNeXt-Tiny
 @pytest.mark.parametrize("arch", ARCHS)
 def test_calibrated_per_channel_schedule(arch, models, images):
     model = models(arch)

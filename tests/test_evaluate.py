@@ -159,6 +159,7 @@ def test_bad_method_and_objective_write_nothing(tmp_path):
     assert not (tmp_path / "b" / "results").exists() and not (tmp_path / "b" / ".results.partial").exists()
 
 
+@pytest.mark.slow  # subprocesses / several processes
 def test_optuna_search_returns_the_objective_and_merges_tables(tmp_path):
     sweep = tmp_path / "sweep"
     proc = cli(
@@ -201,6 +202,7 @@ def test_digits_preset_runs_on_the_trained_model(tmp_path):
     assert json.loads((result["results"] / "metrics.json").read_text())["randomization"]["layers"][0] == "classifier"
 
 
+@pytest.mark.slow  # subprocesses / several processes
 def test_ddp_spawn_two_processes_equal_one(tmp_path):
     common = [
         *SMALL,

@@ -111,6 +111,7 @@ def test_torchvision_imagenette_missing(tmp_path):
     assert_nothing_written(tmp_path)
 
 
+@pytest.mark.slow  # subprocesses / several processes
 def test_multirun_two_temperatures_wandb_offline_and_rerun_skips(tmp_path):
     sweep = tmp_path / "sweep"
     args = ["-m", "experiment=fig2", "logger=wandb", "gate.temperature=0.2,0.4", f"hydra.sweep.dir={sweep}"]
@@ -133,6 +134,7 @@ def test_multirun_two_temperatures_wandb_offline_and_rerun_skips(tmp_path):
     assert again.returncode == 0 and again.stdout.count("skipping complete run") == 2
 
 
+@pytest.mark.slow  # subprocesses / several processes
 def test_ddp_spawn_two_processes_equals_one(tmp_path):
     common = [
         "experiment=fig3_fig4",
@@ -158,6 +160,7 @@ def test_ddp_spawn_two_processes_equals_one(tmp_path):
         torch.testing.assert_close(a[key], b[key], msg=key)
 
 
+@pytest.mark.slow  # subprocesses / several processes
 def test_cli_ddp_two_processes_equals_one(tmp_path):
     common = ["experiment=fig3_fig4", "ascent.steps=1", "targets.rows=[tench,church,ostrich]", "batch_size=1"]
     proc = cli(
