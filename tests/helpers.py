@@ -17,7 +17,8 @@ from torch import nn
 from excitation_pullbacks.pipeline.cli import CONFIG_DIR, main
 
 ARCHS = ["resnet50", "vgg11_bn", "densenet121"]
-# Per forward pass, as a complete implementation must gate them (see DESIGN: call sites).
+# (ReLU, max-pool) calls per forward pass that a complete implementation gates: ResNet50 reuses Bottleneck.relu
+# three times; DenseNet121 has 120 ReLU modules plus the functional F.relu in DenseNet.forward.
 EXPECTED_CALLS = {"resnet50": (49, 1), "vgg11_bn": (10, 5), "densenet121": (121, 1)}
 
 
