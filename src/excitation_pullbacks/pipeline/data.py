@@ -75,12 +75,15 @@ class ImagenetteAsImageNet(Dataset):
 def _imagenette_hf(cfg, transform) -> Dataset:
     import datasets  # imported on use: it takes seconds to import and only this data kind needs it
 
+    # the export's sizes are folders of one default config: chosen with data_dir, not a config name
     try:
-        ds = datasets.load_dataset(cfg.path, cfg.name, split=cfg.split, cache_dir=cfg.get("cache_dir"))
+        ds = datasets.load_dataset(
+            cfg.path, revision=cfg.revision, data_dir=cfg.size, split=cfg.split, cache_dir=cfg.get("cache_dir")
+        )
     except Exception as err:  # noqa: BLE001 - hub/network/cache errors come in many types
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise PipelineError(
-            f"cannot load Hugging Face dataset {cfg.path} ({cfg.name}, {cfg.split}): {first} - use data=folder "
+            f"cannot load Hugging Face dataset {cfg.path} ({cfg.size}, {cfg.split}): {first} - use data=folder "
             f"data.root=<image dir>, or set HF_DATASETS_CACHE / data.cache_dir to a cache that holds it"
         ) from None
     return ImagenetteAsImageNet(ds, transform, image_key="image")
