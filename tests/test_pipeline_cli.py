@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from PIL import Image
 
 from excitation_pullbacks.pipeline import PipelineError, plots
 from excitation_pullbacks.pipeline.run import run
@@ -109,6 +110,30 @@ def test_torchvision_imagenette_missing(tmp_path):
             )
         )
     assert_nothing_written(tmp_path)
+
+
+def test_multirun_job_folders_stay_flat_for_path_overrides(tmp_path, monkeypatch, capsys):
+    photos = tmp_path / "data" / "photos"
+    photos.mkdir(parents=True)
+    for i, name in enumerate(["tench", "church"]):
+        Image.new("RGB", (40, 36), (60 * i, 120, 200)).save(photos / f"{i}_{name}.png")
+    sweep = tmp_path / "sweep"
+    code, _, err = cli_in_process(
+        monkeypatch,
+        capsys,
+        tmp_path,
+        "-m",
+        "experiment=fig2",
+        "logger=none",
+        "data=folder",
+        f"data.root={photos}",
+        "gate.temperature=0.2,0.3",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert code == 0, err
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert len(jobs) == 2 and all((job / "results" / "fig2.png").is_file() for job in jobs)
+    assert all(f"data.root={str(photos).replace('/', '_')}" in job.name for job in jobs)
 
 
 @pytest.mark.slow  # subprocesses / several processes

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 __all__ = [
     "CONFIG_DIR",
@@ -26,6 +27,7 @@ __all__ = [
     "LoggerConfig",
     "LoggerMode",
     "TrainerConfig",
+    "path_safe",
     "register_schemas",
 ]
 
@@ -151,11 +153,19 @@ SCHEMAS = {
 }
 
 
+def path_safe(text: str) -> str:
+    """``text`` with path separators replaced by ``_``: a multirun job's folder name from its overrides stays one
+    folder when an override holds a path (``data.root=/data/photos``)."""
+    return str(text).replace("/", "_").replace("\\", "_")
+
+
 def register_schemas() -> None:
-    """Store every schema as ``<group>/schema`` in Hydra's ConfigStore (idempotent)."""
+    """Store every schema as ``<group>/schema`` in Hydra's ConfigStore and register the ``path_safe`` resolver
+    (idempotent)."""
     store = ConfigStore.instance()
     for group, node in SCHEMAS.items():
         store.store(group=group, name="schema", node=node)
+    OmegaConf.register_new_resolver("path_safe", path_safe, replace=True)
 
 
 register_schemas()
