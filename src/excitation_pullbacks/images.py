@@ -76,7 +76,7 @@ def open_image(path: str | os.PathLike, *, max_pixels: int | None = MAX_PIXELS, 
                 return ImageOps.exif_transpose(im)
     except ImageError:
         raise
-    except Image.DecompressionBombError as err:
+    except Image.DecompressionBombError:
         raise ImageError(
             f"image {path} is too large (a possible decompression bomb), over the limit of {max_pixels} pixels{raise_with}"
         ) from None

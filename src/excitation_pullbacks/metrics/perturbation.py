@@ -145,6 +145,7 @@ def perturbation_auc(
     include_start: bool = True,
     auc_spacing: str = "fraction",
     return_curves: bool = False,
+    should_stop: ShouldStop = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Area under the deletion or insertion curve (``mode``): what :func:`deletion` and :func:`insertion` return.
 
@@ -166,6 +167,7 @@ def perturbation_auc(
         reduce=reduce,
         blur_sigma=blur_sigma,
         batch_size=batch_size,
+        should_stop=should_stop,
     )
     auc, curves = _auc(curves, fractions, include_start, auc_spacing)
     return (auc, curves) if return_curves else auc
@@ -175,7 +177,7 @@ def deletion(model: nn.Module, x: Tensor, maps: Tensor, target, **options) -> Te
     """Deletion AUC: the target score as top-attributed pixels are replaced by the baseline.
 
     Arguments and returns as :func:`perturbation_auc` (options: steps, baseline, score, reduce, blur_sigma,
-    batch_size, include_start, auc_spacing, return_curves). **Lower is better** (more faithful): the score
+    batch_size, include_start, auc_spacing, return_curves, should_stop). **Lower is better** (more faithful): the score
     falls fast as the pixels the map ranks first are removed.
 
     Quantus ``PixelFlipping(features_in_step=C * H * W // steps, perturb_baseline=b, abs=False,
