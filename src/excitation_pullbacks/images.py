@@ -7,7 +7,7 @@ The rule, per mode, to RGB in [0, 1] (the model input is then ``2 * v - 1``, in 
 - ``LA``, ``PA``, ``RGBA``, ``P`` with transparency (and premultiplied ``La``, ``RGBa``): composited over
   white, ``v * a + (1 - a)``.
 - ``CMYK``: ``(1 - c) * (1 - k)`` per channel (PIL's formula, in floating point).
-- ``YCbCr``: JPEG's full-range BT.601 (``r = y + 1.402 (cr - 0.5)``, ...), clipped to [0, 1].
+- ``YCbCr``: JPEG's full-range BT.601 (``r = y + 1.402 (cr - 128 / 255)``, ...), clipped to [0, 1].
 - ``LAB``: PIL's encoding (L * 255 / 100, a and b offset by 128), CIE L*a*b* under D50 -> XYZ -> Bradford to
   D65 -> linear sRGB -> sRGB, clipped to [0, 1].
 - ``HSV``: the hexcone formula with h, s, v in [0, 1].
@@ -178,7 +178,7 @@ def unit_rgb(im: Image.Image) -> np.ndarray:
     if mode == "CMYK":
         return (1 - a[..., :3]) * (1 - a[..., 3:])
     if mode == "YCbCr":
-        y, cb, cr = a[..., 0], a[..., 1] - 0.5, a[..., 2] - 0.5
+        y, cb, cr = a[..., 0], a[..., 1] - 128 / 255, a[..., 2] - 128 / 255
         rgb = np.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], -1)
         return np.clip(rgb, 0, 1)
     if mode == "LAB":
