@@ -72,8 +72,9 @@ def check_directory(path: Path) -> None:
     for p in (path, *path.parents):
         if p.exists():
             if not p.is_dir():
-                what = "is" if p == path else f"lies under {p}, which is"
-                raise PipelineError(f"output directory {path} {what} a file, not a folder: choose another output_dir")
+                raise PipelineError(
+                    f"output directory {path} is not writable: {p} is a file, not a folder; choose another output_dir"
+                )
             return
 
 
