@@ -4,9 +4,10 @@ The core (this package's top level) needs only torch; the experiment pipeline li
 ``excitation_pullbacks.pipeline`` modules that import Hydra, Lightning and W&B.
 
 Modules, each importing only those above it: ``gates`` (gate shapes, sites, schedules) -> ``surrogates``
-(exact forward, soft backward) -> ``gating`` (the reversible ``excitation(model)`` context) -> ``checks`` ->
-``pullback`` -> ``ascent``, ``kernel``, ``calibration`` -> ``explain``, ``attribution`` (Captum),
-``baselines`` (Captum) -> ``metrics/``; ``models/`` (ImageNet wrapper, digits CNN, checkpoints) stands apart.
+(exact forward, soft backward) -> ``gating`` (the reversible ``excitation(model)`` context) -> ``checks``,
+``state`` (the model left as it was), ``stopping`` (``should_stop``) -> ``pullback`` -> ``ascent``, ``kernel``,
+``calibration`` -> ``explain``, ``attribution`` (Captum), ``baselines`` (Captum) -> ``metrics/``; ``models/``
+(ImageNet wrapper, digits CNN, checkpoints) and ``images`` (image files -> inputs) stand apart.
 """
 
 from .ascent import ascent

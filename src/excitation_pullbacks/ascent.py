@@ -10,6 +10,8 @@ from torch import Tensor, nn
 from .checks import check_class_range, check_images, class_targets, warn_if_training
 from .gates import Schedule, as_schedule, resolve_schedule
 from .pullback import Neuron, Targets, engine_for, frozen_parameters, gated_forward
+from .state import preserved_model
+from .stopping import ShouldStop, check_stop
 
 __all__ = ["ascent"]
 
@@ -27,6 +29,7 @@ def ascent(
     vanilla: bool = False,
     direction: Callable[[Tensor, Tensor], Tensor] | None = None,
     return_trajectory: bool = False,
+    should_stop: ShouldStop = None,
     **gate,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Projected gradient ascent toward target logits along excitation pullbacks.
@@ -43,6 +46,9 @@ def ascent(
     direction: any other step direction, ``direction(x, t) -> (M, C, H, W)`` for x (M, C, H, W) and class
         targets t (M,) (e.g. a Captum attribution from ``excitation_pullbacks.baselines``); it replaces the
         pullback, and the gate arguments are ignored.
+    should_stop: called before each step; True ends the call with :class:`~excitation_pullbacks.stopping.Stopped`.
+    The model is left as it was (:func:`~excitation_pullbacks.state.preserved_model`; in train mode BatchNorm
+    uses each batch's statistics, its running statistics are restored).
     Returns the final images, (N, C, H, W) or (N, K, C, H, W) for a grid; with ``return_trajectory`` also
     every step, (steps + 1, ...) starting with the original images.
     """
@@ -73,8 +79,9 @@ def ascent(
     x = x0.clone()
     trajectory = [x0.clone()] if return_trajectory else None
     dims = tuple(range(1, x.dim()))
-    with frozen_parameters(model), torch.enable_grad():
+    with preserved_model(model), frozen_parameters(model), torch.enable_grad():
         for _ in range(steps):
+            check_stop(should_stop)
             if direction is None:
                 xr = x.detach().requires_grad_(True)
                 logits = gated_forward(engine, xr)

@@ -18,6 +18,7 @@ from .attribution import ExcitationPullback
 from .explain import Explain
 from .gates import Schedule, resolve_schedule
 from .pullback import frozen_parameters
+from .state import preserved_model
 
 __all__ = ["BASELINES", "METHODS", "Explain", "as_direction", "explainer"]
 
@@ -119,7 +120,8 @@ def explainer(
         raise ValueError(f"unknown attribution method {method!r}; choose one of {', '.join(METHODS)}")
 
     def explain(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
-        with frozen_parameters(model), warnings.catch_warnings():  # no weight gradients; flags restored
+        # no weight gradients; buffers (BatchNorm statistics in train mode) and flags restored
+        with preserved_model(model), frozen_parameters(model), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU")  # Captum's notice
             return fn(model, x.detach().requires_grad_(True), target).detach()
 

@@ -102,12 +102,14 @@ def check_class_range(targets: Tensor, num_classes: int) -> None:
 
 
 def warn_if_training(model: nn.Module, *, stacklevel: int = 3) -> None:
-    """Warn if a BatchNorm or Dropout module of ``model`` is in training mode: BatchNorm then uses (and
-    updates) batch statistics, so each image's result depends on the others in its batch; dropout is random.
-    stacklevel 3 points the warning at the caller of the function that calls this."""
+    """Warn if a BatchNorm or Dropout module of ``model`` is in training mode: BatchNorm then normalises with
+    the batch's statistics, so each image's result depends on the others in its batch (its running statistics
+    are restored afterwards by the caller); dropout is random. stacklevel 3 points the warning at the caller
+    of the function that calls this."""
     if any(m.training for m in model.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Dropout))):
         warnings.warn(
-            "the model is in training mode (BatchNorm uses and updates batch statistics, so each image's "
-            "result depends on the others in its batch; dropout is random); call model.eval() first",
+            "the model is in training mode: BatchNorm normalises with each batch's statistics, so each image's "
+            "result depends on the others in its batch, and dropout is random (the model's running statistics "
+            "and flags are left unchanged); call model.eval() for per-image results",
             stacklevel=stacklevel,
         )

@@ -2,8 +2,11 @@
 
 All functions take the model as the user has it (any ``nn.Module`` mapping images to logits; wrap
 torchvision backbones in :class:`~excitation_pullbacks.models.ImageNetInput` for images in [-1, 1]) and
-leave it as it was: parameters are frozen only for the duration of the call (so the backward computes no
-weight gradients) and their ``requires_grad`` flags are restored, also after an exception.
+leave it as it was (:func:`~excitation_pullbacks.state.preserved_model`): parameters are frozen only for the
+duration of the call (so the backward computes no weight gradients), and every buffer and flag is restored,
+also after an exception. A model in train mode is run as it is: BatchNorm normalises with the batch's
+statistics (each image's result then depends on the others in its batch) but its running statistics are put
+back afterwards.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from torch import Tensor, nn
 from .checks import check_class_range, check_images, class_targets, warn_if_training
 from .gates import ByType, Schedule, resolve_schedule
 from .gating import Excitation, Report
+from .state import preserved_model
+from .stopping import ShouldStop, check_stop
 
 __all__ = ["Neuron", "Targets", "engine_for", "frozen_parameters", "gated_forward", "pullback"]
 
@@ -129,6 +134,7 @@ def pullback(
     schedule: Schedule | float | None = None,
     *,
     batch_size: int | None = None,
+    should_stop: ShouldStop = None,
     **gate,
 ) -> Tensor:
     """Excitation pullbacks of ``targets`` at ``images``.
@@ -140,6 +146,8 @@ def pullback(
     schedule, **gate: the gates (:func:`~excitation_pullbacks.gates.as_schedule`), e.g. ``0.3``,
         ``temperature=0`` (the exact vanilla input gradient) or a Schedule.
     batch_size: images per forward pass (None: all at once), to bound memory.
+    should_stop: called before each forward and backward pass; True ends the call with
+        :class:`~excitation_pullbacks.stopping.Stopped`.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")  # noqa: TRY004
@@ -156,14 +164,19 @@ def pullback(
     engine = engine_for(model, sched)
     step = batch_size or n
     chunks = []
-    with frozen_parameters(model), torch.enable_grad():
+    with preserved_model(model), frozen_parameters(model), torch.enable_grad():
         for start in range(0, n, step):
+            check_stop(should_stop)
             x = images[start : start + step].detach().requires_grad_(True)
-            chunks.append(_pullback_chunk(engine, x, None if t is None else t[start : start + step], neuron))
+            chunks.append(
+                _pullback_chunk(engine, x, None if t is None else t[start : start + step], neuron, should_stop)
+            )
     return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
 
 
-def _pullback_chunk(engine: Excitation, x: Tensor, t: Tensor | None, neuron: Neuron | None) -> Tensor:
+def _pullback_chunk(
+    engine: Excitation, x: Tensor, t: Tensor | None, neuron: Neuron | None, should_stop: ShouldStop = None
+) -> Tensor:
     out = gated_forward(engine, x, neuron)
     if neuron is not None:
         (g,) = torch.autograd.grad(out.sum(), x)
@@ -175,6 +188,7 @@ def _pullback_chunk(engine: Excitation, x: Tensor, t: Tensor | None, neuron: Neu
     k = t.shape[1]
     grads = []
     for j in range(k):  # the gates depend only on the forward pass: K backward passes share it
+        check_stop(should_stop)
         (g,) = torch.autograd.grad(out.gather(1, t[:, j : j + 1]).sum(), x, retain_graph=j < k - 1)
         grads.append(g)
     return torch.stack(grads, 1)

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ..ascent import ascent
 from ..checks import class_targets
+from ..state import keeps_model
 
 __all__ = ["AscentScores", "TransferResult", "ascent_scores", "transfer", "transfer_scores"]
 
@@ -56,6 +57,7 @@ def _flatten_grid(x: Tensor, x_adv: Tensor, target) -> tuple[Tensor, Tensor, Ten
     return x, x_adv, class_targets(target, x.shape[0], x.device, grid=False)
 
 
+@keeps_model
 def ascent_scores(model: nn.Module, x: Tensor, x_adv: Tensor, target, *, batch_size: int | None = None) -> AscentScores:
     """Scores of counterfactuals: x (N, C, H, W), x_adv (N, C, H, W) made toward target (N,) -> AscentScores
     with (N,) tensors. x_adv (N, K, C, H, W) with target (N, K) (an ascent grid) gives (N * K,) rows in

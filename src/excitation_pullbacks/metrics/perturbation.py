@@ -7,6 +7,8 @@ import torch
 from torch import Tensor, nn
 
 from ..checks import class_targets, warn_if_training
+from ..state import preserved_model
+from ..stopping import ShouldStop, check_stop
 from .filters import gaussian_blur
 
 __all__ = ["Baseline", "deletion", "insertion", "perturbation_auc", "perturbation_curves", "pixel_scores"]
@@ -58,6 +60,7 @@ def perturbation_curves(
     reduce: str = "sum",
     blur_sigma: float = 5.0,
     batch_size: int = 64,
+    should_stop: ShouldStop = None,
 ) -> tuple[Tensor, Tensor]:
     """Target score along deletion or insertion of pixels in decreasing attribution order.
 
@@ -70,6 +73,8 @@ def perturbation_curves(
     per-channel mean), a number, or a tensor broadcastable to x.
     score: ``probability`` (softmax of the logits at the target) or ``logit``.
     All N * (steps + 1) perturbed images are built on the fly and scored ``batch_size`` at a time (no grad).
+    should_stop: called before each batch; True ends the call with :class:`~excitation_pullbacks.stopping.Stopped`.
+    The model is left as it was (:func:`~excitation_pullbacks.state.preserved_model`).
     Returns (curves (N, steps + 1), fractions (steps + 1,)): point 0 is the unperturbed start (x for
     deletion, the baseline for insertion), fractions[k] = the fraction of pixels changed after step k.
     """
@@ -95,8 +100,9 @@ def perturbation_curves(
     counts = torch.arange(steps + 1, device=x.device) * p // steps  # pixels changed after each step
     total = n * (steps + 1)
     out: list[Tensor] = []
-    with torch.no_grad():
+    with torch.no_grad(), preserved_model(model):
         for start in range(0, total, int(batch_size)):
+            check_stop(should_stop)
             j = torch.arange(start, min(start + int(batch_size), total), device=x.device)
             i, k = j // (steps + 1), j % (steps + 1)
             # 1 where the pixel is changed; lerp with weights 0 / 1 returns either end exactly
@@ -139,6 +145,7 @@ def perturbation_auc(
     include_start: bool = True,
     auc_spacing: str = "fraction",
     return_curves: bool = False,
+    should_stop: ShouldStop = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Area under the deletion or insertion curve (``mode``): what :func:`deletion` and :func:`insertion` return.
 
@@ -160,6 +167,7 @@ def perturbation_auc(
         reduce=reduce,
         blur_sigma=blur_sigma,
         batch_size=batch_size,
+        should_stop=should_stop,
     )
     auc, curves = _auc(curves, fractions, include_start, auc_spacing)
     return (auc, curves) if return_curves else auc
@@ -169,7 +177,7 @@ def deletion(model: nn.Module, x: Tensor, maps: Tensor, target, **options) -> Te
     """Deletion AUC: the target score as top-attributed pixels are replaced by the baseline.
 
     Arguments and returns as :func:`perturbation_auc` (options: steps, baseline, score, reduce, blur_sigma,
-    batch_size, include_start, auc_spacing, return_curves). **Lower is better** (more faithful): the score
+    batch_size, include_start, auc_spacing, return_curves, should_stop). **Lower is better** (more faithful): the score
     falls fast as the pixels the map ranks first are removed.
 
     Quantus ``PixelFlipping(features_in_step=C * H * W // steps, perturb_baseline=b, abs=False,

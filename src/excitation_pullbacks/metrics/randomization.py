@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ..checks import class_targets
 from ..explain import Explain
+from ..stopping import ShouldStop, check_stop
 from .similarity import spearman, ssim
 
 __all__ = ["RandomizationResult", "randomization_check", "randomization_layers"]
@@ -118,6 +119,7 @@ def randomization_check(
     similarity: Sequence[str] = ("spearman", "ssim"),
     seed: int = 0,
     batchnorm: str = "skip",
+    should_stop: ShouldStop = None,
 ) -> RandomizationResult:
     """Cascading model-parameter randomization (Adebayo et al. 2018), from the output layer to the input.
 
@@ -137,6 +139,7 @@ def randomization_check(
     ``reset``) in reverse registration order, reseeding the global RNG with the same seed at each step.
     similarity: any of ``spearman`` (:func:`spearman` of the absolute channel-summed maps) and ``ssim``
     (:func:`ssim` of the absolute channel-summed maps, each min-max scaled to [0, 1]).
+    should_stop: called before each step; True ends the call with :class:`~excitation_pullbacks.stopping.Stopped`.
     Returns a :class:`RandomizationResult` with (L, N) tensors. **Lower** similarity after randomization
     means the maps depend on the parameters (the method passes the check); high similarity fails it.
     """
@@ -157,6 +160,7 @@ def randomization_check(
     rows: dict[str, list[Tensor]] = {k: [] for k in which}
     devices = [x.device.index or 0] if x.device.type == "cuda" else []
     for step, name in enumerate(names):
+        check_stop(should_stop)
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed + step)
             _reinitialise(modules[name], batchnorm)

@@ -33,7 +33,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights_only" in str(err) or "global" in str(err).lower():
+        if "unsupported global" in str(err).lower() or "global" in str(err).split("\n")[0].lower():
             raise ValueError(
                 f"checkpoint {path} holds Python objects besides tensors (e.g. a whole pickled model); "
                 "save and load model.state_dict() instead"
@@ -49,12 +49,15 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise ValueError(f"checkpoint {path} does not hold a state dict (a mapping of parameter names to tensors)")
     own = model.state_dict()
     missing, unexpected = own.keys() - state.keys(), state.keys() - own.keys()
-    shapes = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
+    shapes = sorted(k for k in own.keys() & state.keys() if own[k].shape != state[k].shape)
     if missing or unexpected or shapes:
+        sizes = ", ".join(
+            f"{k} {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model" for k in shapes[:3]
+        )
         parts = [
             f"{len(missing)} missing ({_examples(missing)})" if missing else "",
             f"{len(unexpected)} unexpected ({_examples(unexpected)})" if unexpected else "",
-            f"{len(shapes)} of another shape ({_examples(shapes)})" if shapes else "",
+            f"{len(shapes)} of another shape ({sizes}{', ...' if len(shapes) > 3 else ''})" if shapes else "",
         ]
         raise ValueError(
             f"checkpoint {path} does not fit {type(model).__name__} (another architecture or "

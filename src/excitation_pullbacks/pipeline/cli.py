@@ -6,24 +6,34 @@ The configs ship inside the package (:data:`~.config.CONFIG_DIR`); add your own 
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import IntervalSweep
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from excitation_pullbacks.models import WeightsUnavailableError
+from excitation_pullbacks.stopping import Stopped
 
 from .config import CONFIG_DIR
-from .errors import PipelineError
+from .errors import PipelineError, describe_failure
+from .outputs import check_directory
 from .run import report, run
+from .signals import exit_code
 
 __all__ = ["CONFIG_DIR", "EXPECTED", "check_overrides", "main"]
 
 EXPECTED = (PipelineError, WeightsUnavailableError, ValueError, OSError, KeyError, OmegaConfBaseException)
+
+
+def _debug(cfg: DictConfig | None = None) -> bool:
+    """Full tracebacks: ``HYDRA_FULL_ERROR=1`` or ``debug=true``."""
+    return os.environ.get("HYDRA_FULL_ERROR") == "1" or bool(cfg is not None and cfg.get("debug", False))
 
 
 def _message(err: BaseException) -> str:
@@ -36,8 +46,16 @@ def _main(cfg: DictConfig) -> float | None:
     """One job; returns the evaluate task's objective (what the Optuna sweeper optimises), else None."""
     try:
         result = run(cfg)
-    except EXPECTED as err:
+    except Stopped as err:  # SIGINT / SIGTERM: one line, exit 128 + signal
         print(f"error: {_message(err)}", file=sys.stderr)
+        sys.exit(exit_code())
+    except Exception as err:
+        if _debug(cfg):
+            raise
+        message = describe_failure(err, cfg.get("batch_size"), str(cfg.get("output_dir") or ""))
+        if message is None and not isinstance(err, EXPECTED):
+            raise
+        print(f"error: {message or _message(err)}", file=sys.stderr)
         sys.exit(1)
     if result["results"] is not None:
         report(result)
@@ -86,10 +104,28 @@ def check_overrides(args: list[str]) -> str | None:
         with initialize_config_dir(CONFIG_DIR, version_base=None):
             for overrides in combos:
                 compose("config", overrides=overrides)
+            hydra_cfg = compose("config", overrides=base, return_hydra_config=True)
     except Exception as err:  # parse and composition errors: Hydra would print the same, on several lines
         if type(err).__module__.startswith(("hydra", "omegaconf")):
             return _one_line(str(err))
         raise
+    return _run_dir_problem(hydra_cfg, multirun=bool(flags))
+
+
+def _run_dir_problem(cfg: DictConfig, multirun: bool) -> str | None:
+    """A one-line error when Hydra's run (or sweep) directory cannot be made because it or a folder above it
+    is a file (Hydra would fail with a traceback); None otherwise or when the path cannot be told yet."""
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    try:
+        path = OmegaConf.select(cfg, key)
+    except OmegaConfBaseException:  # interpolations only Hydra's run can resolve
+        return None
+    if not path:
+        return None
+    try:
+        check_directory(Path(os.path.expanduser(str(path))).absolute())
+    except PipelineError as err:
+        return f"{key}: {err}".replace("choose another output_dir", f"choose another {key}")
     return None
 
 

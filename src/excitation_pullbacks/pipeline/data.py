@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms as T
 from torchvision.datasets import Imagenette
 
+from excitation_pullbacks.images import MAX_PIXELS, ImageError, image_tensor, open_image
 from excitation_pullbacks.models import digits_images
 
 from .classes import IMAGENETTE, class_names, normalise_name, resolve_class
@@ -31,16 +31,9 @@ DATA_CLASS_SPACE = {"imagenette_hf": "imagenet", "imagenette_tv": "imagenet", "d
 
 
 def build_transform(resize: int = 256, crop: int = 224):
-    """PIL image (any mode) -> (3, crop, crop) in [-1, 1]: RGB, Resize(resize), CenterCrop(crop)."""
-    return T.Compose(
-        [
-            T.Lambda(lambda im: im.convert("RGB")),
-            T.Resize(resize),
-            T.CenterCrop(crop),
-            T.ToTensor(),
-            T.Lambda(lambda x: x * 2 - 1),
-        ]
-    )
+    """PIL image (any mode) -> (3, crop, crop) in [-1, 1]: each mode by its real value range
+    (:func:`excitation_pullbacks.images.image_tensor`), Resize(resize), CenterCrop(crop)."""
+    return partial(image_tensor, resize=int(resize), crop=int(crop))
 
 
 class ImagenetteAsImageNet(Dataset):
@@ -106,13 +99,22 @@ def _imagenette_tv(cfg, transform) -> Dataset:
 class FolderDataset(Dataset):
     """Images under ``root`` (recursively, sorted). Class: the sub-folder name for files in a sub-folder,
     else the file name without a leading ``<number>_`` (``3_chain_saw.jpg`` -> chain saw); names or indices
-    of the class space ``space``.
+    of the class space ``space``. Files are opened with EXIF orientation applied and refused above
+    ``max_pixels`` (``data.max_pixels``).
     """
 
-    def __init__(self, root: str | os.PathLike, transform, label_from: str = "auto", space: str = "imagenet"):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        transform,
+        label_from: str = "auto",
+        space: str = "imagenet",
+        max_pixels: int | None = MAX_PIXELS,
+    ):
         self.root = Path(os.path.expanduser(str(root)))
         self.transform = transform
         self.space = space
+        self.max_pixels = max_pixels
         if not self.root.is_dir():
             raise PipelineError(f"image folder {self.root} does not exist or is not a directory")
         try:
@@ -147,13 +149,9 @@ class FolderDataset(Dataset):
     def __getitem__(self, i):
         path = self.files[i]
         try:
-            with Image.open(path) as im:
-                im.load()
-                x = self.transform(im)
-        except UnidentifiedImageError:
-            raise PipelineError(f"cannot read image {path}: not an image file PIL can identify") from None
-        except (OSError, ValueError) as err:
-            raise PipelineError(f"cannot read image {path}: {err}") from None
+            x = self.transform(open_image(path, max_pixels=self.max_pixels, option="data.max_pixels"))
+        except ImageError as err:
+            raise PipelineError(str(err)) from None
         return x, self.labels[i]
 
 
@@ -217,7 +215,12 @@ def build_dataset(cfg, classes: Sequence[int], space: str = "imagenet") -> Datas
     if kind == "folder":
         if cfg.root is None:
             raise PipelineError("data=folder needs data.root=<image dir>")
-        return FolderDataset(cfg.root, transform, cfg.get("label_from", "auto"), space)
+        max_pixels = cfg.get("max_pixels", MAX_PIXELS)
+        if max_pixels is not None and int(max_pixels) < 1:
+            raise PipelineError(f"data.max_pixels must be >= 1 or null, got {max_pixels}")
+        return FolderDataset(
+            cfg.root, transform, cfg.get("label_from", "auto"), space, None if max_pixels is None else int(max_pixels)
+        )
     raise PipelineError(f"unknown data kind {kind!r}")
 
 

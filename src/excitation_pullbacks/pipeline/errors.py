@@ -1,5 +1,47 @@
-"""The one exception type the pipeline raises for bad input; the CLI prints it as a single line."""
+"""The one exception type the pipeline raises for bad input, and the one-line messages for the failures a
+run can meet on the way (out of memory, a full or read-only disk); the CLI prints them as single lines."""
+
+from __future__ import annotations
+
+import errno
+
+import torch
+
+__all__ = ["PipelineError", "describe_failure"]
 
 
 class PipelineError(Exception):
     """Bad input to the pipeline (unknown class, unreadable data, unwritable output, ...)."""
+
+
+DISK = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def describe_failure(err: BaseException, batch_size: int | None = None, where: str = "") -> str | None:
+    """A one-line message for a failure that is not bad input but the machine's (memory, disk), else None.
+
+    batch_size: the run's ``batch_size`` (named in out-of-memory advice); where: the output dir.
+    """
+    lower = f"lower batch_size (now {batch_size})" if batch_size else "lower batch_size"
+    advice = f"{lower}, baselines.batch_size or the evaluate batch sizes"
+    if isinstance(err, torch.OutOfMemoryError):
+        return f"out of memory on the GPU ({_first_line(err)[:160]}); {advice}"
+    if isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and "can't allocate memory" in str(err).lower()):
+        return f"out of memory on the CPU ({_first_line(err)[:160]}); {advice}"
+    if isinstance(err, OSError) and err.errno in DISK:
+        path = err.filename or where
+        return (
+            f"cannot write {path}: {DISK[err.errno]}; free space or choose another output_dir (nothing was published)"
+        )
+    return None

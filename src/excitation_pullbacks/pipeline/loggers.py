@@ -8,15 +8,18 @@ from pathlib import Path
 import wandb
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-from .outputs import RESULTS
+from excitation_pullbacks.stopping import Stopped
+
+from .signals import exit_code
 
 __all__ = ["log_results"]
 
 
-def log_results(cfg: dict, staging: Path, out: Path, figs: dict, table: list, summary: dict, run_name: str) -> None:
+def log_results(cfg: dict, staging: Path, final: Path, figs: dict, table: list, summary: dict, run_name: str) -> None:
     """Log one finished run. cfg: the resolved config; figs: {key: (PIL image, caption)}; table: header row,
-    then rows ("" for missing values); summary: {metric: number}. The W&B run's final path (under ``out /
-    results``) goes to ``staging / wandb_run.txt``."""
+    then rows ("" for missing values); summary: {metric: number}. The W&B run's final path (under ``final``,
+    the results folder) goes to ``staging / wandb_run.txt``. A W&B run interrupted by an error or a stop is
+    finished with a non-zero exit code (failed), never as a successful run."""
     log = cfg["logger"]
     if log["csv"]:
         csv_logger = CSVLogger(str(staging), name="csv", version="")
@@ -41,6 +44,11 @@ def log_results(cfg: dict, staging: Path, out: Path, figs: dict, table: list, su
         logger.log_table(key="metrics", columns=table[0], data=[[None if v == "" else v for v in r] for r in table[1:]])
         logger.log_metrics(summary)
         run_dir = Path(logger.experiment.dir).parent
-    finally:
-        logger.experiment.finish()
-    (staging / "wandb_run.txt").write_text(str(out / RESULTS / run_dir.relative_to(staging)) + "\n")
+    except Stopped:
+        logger.experiment.finish(exit_code=exit_code())
+        raise
+    except BaseException:
+        logger.experiment.finish(exit_code=1)
+        raise
+    logger.experiment.finish()
+    (staging / "wandb_run.txt").write_text(str(final / run_dir.relative_to(staging)) + "\n")

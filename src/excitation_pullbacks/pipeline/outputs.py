@@ -1,8 +1,10 @@
-"""A run's output directory: where it is, the staging folder results are written to, and the rename that
-publishes them. Layout::
+"""A run's output directory: where it is, the staging folder results are written to, and the publication
+that moves them into ``results``. Layout::
 
-    <output dir>/results/            the finished run (figures, tables, tensors, config.yaml, timing.json, csv/, wandb/)
-    <output dir>/.results.partial/   the run in progress; renamed to results/ when complete
+    <output dir>/results/            the finished run (figures, tables, tensors, config.yaml, timing.json, csv/,
+                                     wandb/, manifest.json - see :mod:`.manifest`), plus any files of the user's
+    <output dir>/.results.partial/   the run in progress; published to results/ when complete
+    <output dir>/results-<hash8>/    with on_conflict=beside: a run of another config beside results/
 """
 
 from __future__ import annotations
@@ -12,21 +14,26 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from .errors import PipelineError
+from .manifest import MANIFEST, make_manifest, read_manifest, write_manifest
 
 __all__ = [
     "RESULTS",
     "STAGING",
+    "check_directory",
     "discard_staging",
     "is_launcher",
     "output_dir",
     "prepare_staging",
-    "publish_staging",
+    "publish",
     "run_name",
+    "save_tensors",
+    "staging_for",
     "wandb_dir",
     "write_timing",
 ]
@@ -60,9 +67,27 @@ def run_name(cfg: DictConfig) -> str:
     return str(cfg.name)
 
 
-def prepare_staging(out: Path, launcher: bool) -> Path:
-    """Create ``out`` and an empty staging folder in it (the launcher clears an old one) -> the staging path."""
-    staging = out / STAGING
+def check_directory(path: Path) -> None:
+    """Raise PipelineError when ``path`` or a folder above it is an existing file (it cannot be made)."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise PipelineError(
+                    f"output directory {path} is not writable: {p} is a file, not a folder; choose another output_dir"
+                )
+            return
+
+
+def staging_for(final: Path) -> Path:
+    """The staging folder of the results folder ``final``: ``.<name>.partial`` beside it."""
+    return final.parent / f".{final.name}.partial"
+
+
+def prepare_staging(final: Path, launcher: bool) -> Path:
+    """Create the output dir and an empty staging folder for ``final`` (the launcher clears an old one)
+    -> the staging path."""
+    out, staging = final.parent, staging_for(final)
+    check_directory(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         if launcher and staging.exists():
@@ -75,20 +100,70 @@ def prepare_staging(out: Path, launcher: bool) -> Path:
     return staging
 
 
-def discard_staging(out: Path) -> None:
+def discard_staging(final: Path) -> None:
     """Remove the staging folder of a failed or interrupted run."""
-    shutil.rmtree(out / STAGING, ignore_errors=True)
+    shutil.rmtree(staging_for(final), ignore_errors=True)
 
 
-def publish_staging(out: Path) -> None:
-    """Rename the complete staging folder to ``results`` (replacing an older one)."""
-    final = out / RESULTS
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(out / STAGING, final)
+def _remove_file(folder: Path, name: str) -> None:
+    """Remove ``folder/name`` and the folders it leaves empty below ``folder``."""
+    path = folder / name
+    path.unlink(missing_ok=True)
+    for parent in path.parents:
+        if parent == folder or folder not in parent.parents:
+            break
+        try:
+            parent.rmdir()
+        except OSError:  # not empty: holds other files
+            break
 
 
-def write_timing(final: Path, total: float, model: float) -> dict:
+def publish(staging: Path, final: Path, ident: dict, started: float) -> list[str]:
+    """Publish the complete ``staging`` folder as ``final`` with its manifest (written last, atomically).
+
+    A new ``final`` is a rename of the staging folder. Into an existing one, only the tool's files are
+    replaced: first a manifest marked unfinished listing the old and the new files (so an interruption
+    leaves a folder the next run recognises as incomplete and its own), then the old manifest's files are
+    removed, the new files moved in, and the complete manifest written. Files no manifest lists are the
+    user's and stay; a new file that would overwrite one is a PipelineError. Returns those kept files.
+    """
+    manifest = make_manifest(staging, ident, started)
+    if not final.exists():
+        write_manifest(staging, manifest)
+        os.replace(staging, final)
+        return []
+    if not final.is_dir():
+        raise PipelineError(f"{final} is a file, not a results folder: move it away")
+    old = read_manifest(final)
+    ours = set(old["files"]) if old else set()
+    present = {p.relative_to(final).as_posix() for p in final.rglob("*") if p.is_file() and p.name != MANIFEST}
+    foreign = sorted(present - ours)
+    clash = [n for n in manifest["files"] if n in foreign]
+    if clash:
+        shown = ", ".join(clash[:3]) + (", ..." if len(clash) > 3 else "")
+        raise PipelineError(
+            f"{final} holds {len(clash)} file(s) no manifest lists (not written by this tool, or by an older "
+            f"version) that this run would overwrite: {shown}; move them away and run again"
+        )
+    write_manifest(final, make_manifest(final, ident, started, complete=False, files=ours | set(manifest["files"])))
+    for name in sorted(ours):
+        _remove_file(final, name)
+    for name in manifest["files"]:
+        (final / name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / name, final / name)
+    write_manifest(final, manifest)
+    shutil.rmtree(staging, ignore_errors=True)
+    return foreign
+
+
+def save_tensors(obj, path: Path) -> None:
+    """``torch.save`` through a Python file, so that a full disk raises OSError (ENOSPC) instead of torch's
+    opaque RuntimeError."""
+    with path.open("wb") as f:
+        torch.save(obj, f)
+
+
+def write_timing(folder: Path, total: float, model: float) -> dict:
     """timing.json: wall time of the run split into model passes (predict steps in this process) and
     everything else (model and data loading, selection, figures, writing, logging). Returns the dict."""
     timing = {
@@ -97,9 +172,7 @@ def write_timing(final: Path, total: float, model: float) -> dict:
         "other_s": round(total - model, 3) if model else None,
         "other_fraction": round((total - model) / total, 4) if model else None,
     }
-    tmp = final / ".timing.json.tmp"
-    tmp.write_text(json.dumps(timing, indent=1) + "\n")
-    os.replace(tmp, final / "timing.json")
+    (folder / "timing.json").write_text(json.dumps(timing, indent=1) + "\n")
     return timing
 
 

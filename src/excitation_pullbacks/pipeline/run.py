@@ -1,13 +1,16 @@
 """``run(cfg)``: the one run skeleton every task goes through (the CLI's body; tests call it directly).
 
-validate -> skip a complete run -> staging folder -> the task's plan (model, data, per-batch module) ->
-``Trainer.predict`` on ``cfg.trainer``'s devices -> rank 0: merge the ranks' shards, the task's files,
-figures, config.yaml, loggers -> rename staging to ``results`` -> timing.json -> the report. Nothing is
-left under ``results`` unless the run completed; a failed run removes its staging folder.
+validate -> the results folder for this config (:mod:`.manifest`: skip it when complete, refuse or go beside
+one of another config) -> staging folder -> SIGINT/SIGTERM handling (:mod:`.signals`) -> the task's plan
+(model, data, per-batch module) -> ``Trainer.predict`` on ``cfg.trainer``'s devices -> rank 0: merge the
+ranks' shards, the task's files, figures, config.yaml, loggers -> timing.json -> publish to ``results`` with
+the manifest written last -> the report. Nothing is published unless the run completed; a failed or stopped
+run removes its staging folder.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -15,28 +18,37 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
+from excitation_pullbacks.stopping import Stopped
+
 from .errors import PipelineError
 from .loggers import log_results
+from .manifest import Verdict, config_hash, examine, identity
 from .outputs import (
     RESULTS,
-    STAGING,
+    check_directory,
     discard_staging,
     is_launcher,
     output_dir,
     prepare_staging,
-    publish_staging,
+    publish,
     run_name,
+    staging_for,
     wandb_dir,
     write_timing,
 )
+from .signals import StopCallback, check_stop, handling_signals, received
 from .tasks import TASKS
 from .tasks.base import Plan, RunContext, Task
 from .writer import ResultWriter
 
-__all__ = ["report", "resolve", "run"]
+__all__ = ["ON_CONFLICT", "check_accelerator", "report", "resolve", "results_folder", "run"]
+
+#: What a run does when its output dir holds complete results of another config.
+ON_CONFLICT = ("error", "beside")
 
 
 def resolve(cfg: DictConfig) -> dict:
@@ -51,34 +63,37 @@ class Finish:
 
     task: Task
     resolved: dict
-    out: Path
+    final: Path
     name: str
 
     def __call__(self, merged: dict) -> None:
-        staging = self.out / STAGING
+        staging = staging_for(self.final)
         outputs = self.task.finalize(merged, staging)
         for key, (im, _) in outputs.figures.items():
             im.save(staging / f"{key}.png")
         (staging / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(self.resolved)))
-        log_results(self.resolved, staging, self.out, outputs.figures, outputs.table, outputs.summary, self.name)
-        publish_staging(self.out)
+        check_stop()
+        log_results(self.resolved, staging, self.final, outputs.figures, outputs.table, outputs.summary, self.name)
 
 
 def predict(cfg: DictConfig, plan: Plan, writer: ResultWriter, out: Path) -> None:
     """``Trainer.predict`` of ``plan.module`` over (image, label, dataset index, row) batches of
     ``cfg.batch_size`` on ``cfg.trainer``'s devices; ``writer`` gathers the ranks' results."""
-    trainer = L.Trainer(
-        accelerator=cfg.trainer.accelerator,
-        devices=cfg.trainer.devices,
-        num_nodes=int(cfg.trainer.num_nodes),
-        strategy=cfg.trainer.strategy,
-        inference_mode=False,
-        logger=False,
-        callbacks=[writer],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(out),
-    )
+    try:
+        trainer = L.Trainer(
+            accelerator=cfg.trainer.accelerator,
+            devices=cfg.trainer.devices,
+            num_nodes=int(cfg.trainer.num_nodes),
+            strategy=cfg.trainer.strategy,
+            inference_mode=False,
+            logger=False,
+            callbacks=[StopCallback(), writer],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=str(out),
+        )
+    except (MisconfigurationException, RuntimeError, ValueError) as err:
+        raise PipelineError(f"trainer settings {dict(cfg.trainer)} cannot be used here: {err}") from None
     rows = torch.arange(len(plan.images))
     loader = DataLoader(
         TensorDataset(plan.images, plan.labels, plan.index, rows), batch_size=int(cfg.batch_size), shuffle=False
@@ -94,39 +109,113 @@ def task_for(cfg: DictConfig) -> Task:
     return TASKS[name]()
 
 
+def check_accelerator(trainer_cfg) -> None:
+    """Raise PipelineError when ``trainer.accelerator`` / ``trainer.devices`` ask for GPUs this machine lacks,
+    saying what is there and which ``trainer=`` to use."""
+    acc = str(trainer_cfg.accelerator).lower()
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    available = f"{gpus} CUDA GPU(s) and the CPU" if gpus else "the CPU only (torch sees no CUDA GPU)"
+    if acc in ("gpu", "cuda") and gpus == 0:
+        raise PipelineError(
+            f"trainer.accelerator={acc} needs a CUDA GPU, but this machine has {available}: use trainer=cpu"
+        )
+    if acc == "mps" and not (torch.backends.mps.is_available()):
+        raise PipelineError(f"trainer.accelerator=mps is not available here ({available}): use trainer=cpu")
+    devices = trainer_cfg.devices
+    if acc in ("gpu", "cuda") and isinstance(devices, int) and devices > gpus:
+        raise PipelineError(
+            f"trainer.devices={devices} asks for more GPUs than the {gpus} available: use trainer.devices={gpus} "
+            f"or trainer=cpu"
+        )
+
+
+def results_folder(cfg: DictConfig, out: Path, ident: dict) -> tuple[Path, Verdict]:
+    """The results folder this config writes to and what it holds now: ``out/results``, or with
+    ``on_conflict=beside`` and results of another config there, ``out/results-<hash8>``. Raises
+    PipelineError naming the differing keys for a conflict under ``on_conflict=error``."""
+    final = out / RESULTS
+    verdict = examine(final, ident)
+    if verdict.state != "conflict":
+        return final, verdict
+    shown = "; ".join(verdict.differences[:4]) + ("; ..." if len(verdict.differences) > 4 else "")
+    if cfg.get("on_conflict", "error") == "beside":
+        beside = out / f"{RESULTS}-{config_hash(ident)[:8]}"
+        again = examine(beside, ident)
+        if again.state == "conflict":
+            raise PipelineError(f"{beside} holds results of yet another config ({shown}): choose another output_dir")
+        if is_launcher():
+            print(f"{final} holds results of another config ({shown}): writing beside it in {beside}")
+        return beside, again
+    raise PipelineError(
+        f"{final} holds results of another config ({shown}); choose another output_dir, or on_conflict=beside "
+        f"to write beside them"
+    )
+
+
 def run(cfg: DictConfig) -> dict:
     """Run one job. Returns {"results": dir (None in DDP children), "wandb": offline run dir or None,
-    "skipped": bool, "timing": dict} and the task's own entries (evaluate: "objective").
+    "skipped": bool, "timing": dict, "kept": the user's files left in the results folder} and the task's own
+    entries (evaluate: "objective").
 
-    Raises PipelineError (or ValueError/OSError from the core and torchvision) for bad input.
+    Raises PipelineError (or ValueError/OSError from the core and torchvision) for bad input, and
+    :class:`~excitation_pullbacks.stopping.Stopped` when SIGINT/SIGTERM stopped it (nothing published).
     """
-    started = time.perf_counter()
+    started, wall = time.perf_counter(), time.time()
     task = task_for(cfg)
     resolved = resolve(cfg)
     if int(cfg.batch_size) < 1:
         raise PipelineError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.get("on_conflict", "error") not in ON_CONFLICT:
+        raise PipelineError(f"on_conflict must be one of {', '.join(ON_CONFLICT)}, got {cfg.on_conflict!r}")
     task.validate(cfg)
     out = output_dir(cfg)
-    final = out / RESULTS
-    if final.is_dir() and cfg.skip_complete:
+    check_directory(out)
+    ident = identity(resolved)
+    final, verdict = results_folder(cfg, out, ident)
+    launcher = is_launcher()
+    if verdict.state == "complete" and cfg.skip_complete:
         print(f"skipping complete run: {final}")
         return {"results": final, "wandb": wandb_dir(final), "skipped": True, **task.result(final)}
-    launcher = is_launcher()
-    staging = prepare_staging(out, launcher)
-    try:
-        torch.manual_seed(int(cfg.seed))  # random weights (weights=null) are the same on every rank and run
-        plan = task.plan(RunContext(cfg, resolved, out, staging, launcher))
-        predict(cfg, plan, ResultWriter(staging, Finish(task, resolved, out, run_name(cfg))), out)
-    except BaseException:
-        if launcher:
-            discard_staging(out)
-        raise
-    if not launcher:  # a DDP child: rank 0 (the launcher) reports
-        return {"results": None, "wandb": None, "skipped": False}
-    if not final.is_dir():
-        raise PipelineError(f"the run finished without writing {final}")
-    timing = write_timing(final, time.perf_counter() - started, plan.module.model_seconds)
-    return {"results": final, "wandb": wandb_dir(final), "skipped": False, "timing": timing, **task.result(final)}
+    if launcher and verdict.state == "incomplete" and verdict.detail:
+        print(f"{final} is incomplete ({verdict.detail}): running it again")
+    check_accelerator(cfg.trainer)
+    with handling_signals():
+        staging = prepare_staging(final, launcher)
+        try:
+            torch.manual_seed(int(cfg.seed))  # random weights (weights=null) are the same on every rank and run
+            plan = task.plan(RunContext(cfg, resolved, out, staging, launcher))
+            check_stop()
+            predict(cfg, plan, ResultWriter(staging, Finish(task, resolved, final, run_name(cfg))), out)
+            if not launcher:  # a DDP child: rank 0 (the launcher) publishes and reports
+                return {"results": None, "wandb": None, "skipped": False}
+            check_stop()
+            if not (staging / "config.yaml").is_file():
+                raise PipelineError(f"the run finished without writing its results into {staging}")
+            timing = write_timing(staging, time.perf_counter() - started, plan.module.model_seconds)
+            kept = publish(staging, final, ident, wall)
+        except Stopped as err:
+            if launcher:
+                discard_staging(final)
+            what = signal.Signals(received()).name if received() else f"a stop request ({err})"
+            raise Stopped(
+                f"stopped by {what}: nothing was published to {final} (its staging folder is removed); run the same "
+                f"command again to start this run again"
+            ) from None
+        except BaseException:
+            if launcher:
+                discard_staging(final)
+            raise
+    if kept:
+        shown = ", ".join(kept[:3]) + (", ..." if len(kept) > 3 else "")
+        print(f"kept {len(kept)} file(s) in {final} that this tool did not write: {shown}")
+    return {
+        "results": final,
+        "wandb": wandb_dir(final),
+        "skipped": False,
+        "timing": timing,
+        "kept": kept,
+        **task.result(final),
+    }
 
 
 def report(result: dict, stream=sys.stdout) -> None:

@@ -16,6 +16,8 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 
+from .outputs import save_tensors
+
 __all__ = ["ResultWriter", "merge_shards"]
 
 
@@ -40,7 +42,7 @@ class ResultWriter(BasePredictionWriter):
         shard_dir = self.staging / "shards"
         shard_dir.mkdir(parents=True, exist_ok=True)
         shard = {k: torch.cat([p[k] for p in preds]) for k in preds[0]} if preds else {}
-        torch.save(shard, shard_dir / f"rank{trainer.global_rank}.pt")
+        save_tensors(shard, shard_dir / f"rank{trainer.global_rank}.pt")
         trainer.strategy.barrier("shards written")
         error = None
         if trainer.is_global_zero:
@@ -48,7 +50,7 @@ class ResultWriter(BasePredictionWriter):
                 shards = [torch.load(shard_dir / f"rank{r}.pt", weights_only=True) for r in range(trainer.world_size)]
                 shutil.rmtree(shard_dir)
                 self.finalize(merge_shards([s for s in shards if s]))
-            except Exception as err:  # noqa: BLE001 - re-raised after the barrier so other ranks do not hang
+            except BaseException as err:  # noqa: BLE001 - re-raised after the barrier so other ranks do not hang
                 error = err
         trainer.strategy.barrier("results written")
         if error is not None:

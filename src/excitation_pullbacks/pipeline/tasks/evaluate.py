@@ -38,6 +38,7 @@ from ..classes import class_names, class_space, resolve_classes
 from ..data import build_dataset
 from ..errors import PipelineError
 from ..schedules import GateSetting, check_main_temperature, check_temperatures, gate_settings, main_setting
+from ..signals import check_stop, stop_requested
 from .base import Outputs, Plan, RunContext, Task
 from .figures import baseline_options
 
@@ -198,10 +199,11 @@ class EvaluateModule(L.LightningModule):
         for i, s in enumerate(self.settings):
             log.info("rank %d: %s on %d images", self.global_rank, s.label, n)
             explain = explainer(s.method, **s.options)
+            check_stop()
             maps = explain(self.model, x, t)
             maps_all.append(maps)
-            dele = M.deletion(self.model, x, maps, t, **self.perturbation)
-            ins = M.insertion(self.model, x, maps, t, **self.perturbation)
+            dele = M.deletion(self.model, x, maps, t, should_stop=stop_requested, **self.perturbation)
+            ins = M.insertion(self.model, x, maps, t, should_stop=stop_requested, **self.perturbation)
             cols["deletion_auc"][:, i] = dele.cpu().double()
             cols["insertion_auc"][:, i] = ins.cpu().double()
             cols["map_hf_energy"][:, i] = M.high_frequency_energy(maps, **self.structure).cpu().double()
@@ -210,7 +212,13 @@ class EvaluateModule(L.LightningModule):
             if rand_rows.any() and self.layer_names:
                 log.info("rank %d: randomization check over %d layers", self.global_rank, len(self.layer_names))
                 res = M.randomization_check(
-                    self.model, x[rand_rows], t[rand_rows], explain, layers=self.layer_names, seed=self.seed
+                    self.model,
+                    x[rand_rows],
+                    t[rand_rows],
+                    explain,
+                    layers=self.layer_names,
+                    seed=self.seed,
+                    should_stop=stop_requested,
                 )
                 curve[rand_rows, 0] = res.spearman.T.cpu().double()
                 curve[rand_rows, 1] = res.ssim.T.cpu().double()
@@ -221,7 +229,14 @@ class EvaluateModule(L.LightningModule):
             if s.ascent and self.steps > 0:
                 direction = as_direction(self.model, explain)
                 x_adv = ascent(
-                    self.model, x, t_asc, steps=self.steps, step_size=self.step_size, eps=self.eps, direction=direction
+                    self.model,
+                    x,
+                    t_asc,
+                    steps=self.steps,
+                    step_size=self.step_size,
+                    eps=self.eps,
+                    direction=direction,
+                    should_stop=stop_requested,
                 )
                 scores = M.ascent_scores(self.model, x, x_adv, t_asc)
                 cols["ascent_gain"][:, i] = scores.gain.cpu().double()

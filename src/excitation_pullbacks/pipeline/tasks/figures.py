@@ -29,7 +29,9 @@ from .. import plots
 from ..classes import class_names, class_space, resolve_classes
 from ..data import build_dataset, select_images
 from ..errors import PipelineError
+from ..outputs import save_tensors
 from ..schedules import VANILLA, GateSetting, check_main_temperature, check_temperatures, gate_settings, main_setting
+from ..signals import check_stop, stop_requested
 from .base import Outputs, Plan, RunContext, Task
 
 __all__ = ["FIGURES", "FiguresTask", "PullbackModule", "baseline_options", "write_metrics_csv"]
@@ -48,6 +50,12 @@ def baseline_options(b) -> dict:
         ig_baseline=float(b.ig_baseline),
         batch_size=b.get("batch_size"),
     )
+
+
+def _checked(explain, model, x: Tensor, t: Tensor) -> Tensor:
+    """``explain(model, x, t)`` after a stop check (Captum's loops take no callback)."""
+    check_stop()
+    return explain(model, x, t)
 
 
 class PullbackModule(L.LightningModule):
@@ -93,6 +101,7 @@ class PullbackModule(L.LightningModule):
             eps=self.eps,
             schedule=setting.schedule,
             return_trajectory=True,
+            should_stop=stop_requested,
         )
         with torch.no_grad():
             logits = self.model(final.flatten(0, 1)).view(*final.shape[:2], -1)
@@ -125,14 +134,16 @@ class PullbackModule(L.LightningModule):
             t.shape[1],
             len(self.settings),
         )
-        out["vanilla"] = pullback(self.model, x, t, schedule=VANILLA.schedule)
-        out["excitation"] = torch.stack([pullback(self.model, x, t, schedule=s.schedule) for s in self.settings], 1)
+        out["vanilla"] = pullback(self.model, x, t, schedule=VANILLA.schedule, should_stop=stop_requested)
+        out["excitation"] = torch.stack(
+            [pullback(self.model, x, t, schedule=s.schedule, should_stop=stop_requested) for s in self.settings], 1
+        )
         if self.baselines:
             maps = []
             for method, options in self.baselines.items():
                 log.info("rank %d: %s maps (Captum)", self.global_rank, method)
                 explain = explainer(method, **options)
-                maps.append(torch.stack([explain(self.model, x, t[:, k]) for k in range(t.shape[1])], 1))
+                maps.append(torch.stack([_checked(explain, self.model, x, t[:, k]) for k in range(t.shape[1])], 1))
             out["baselines"] = torch.stack(maps, 1)  # (B, nB, K, 3, H, W)
         with torch.no_grad():
             logits = self.model(x)
@@ -360,6 +371,6 @@ class FiguresTask(Task):
             temperatures=self.labels,
             ascent_steps=self.keep_steps,
         )
-        torch.save(tensors, staging / "tensors.pt")
+        save_tensors(tensors, staging / "tensors.pt")
         table = write_metrics_csv(staging / "metrics.csv", merged, self.columns, self.labels, self.names)
         return Outputs(figs, table, summary(table))
