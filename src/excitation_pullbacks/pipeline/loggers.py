@@ -10,7 +10,33 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from .outputs import RESULTS
 
-__all__ = ["log_results"]
+__all__ = ["fit_loggers", "log_results"]
+
+
+def _wandb_logger(cfg: dict, staging: Path, run_name: str) -> WandbLogger:
+    log = cfg["logger"]
+    # silent: W&B would print the staging path; the CLI reports the final one
+    return WandbLogger(
+        project=log["project"],
+        name=run_name,
+        group=log.get("group") or cfg["name"],
+        save_dir=str(staging),
+        offline=log["mode"] == "offline",
+        config=cfg,
+        settings=wandb.Settings(silent=True),
+    )
+
+
+def fit_loggers(cfg: dict, staging: Path, run_name: str) -> list:
+    """The loggers of a training run's steps: CSV in ``staging/csv_train`` and W&B; the W&B run stays open so
+    that :func:`log_results` adds the run's figures and summary to the same run."""
+    log = cfg["logger"]
+    loggers: list = []
+    if log["csv"]:
+        loggers.append(CSVLogger(str(staging), name="csv_train", version=""))
+    if log["wandb"] and log["mode"] != "disabled":
+        loggers.append(_wandb_logger(cfg, staging, run_name))
+    return loggers
 
 
 def log_results(cfg: dict, staging: Path, out: Path, figs: dict, table: list, summary: dict, run_name: str) -> None:
@@ -25,16 +51,7 @@ def log_results(cfg: dict, staging: Path, out: Path, figs: dict, table: list, su
         csv_logger.save()
     if not log["wandb"] or log["mode"] == "disabled":
         return
-    # silent: W&B would print the staging path; the CLI reports the final one
-    logger = WandbLogger(
-        project=log["project"],
-        name=run_name,
-        group=log.get("group") or cfg["name"],
-        save_dir=str(staging),
-        offline=log["mode"] == "offline",
-        config=cfg,
-        settings=wandb.Settings(silent=True),
-    )
+    logger = _wandb_logger(cfg, staging, run_name)  # reuses a training run's W&B run still open
     try:
         for key, (im, caption) in figs.items():
             logger.log_image(key=f"figures/{key}", images=[im], caption=[caption])

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 from .errors import PipelineError
+from .fitting import fit
 from .loggers import log_results
 from .outputs import (
     RESULTS,
@@ -116,7 +117,11 @@ def run(cfg: DictConfig) -> dict:
     try:
         torch.manual_seed(int(cfg.seed))  # random weights (weights=null) are the same on every rank and run
         plan = task.plan(RunContext(cfg, resolved, out, staging, launcher))
-        predict(cfg, plan, ResultWriter(staging, Finish(task, resolved, out, run_name(cfg))), out)
+        finish = Finish(task, resolved, out, run_name(cfg))
+        if plan.fit is None:
+            predict(cfg, plan, ResultWriter(staging, finish), out)
+        else:  # a training task
+            fit(cfg, resolved, plan, finish, staging, run_name(cfg))
     except BaseException:
         if launcher:
             discard_staging(out)
