@@ -31,6 +31,7 @@ __all__ = [
     "induced_forward",
     "pack_bits",
     "pool_one_hot",
+    "pool_slots",
     "record_gates",
     "soft_gates",
     "unpack_bits",
@@ -66,17 +67,23 @@ def _windows(z: Tensor, pool: PoolArgs, fill: float) -> Tensor:
     return cols.view(n, c, k[0] * k[1], ho, wo)
 
 
-def pool_one_hot(indices: Tensor, pool: PoolArgs, in_hw: tuple[int, int]) -> Tensor:
-    """Argmax positions (N, C, Ho, Wo), indices into the input's H * W -> one-hot window weights
-    (N, C, K, Ho, Wo) float, K = kh * kw, the layout :func:`soft_gates` gives max-pool sites."""
+def pool_slots(indices: Tensor, pool: PoolArgs, in_hw: tuple[int, int]) -> Tensor:
+    """Argmax positions (N, C, Ho, Wo), indices into the input's H * W -> their slot in the window (N, C, 1,
+    Ho, Wo) int64 in [0, K), K = kh * kw, the window layout of soft max-pool gates."""
     k, s, p, d = _geometry(pool)
     ho, wo = indices.shape[-2:]
     row, col = indices // in_hw[1], indices % in_hw[1]
     top = torch.arange(ho, device=indices.device).view(-1, 1) * s[0] - p[0]
     left = torch.arange(wo, device=indices.device).view(1, -1) * s[1] - p[1]
-    slot = ((row - top) // d[0]) * k[1] + (col - left) // d[1]
-    out = torch.zeros(*indices.shape[:2], k[0] * k[1], ho, wo, device=indices.device)
-    return out.scatter_(2, slot.unsqueeze(2), 1.0)
+    return (((row - top) // d[0]) * k[1] + (col - left) // d[1]).unsqueeze(2)
+
+
+def pool_one_hot(indices: Tensor, pool: PoolArgs, in_hw: tuple[int, int], dtype=torch.float32) -> Tensor:
+    """Argmax positions (N, C, Ho, Wo), indices into the input's H * W -> one-hot window weights
+    (N, C, K, Ho, Wo), K = kh * kw, the layout :func:`soft_gates` gives max-pool sites."""
+    k = _geometry(pool)[0]
+    out = torch.zeros(*indices.shape[:2], k[0] * k[1], *indices.shape[-2:], dtype=dtype, device=indices.device)
+    return out.scatter_(2, pool_slots(indices, pool, in_hw), 1.0)
 
 
 def pack_bits(bits: Tensor) -> Tensor:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from excitation_pullbacks.gate_overlap import gate_overlap, gate_pearson, path_tensor_pearson, pearson
+from excitation_pullbacks.gate_overlap import gate_overlap, gate_pearson, path_rho, pearson
 from excitation_pullbacks.gating_induced import induced_forward, record_gates, soft_gates
 from excitation_pullbacks.models.digits import digits_images, load_digits_cnn
 
@@ -89,10 +89,10 @@ class PathStabilityModule(L.LightningModule):
         k, keys = len(gates), gates[0].keys
         counts = {name: torch.zeros(len(x), k, k, len(keys), dtype=torch.long) for name in ("agree", "both", "either")}
         for i in range(k):
-            for j in range(k):
+            for j in range(i, k):  # symmetric
                 for s, o in enumerate(gate_overlap(gates[i], gates[j]).values()):
-                    counts["agree"][:, i, j, s], counts["both"][:, i, j, s] = o.agree, o.both
-                    counts["either"][:, i, j, s] = o.either
+                    for name, c in counts.items():
+                        c[:, i, j, s] = c[:, j, i, s] = getattr(o, name)
         out.update(counts)
         out["site_size"] = torch.tensor([o.size for o in gate_overlap(gates[0], gates[0]).values()]).expand(len(x), -1)
         if control:
@@ -107,10 +107,13 @@ class PathStabilityModule(L.LightningModule):
         path, cpath, moments, soft_logits = [], [], [], []
         for setting in self.settings:
             soft = soft_gates(final, x, setting.schedule)
-            path.append(torch.stack([path_tensor_pearson(soft, g) for g in gates], 1))
+            relu = soft.select(slice(None))
+            relu.pool = {}
+            per_site = [gate_pearson(soft, g) for g in gates]
+            path.append(torch.stack([path_rho({k: m[k] for k in soft.relu}) for m in per_site], 1))
             if control:
-                cpath.append(torch.stack([path_tensor_pearson(soft, g) for g in control], 1))
-            moments.append(torch.stack([torch.stack(list(gate_pearson(soft, g).values()), 1) for g in gates], 1))
+                cpath.append(torch.stack([path_rho(gate_pearson(relu, g)) for g in control], 1))
+            moments.append(torch.stack([torch.stack(list(m.values()), 1) for m in per_site], 1))
             soft_logits.append(induced_forward(final, x, soft))
         out["path_rho"] = torch.stack(path, 1)
         if control:
