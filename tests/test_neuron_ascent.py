@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from excitation_pullbacks import Neuron, ascent, pullback
+from excitation_pullbacks import Neuron, ascent, make_schedule, pullback
 from excitation_pullbacks.models.digits import DigitsCNN
+from excitation_pullbacks.pipeline.neurons import fig_neurons, neuron_views
+from excitation_pullbacks.pipeline.schedules import GateSetting
 
 
 def _model():
@@ -40,3 +42,14 @@ def test_ascent_raises_the_neuron():
 def test_neuron_ascent_refuses_a_direction():
     with pytest.raises(ValueError, match="Neuron"):
         ascent(_model(), _images(), Neuron("features.6", 0), direction=lambda x, t: x)
+
+
+def test_neuron_views_and_their_figure():
+    model, x = _model().float(), _images().float()
+    neurons = [Neuron("features.10", 0), Neuron("features.10", 5)]
+    setting = GateSetting("0.3", 0.3, make_schedule(temperature=0.3))
+    views = neuron_views(model, x, neurons, setting, steps=1, step_size=0.5, eps=1.0)
+    assert views["neuron_excitation"].shape == views["neuron_exc_ascent"].shape == (3, 2, 3, 32, 32)
+    torch.testing.assert_close(views["neuron_vanilla"][:, 1], pullback(model, x, neurons[1], 0.0))
+    image = fig_neurons(x, views, ["channel 0", "channel 5"], layer="features.10", temperature="0.3")
+    assert image.size[0] > 3 * 32 and image.size[1] > 4 * 3 * 32
