@@ -53,6 +53,7 @@ def test_config_groups_have_the_documented_options():
         "all_figures",
         "baselines",
         "digits",
+        "digits_neurons",
         "evaluate",
         "evaluate_digits",
         "fig1",
