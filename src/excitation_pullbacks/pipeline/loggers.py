@@ -3,6 +3,7 @@ default), both written inside the staging folder so that they move with the resu
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import wandb
@@ -51,13 +52,15 @@ def log_results(cfg: dict, staging: Path, out: Path, figs: dict, table: list, su
         csv_logger.save()
     if not log["wandb"] or log["mode"] == "disabled":
         return
-    logger = _wandb_logger(cfg, staging, run_name)  # reuses a training run's W&B run still open
+    logger = _wandb_logger(cfg, staging, run_name)
+    with warnings.catch_warnings():  # a training run's W&B run, still open, is reused on purpose
+        warnings.filterwarnings("ignore", message="There is a wandb run already in progress")
+        run_dir = Path(logger.experiment.dir).parent
     try:
         for key, (im, caption) in figs.items():
             logger.log_image(key=f"figures/{key}", images=[im], caption=[caption])
         logger.log_table(key="metrics", columns=table[0], data=[[None if v == "" else v for v in r] for r in table[1:]])
         logger.log_metrics(summary)
-        run_dir = Path(logger.experiment.dir).parent
     finally:
         logger.experiment.finish()
     (staging / "wandb_run.txt").write_text(str(out / RESULTS / run_dir.relative_to(staging)) + "\n")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -45,6 +46,8 @@ from .base import Outputs, Plan, RunContext, Task
 from .train import read_checkpoints
 
 __all__ = ["PathStabilityModule", "PathStabilityTask", "correlations"]
+
+log = logging.getLogger(__name__)
 
 
 class PathStabilityModule(L.LightningModule):
@@ -78,6 +81,8 @@ class PathStabilityModule(L.LightningModule):
 
     def _predict(self, batch) -> dict[str, Tensor]:
         x, labels, index, rows = batch
+        k, kc = len(self.models), len(self.controls)
+        log.info("rank %d: %d inputs x %d checkpoints x %d gatings", self.global_rank, len(x), k, k + kc)
         gates = [record_gates(m, x) for m in self.models]
         control = [record_gates(m, x) for m in self.controls]
         own = torch.stack([torch.stack([induced_forward(m, x, g) for m in self.models], 1) for g in gates], 1)
@@ -86,7 +91,7 @@ class PathStabilityModule(L.LightningModule):
             out["control"] = torch.stack(
                 [torch.stack([induced_forward(m, x, g) for m in self.models], 1) for g in control], 1
             )
-        k, keys = len(gates), gates[0].keys
+        keys = gates[0].keys
         counts = {name: torch.zeros(len(x), k, k, len(keys), dtype=torch.long) for name in ("agree", "both", "either")}
         for i in range(k):
             for j in range(i, k):  # symmetric
