@@ -82,8 +82,8 @@ def test_ascent_bad_arguments(model_and_images):
     model, x = model_and_images
     with pytest.raises(ValueError, match="steps >= 0"):
         ascent(model, x, 0, steps=-1)
-    with pytest.raises(ValueError, match="classes"):
-        ascent(model, x, Neuron("0", 0))
+    with pytest.raises(ValueError, match="unknown layer name"):
+        ascent(model, x, Neuron("zzz", 0))
 
 
 @pytest.mark.parametrize("act, name", [(nn.Hardswish(), "Hardswish"), (nn.Mish(), "Mish")])

@@ -54,15 +54,18 @@ def test_config_groups_have_the_documented_options():
         "all_figures",
         "baselines",
         "digits",
+        "digits_neurons",
         "evaluate",
         "evaluate_digits",
         "fig1",
         "fig2",
         "fig3_fig4",
+        "path_stability",
         "search_by_depth",
         "search_by_type",
         "search_temperature",
         "temperature_sweep",
+        "train_digits",
     ]
 
 

@@ -1,4 +1,4 @@
-"""Projected gradient ascent toward class logits along excitation pullbacks (paper Sec. 6.1)."""
+"""Projected gradient ascent toward class logits or hidden neurons along excitation pullbacks (paper Sec. 6.1)."""
 
 from __future__ import annotations
 
@@ -32,12 +32,14 @@ def ascent(
     should_stop: ShouldStop = None,
     **gate,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Projected gradient ascent toward target logits along excitation pullbacks.
+    """Projected gradient ascent toward target logits (or a hidden neuron) along excitation pullbacks.
 
-    Per sample: g = pullback of the target logit; x <- x + step_size * g / ||g||_2; project x onto the L2
+    Per sample: g = pullback of the target logit (or of the neuron's value); x <- x + step_size * g / ||g||_2; project x onto the L2
     ball of radius ``eps`` around the start; clamp to ``bounds``.
 
-    images: (N, C, H, W), inside ``bounds``. targets: N ints, an int, or (N, K) / N lists of K ints for a grid.
+    images: (N, C, H, W), inside ``bounds``. targets: N ints, an int, or (N, K) / N lists of K ints for a grid;
+        or a :class:`~excitation_pullbacks.pullback.Neuron` (a channel of a layer's output, at one position
+        or summed over all), the same for every image (not with ``direction``).
     schedule, **gate: the gates (:func:`~excitation_pullbacks.gates.as_schedule`).
     bounds: (low, high) the image range to clamp to after each step ((-1, 1): images behind ImageNetInput);
         None: no clamp.
@@ -59,11 +61,16 @@ def ascent(
             raise ValueError(f"bounds must be (low, high) with low <= high, or None; got {bounds}")
         low, high = float(bounds[0]), float(bounds[1])
     check_images(model, images)
-    if isinstance(targets, Neuron):
-        raise ValueError("ascent targets must be classes")  # noqa: TRY004
+    neuron = targets if isinstance(targets, Neuron) else None
+    if neuron is not None and direction is not None:
+        raise ValueError("a direction takes class targets, not a Neuron")
     warn_if_training(model)
     n = images.shape[0]
-    t = class_targets(targets, n, images.device)
+    t = (
+        torch.zeros(n, dtype=torch.long, device=images.device)
+        if neuron is not None
+        else class_targets(targets, n, images.device)
+    )
     grid_shape = None
     x0 = images.detach()
     if t.dim() == 2:  # every (image, class) pair is its own sample
@@ -82,7 +89,10 @@ def ascent(
     with preserved_model(model), frozen_parameters(model), torch.enable_grad():
         for _ in range(steps):
             check_stop(should_stop)
-            if direction is None:
+            if neuron is not None:
+                xr = x.detach().requires_grad_(True)
+                (g,) = torch.autograd.grad(gated_forward(engine, xr, neuron).sum(), xr)
+            elif direction is None:
                 xr = x.detach().requires_grad_(True)
                 logits = gated_forward(engine, xr)
                 check_class_range(t, logits.shape[1])

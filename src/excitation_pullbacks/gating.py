@@ -36,7 +36,7 @@ from torch.overrides import TorchFunctionMode
 from .gates import Gate, Schedule, Site, resolve_schedule
 from .surrogates import frozen_batch_norm, soft_gelu, soft_max_pool2d, soft_relu, soft_silu
 
-__all__ = ["Excitation", "Report", "UngatedActivationWarning", "excitation"]
+__all__ = ["Excitation", "PoolArgs", "Report", "Substitute", "UngatedActivationWarning", "excitation"]
 
 _RELU = {F.relu, torch.relu, Tensor.relu, torch.relu_, Tensor.relu_}
 _POOL = {F.max_pool2d, F.max_pool2d_with_indices, torch.max_pool2d}
@@ -69,6 +69,22 @@ _UNGATED_FUNCS = {
         "fractional_max_pool3d",
     )
 }
+
+
+@dataclass(frozen=True)
+class PoolArgs:
+    """The geometry of one max-pool call (as ``F.max_pool2d`` takes it), handed to a :data:`Substitute`."""
+
+    kernel_size: object
+    stride: object = None
+    padding: object = 0
+    dilation: object = 1
+    ceil_mode: bool = False
+
+
+#: ``substitute(site, z, pool)`` at each ReLU (pool None) and max-pool call (pool its :class:`PoolArgs`):
+#: a returned tensor replaces the call's output (gating-induced networks), None keeps the call as it is.
+Substitute = Callable[[Site, Tensor, "PoolArgs | None"], "Tensor | None"]
 
 
 class UngatedActivationWarning(UserWarning):
@@ -168,6 +184,7 @@ class Excitation:
         *,
         observer: Callable[[Site, Tensor, Gate], None] | None = None,
         lean_batchnorm: bool = False,
+        substitute: Substitute | None = None,
         **gate,
     ):
         if not isinstance(model, nn.Module):
@@ -176,6 +193,7 @@ class Excitation:
         self.schedule = resolve_schedule(schedule, gate)
         self.observer = observer
         self.lean_batchnorm = lean_batchnorm
+        self.substitute = substitute
         self.report = Report()
         self._names = {m: n for n, m in model.named_modules(remove_duplicate=False)}
         self._stack: list[nn.Module] = []
@@ -279,6 +297,10 @@ class Excitation:
         z = args[0] if args else kwargs["input"]
         site = self._site("relu", "relu", nn.ReLU, z)
         gate = self._gate(site, z)
+        if self.substitute is not None:
+            out = self.substitute(site, z, None)
+            if out is not None:
+                return out
         if gate.is_hard:
             return func(*args, **kwargs)  # the original call, in place if it was
         return soft_relu(z, gate, site.channel_dim)  # soft gates need z intact: out of place
@@ -301,12 +323,25 @@ class Excitation:
         x = args[0] if args else kwargs["input"]
         site = self._site("maxpool", "max_pool2d", nn.MaxPool2d)
         gate = self._gate(site, x)
-        if gate.is_hard:
-            return func(*args, **kwargs)
         params = dict(zip(_POOL_ARGS, args[1:]))
         params.update({k: v for k, v in kwargs.items() if k != "input"})
         if func is F.max_pool2d_with_indices:
             params["return_indices"] = True
+        if self.substitute is not None:
+            pool = PoolArgs(
+                params["kernel_size"],
+                params.get("stride"),
+                params.get("padding", 0),
+                params.get("dilation", 1),
+                bool(params.get("ceil_mode", False)),
+            )
+            out = self.substitute(site, x, pool)
+            if out is not None:
+                if params.get("return_indices"):
+                    raise ValueError(f"a substituted max-pool call cannot return indices ({site.key})")
+                return out
+        if gate.is_hard:
+            return func(*args, **kwargs)
         return soft_max_pool2d(
             x,
             gate,

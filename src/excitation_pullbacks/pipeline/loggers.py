@@ -3,6 +3,7 @@ default), both written inside the staging folder so that they move with the resu
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import wandb
@@ -12,7 +13,33 @@ from excitation_pullbacks.stopping import Stopped
 
 from .signals import exit_code
 
-__all__ = ["log_results"]
+__all__ = ["fit_loggers", "log_results"]
+
+
+def _wandb_logger(cfg: dict, staging: Path, run_name: str) -> WandbLogger:
+    log = cfg["logger"]
+    # silent: W&B would print the staging path; the CLI reports the final one
+    return WandbLogger(
+        project=log["project"],
+        name=run_name,
+        group=log.get("group") or cfg["name"],
+        save_dir=str(staging),
+        offline=log["mode"] == "offline",
+        config=cfg,
+        settings=wandb.Settings(silent=True),
+    )
+
+
+def fit_loggers(cfg: dict, staging: Path, run_name: str) -> list:
+    """The loggers of a training run's steps: CSV in ``staging/csv_train`` and W&B; the W&B run stays open so
+    that :func:`log_results` adds the run's figures and summary to the same run."""
+    log = cfg["logger"]
+    loggers: list = []
+    if log["csv"]:
+        loggers.append(CSVLogger(str(staging), name="csv_train", version=""))
+    if log["wandb"] and log["mode"] != "disabled":
+        loggers.append(_wandb_logger(cfg, staging, run_name))
+    return loggers
 
 
 def log_results(cfg: dict, staging: Path, final: Path, figs: dict, table: list, summary: dict, run_name: str) -> None:
@@ -28,22 +55,15 @@ def log_results(cfg: dict, staging: Path, final: Path, figs: dict, table: list, 
         csv_logger.save()
     if not log["wandb"] or log["mode"] == "disabled":
         return
-    # silent: W&B would print the staging path; the CLI reports the final one
-    logger = WandbLogger(
-        project=log["project"],
-        name=run_name,
-        group=log.get("group") or cfg["name"],
-        save_dir=str(staging),
-        offline=log["mode"] == "offline",
-        config=cfg,
-        settings=wandb.Settings(silent=True),
-    )
+    logger = _wandb_logger(cfg, staging, run_name)
+    with warnings.catch_warnings():  # a training run's W&B run, still open, is reused on purpose
+        warnings.filterwarnings("ignore", message="There is a wandb run already in progress")
+        run_dir = Path(logger.experiment.dir).parent
     try:
         for key, (im, caption) in figs.items():
             logger.log_image(key=f"figures/{key}", images=[im], caption=[caption])
         logger.log_table(key="metrics", columns=table[0], data=[[None if v == "" else v for v in r] for r in table[1:]])
         logger.log_metrics(summary)
-        run_dir = Path(logger.experiment.dir).parent
     except Stopped:
         logger.experiment.finish(exit_code=exit_code())
         raise

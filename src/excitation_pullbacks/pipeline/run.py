@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from excitation_pullbacks.stopping import Stopped
 
 from .errors import PipelineError
+from .fitting import fit
 from .loggers import log_results
 from .manifest import Verdict, config_hash, examine, identity
 from .outputs import (
@@ -185,7 +186,11 @@ def run(cfg: DictConfig) -> dict:
             torch.manual_seed(int(cfg.seed))  # random weights (weights=null) are the same on every rank and run
             plan = task.plan(RunContext(cfg, resolved, out, staging, launcher))
             check_stop()
-            predict(cfg, plan, ResultWriter(staging, Finish(task, resolved, final, run_name(cfg))), out)
+            finish = Finish(task, resolved, final, run_name(cfg))
+            if plan.fit is None:
+                predict(cfg, plan, ResultWriter(staging, finish), out)
+            else:  # a training task
+                fit(cfg, resolved, plan, finish, staging, run_name(cfg))
             if not launcher:  # a DDP child: rank 0 (the launcher) publishes and reports
                 return {"results": None, "wandb": None, "skipped": False}
             check_stop()

@@ -3,8 +3,15 @@
 from .base import Task
 from .evaluate import EvaluateTask
 from .figures import FiguresTask
+from .path_stability import PathStabilityTask
+from .train import TrainTask
 
 __all__ = ["TASKS", "Task"]
 
 #: {name: task class}: a new task is a new file here and one entry below.
-TASKS: dict[str, type[Task]] = {"figures": FiguresTask, "evaluate": EvaluateTask}
+TASKS: dict[str, type[Task]] = {
+    "figures": FiguresTask,
+    "evaluate": EvaluateTask,
+    "train": TrainTask,
+    "path_stability": PathStabilityTask,
+}

@@ -16,7 +16,7 @@ import lightning as L
 from omegaconf import DictConfig
 from torch import Tensor
 
-__all__ = ["Outputs", "Plan", "RunContext", "Task"]
+__all__ = ["Fit", "Outputs", "Plan", "RunContext", "Task"]
 
 
 @dataclass
@@ -33,17 +33,29 @@ class RunContext:
 
 
 @dataclass
+class Fit:
+    """A training run: the skeleton calls ``Trainer.fit`` of the plan's module on ``train`` (validating on
+    ``val``) instead of ``Trainer.predict``, with ``trainer`` as extra Trainer arguments (max_steps,
+    callbacks, deterministic, ...); rank 0 then calls the task's ``finalize`` with an empty dict."""
+
+    train: Any
+    val: Any = None
+    trainer: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class Plan:
     """What a task hands the run skeleton: the per-batch module and the images it runs on, row r = image r.
 
     images (N, C, H, W), labels (N,), index (N,) dataset indices. The module counts the seconds its predict
-    steps take in ``model_seconds``.
+    steps take in ``model_seconds``. fit: a training run (:class:`Fit`) instead of predict over the images.
     """
 
     module: L.LightningModule
     images: Tensor
     labels: Tensor
     index: Tensor
+    fit: Fit | None = None
 
 
 @dataclass

@@ -22,13 +22,14 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from excitation_pullbacks import ascent, build_model, pullback
+from excitation_pullbacks import Neuron, ascent, build_model, pullback
 from excitation_pullbacks.baselines import BASELINES, explainer
 
 from .. import plots
 from ..classes import class_names, class_space, resolve_classes
 from ..data import build_dataset, select_images
 from ..errors import PipelineError
+from ..neurons import fig_neurons, neuron_views
 from ..outputs import save_tensors
 from ..schedules import VANILLA, GateSetting, check_main_temperature, check_temperatures, gate_settings, main_setting
 from ..signals import check_stop, stop_requested
@@ -38,7 +39,7 @@ __all__ = ["FIGURES", "FiguresTask", "PullbackModule", "baseline_options", "writ
 
 log = logging.getLogger(__name__)
 
-FIGURES = ("fig1", "fig2", "fig3", "fig4", "sweep", "baselines")
+FIGURES = ("fig1", "fig2", "fig3", "fig4", "sweep", "baselines", "neurons")
 
 
 def baseline_options(b) -> dict:
@@ -77,8 +78,11 @@ class PullbackModule(L.LightningModule):
         eps: float = 100.0,
         keep_steps: Sequence[int] | None = None,
         baselines: dict | None = None,
+        neurons: Sequence[Neuron] = (),
+        neuron_setting: int = 0,
     ):
         super().__init__()
+        self.neurons, self.neuron_setting = list(neurons), int(neuron_setting)
         self.baselines = dict(baselines or {})
         self.model = model
         self.columns = list(columns)
@@ -149,6 +153,10 @@ class PullbackModule(L.LightningModule):
             logits = self.model(x)
         out["logit_before"] = logits.gather(1, t)
         out["top1_before"] = logits.argmax(1)
+        if self.neurons:
+            log.info("rank %d: pullbacks and ascent of %d hidden neurons", self.global_rank, len(self.neurons))
+            budget = dict(steps=self.steps, step_size=self.step_size, eps=self.eps)
+            out.update(neuron_views(self.model, x, self.neurons, self.settings[self.neuron_setting], **budget))
         if self.steps > 0:
             runs = []
             for s in self.settings:
@@ -260,6 +268,10 @@ class FiguresTask(Task):
             bad = [m for m in methods if m not in BASELINES]
             if not methods or bad:
                 raise PipelineError(f"baselines.methods must name some of {', '.join(BASELINES)}; got {methods}")
+        if "neurons" in cfg.figures and not (cfg.get("neurons") and list(cfg.neurons.channels)):
+            raise PipelineError(
+                "figures=[neurons] needs neurons.layer and neurons.channels (experiment=digits_neurons)"
+            )
         space = class_space(cfg)
         rows = resolve_classes(list(cfg.targets.rows), space)
         if not rows:
@@ -318,10 +330,21 @@ class FiguresTask(Task):
             eps=float(cfg.ascent.eps),
             keep_steps=keep,
             baselines=baselines,
+            neurons=self._neurons(cfg),
+            neuron_setting=self.main,
         )
         self.keep_steps = module.keep_steps
         self.methods = list(baselines or [])
         return Plan(module, images, labels, index)
+
+    def _neurons(self, cfg) -> list[Neuron]:
+        """The hidden neurons of the ``neurons`` figure: channels of ``neurons.layer`` (optionally at one position)."""
+        if "neurons" not in self.figures:
+            return []
+        n = cfg.neurons
+        position = None if n.get("position") is None else tuple(int(p) for p in n.position)
+        self.neuron_layer, self.neuron_channels = str(n.layer), [int(c) for c in n.channels]
+        return [Neuron(self.neuron_layer, c, position) for c in self.neuron_channels]
 
     def finalize(self, merged: dict[str, Tensor], staging: Path) -> Outputs:
         col_names = [self.names[c] for c in self.columns]
@@ -364,6 +387,18 @@ class FiguresTask(Task):
                     title=f"Excitation pullbacks of a {name} image by gate temperature",
                 )
                 figs[key] = (im, f"Temperature sweep, {name} image: rows are gate temperatures")
+        if "neurons" in self.figures:
+            im = fig_neurons(
+                imgs,
+                merged,
+                [f"channel {c}" for c in self.neuron_channels],
+                layer=self.neuron_layer,
+                temperature=t_main,
+            )
+            figs["neurons"] = (
+                im,
+                f"Hidden neurons of {self.neuron_layer}: pullbacks and ascent, vanilla vs excitation",
+            )
         tensors = dict(
             merged,
             columns=torch.tensor(self.columns),

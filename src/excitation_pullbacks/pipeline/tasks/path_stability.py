@@ -1,0 +1,342 @@
+"""The ``path_stability`` task: measurements for Hypothesis 1 (paper Sec. 5.1) over a train run's checkpoints.
+
+For the checkpoints t of one train run (``stability.runs`` with ``{seed}`` = the run's seed) and inputs X:
+
+- rho(t_pi, t) = Pearson(f^(t)(X), f_pi^(t)(X)), f_pi^(t) the checkpoint-t network run with the binary gates
+  pi = G^(t_pi)(x) of checkpoint t_pi on the same x (ReLU gates and max-pool argmax positions), per class
+  logit and pooled over the classes; the row t_pi = 0 is pi from the random initialisation;
+- the same with pi from another seed's run (the first of ``stability.control_seeds`` that differs from the
+  seed), at the same steps: the control;
+- the accuracy of f_pi^(t) on the labels;
+- per call site, the overlap of the binary gates of every pair of checkpoints (agreement, IoU), and between
+  the two seeds at the same step;
+- for the final model at each gate temperature T: rho(Gamma~_T(x), pi(x)) of the rank-1 path tensors per
+  input (pi from each checkpoint of the run, and of the control run), per-site Pearson of the gate values,
+  and Pearson(f(X), f_Gamma_T(X)).
+
+Rank 0 writes::
+
+    results/  rho.csv (kind, t_pi, t, class, rho), accuracy.csv, gate_overlap.csv, soft_vs_binary.csv,
+              stability.json (the matrices), rho_heatmap.png, stability_curves.png
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from excitation_pullbacks.gate_overlap import gate_overlap, gate_pearson, path_rho, pearson
+from excitation_pullbacks.gating_induced import induced_forward, record_gates, soft_gates
+from excitation_pullbacks.models.digits import digits_images, load_digits_cnn
+
+from ..charts import curves, figure_image, heatmap
+from ..errors import PipelineError
+from ..schedules import GateSetting, check_temperatures, gate_settings
+from .base import Outputs, Plan, RunContext, Task
+from .train import read_checkpoints
+
+__all__ = ["PathStabilityModule", "PathStabilityTask", "correlations"]
+
+log = logging.getLogger(__name__)
+
+
+class PathStabilityModule(L.LightningModule):
+    """Per batch of inputs: logits of every checkpoint with every checkpoint's (and the control run's) gates,
+    gate overlaps and soft-vs-binary gate correlations.
+
+    models: the run's checkpoints (K, in step order, eval mode); controls: another run's (Kc); settings: the
+    gate settings Gamma_T of the final model (nT).
+    """
+
+    def __init__(self, models: Sequence[nn.Module], controls: Sequence[nn.Module], settings: Sequence[GateSetting]):
+        super().__init__()
+        self.models = nn.ModuleList(models)
+        self.controls = nn.ModuleList(controls)
+        self.settings = list(settings)
+        self.model_seconds = 0.0
+
+    def predict_step(self, batch, batch_idx: int = 0) -> dict[str, Tensor]:
+        """batch: (x (B, ...), labels (B,), index (B,), rows (B,)) -> CPU tensors: own (B, K, K, C) logits of
+        checkpoint t (dim 2) with the gates of checkpoint t_pi (dim 1); control (B, Kc, K, C) with the control
+        run's gates; agree/both/either (B, K, K, S) gate overlap counts between checkpoints (sizes (S,) in
+        site_size); cross_agree (B, min(K, Kc), S) own vs control at the same index; path_rho (B, nT, K) and
+        control_path_rho (B, nT, Kc) rho(Gamma~_T(x), pi(x)); site_moments (B, nT, K, S, 6) Pearson moments of
+        soft vs binary gates per site; soft_logits (B, nT, C) f_Gamma_T."""
+        start = time.perf_counter()
+        try:
+            with torch.no_grad():
+                return self._predict(batch)
+        finally:
+            self.model_seconds += time.perf_counter() - start
+
+    def _predict(self, batch) -> dict[str, Tensor]:
+        x, labels, index, rows = batch
+        k, kc = len(self.models), len(self.controls)
+        log.info("rank %d: %d inputs x %d checkpoints x %d gatings", self.global_rank, len(x), k, k + kc)
+        gates = [record_gates(m, x) for m in self.models]
+        control = [record_gates(m, x) for m in self.controls]
+        own = torch.stack([torch.stack([induced_forward(m, x, g) for m in self.models], 1) for g in gates], 1)
+        out = {"label": labels, "index": index, "row": rows, "own": own}
+        if control:
+            out["control"] = torch.stack(
+                [torch.stack([induced_forward(m, x, g) for m in self.models], 1) for g in control], 1
+            )
+        keys = gates[0].keys
+        counts = {name: torch.zeros(len(x), k, k, len(keys), dtype=torch.long) for name in ("agree", "both", "either")}
+        for i in range(k):
+            for j in range(i, k):  # symmetric
+                for s, o in enumerate(gate_overlap(gates[i], gates[j]).values()):
+                    for name, c in counts.items():
+                        c[:, i, j, s] = c[:, j, i, s] = getattr(o, name)
+        out.update(counts)
+        out["site_size"] = torch.tensor([o.size for o in gate_overlap(gates[0], gates[0]).values()]).expand(len(x), -1)
+        if control:
+            out["cross_agree"] = torch.stack(
+                [
+                    torch.stack([o.agree for o in gate_overlap(a, b).values()], 1)
+                    for a, b in zip(gates, control, strict=False)
+                ],
+                1,
+            )
+        final = self.models[-1]
+        path, cpath, moments, soft_logits = [], [], [], []
+        for setting in self.settings:
+            soft = soft_gates(final, x, setting.schedule)
+            relu = soft.select(slice(None))
+            relu.pool = {}
+            per_site = [gate_pearson(soft, g) for g in gates]
+            path.append(torch.stack([path_rho({k: m[k] for k in soft.relu}) for m in per_site], 1))
+            if control:
+                cpath.append(torch.stack([path_rho(gate_pearson(relu, g)) for g in control], 1))
+            moments.append(torch.stack([torch.stack(list(m.values()), 1) for m in per_site], 1))
+            soft_logits.append(induced_forward(final, x, soft))
+        out["path_rho"] = torch.stack(path, 1)
+        if control:
+            out["control_path_rho"] = torch.stack(cpath, 1)
+        out["site_moments"] = torch.stack(moments, 1)
+        out["soft_logits"] = torch.stack(soft_logits, 1)
+        return {key: v.cpu() for key, v in out.items()}
+
+
+def correlations(logits: Tensor, reference: Tensor) -> tuple[float, list[float]]:
+    """Pearson's r between two logit sets (N, C): pooled over all N * C values, and per class (C,)."""
+    a, b = logits.double(), reference.double()
+    pooled = float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
+    per = [float(torch.corrcoef(torch.stack([a[:, c], b[:, c]]))[0, 1]) for c in range(a.shape[1])]
+    return pooled, per
+
+
+def _finite(v):
+    """v with every NaN / inf float (nested in lists and dicts) replaced by None, for strict JSON."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
+
+
+class PathStabilityTask(Task):
+    """``task: path_stability``: rho(t_pi, t), gate overlaps and rho(Gamma_T, pi) for one train run."""
+
+    name = "path_stability"
+
+    def validate(self, cfg) -> None:
+        s = cfg.get("stability")
+        if s is None:
+            raise PipelineError("task=path_stability needs a stability config (experiment=path_stability)")
+        if cfg.model.name != "digits_cnn":
+            raise PipelineError("path_stability reads digits_cnn checkpoints (model=digits_cnn)")
+        check_temperatures(cfg.temperatures)
+
+    def _runs(self, cfg) -> tuple[Path, Path | None, int | None]:
+        s, seed = cfg.stability, int(cfg.seed)
+        own = Path(str(s.runs).format(seed=seed))
+        others = [int(c) for c in (s.control_seeds or []) if int(c) != seed]
+        if not others:
+            return own, None, None
+        return own, Path(str(s.runs).format(seed=others[0])), others[0]
+
+    def plan(self, ctx: RunContext) -> Plan:
+        cfg, s = ctx.cfg, ctx.cfg.stability
+        own_dir, control_dir, control_seed = self._runs(cfg)
+        rows = read_checkpoints(own_dir)
+        if s.get("steps"):
+            wanted = {int(t) for t in s.steps}
+            rows = [r for r in rows if r["step"] in wanted]
+        control_rows = read_checkpoints(control_dir) if control_dir is not None else []
+        if control_rows:
+            steps = {r["step"] for r in rows}
+            control_rows = [r for r in control_rows if r["step"] in steps]
+        models = [load_digits_cnn(r["path"]) for r in rows]
+        controls = [load_digits_cnn(r["path"]) for r in control_rows]
+        x, y = digits_images(str(cfg.data.get("split", "train")), int(cfg.data.get("size", 32)))
+        n = len(y) if s.get("num_images") is None else min(int(s.num_images), len(y))
+        x, y = x[:n], y[:n]
+        temps = check_temperatures(cfg.temperatures)
+        settings = gate_settings(cfg.gate, temps, model=models[-1], example=x[:1])
+        self.meta = {
+            "run": str(own_dir),
+            "control_run": None if control_dir is None else str(control_dir),
+            "control_seed": control_seed,
+            "steps": [r["step"] for r in rows],
+            "control_steps": [r["step"] for r in control_rows],
+            "test_acc": [r["test_acc"] for r in rows],
+            "temperatures": [st.label for st in settings],
+            "sites": list(record_gates(models[0], x[:1]).keys),
+            "num_images": n,
+        }
+        return Plan(PathStabilityModule(models, controls, settings), x, y, torch.arange(n))
+
+    def finalize(self, merged: dict[str, Tensor], staging: Path) -> Outputs:
+        m = self.meta
+        steps, csteps, sites, temps = m["steps"], m["control_steps"], m["sites"], m["temperatures"]
+        k, own, labels = len(steps), merged["own"], merged["label"]
+        f = torch.stack([own[:, t, t] for t in range(k)], 1)  # (N, K, C): every checkpoint with its own gates
+        rho = np.full((k, k), np.nan)
+        rho_cls = np.full((k, k), np.nan)
+        acc = np.zeros((k, k))
+        rho_rows = []
+        for p in range(k):
+            for t in range(k):
+                pooled, per = correlations(own[:, p, t], f[:, t])
+                rho[p, t], rho_cls[p, t] = pooled, float(np.nanmean(per))
+                acc[p, t] = float((own[:, p, t].argmax(1) == labels).double().mean())
+                rho_rows += [["own", steps[p], steps[t], "all", pooled]]
+                rho_rows += [["own", steps[p], steps[t], c, r] for c, r in enumerate(per)]
+        kc = len(csteps)
+        rho_ctrl = np.full((kc, k), np.nan)
+        acc_ctrl = np.zeros((kc, k))
+        if kc:
+            for p in range(kc):
+                for t in range(k):
+                    pooled, per = correlations(merged["control"][:, p, t], f[:, t])
+                    rho_ctrl[p, t] = pooled
+                    acc_ctrl[p, t] = float((merged["control"][:, p, t].argmax(1) == labels).double().mean())
+                    rho_rows += [["control", csteps[p], steps[t], "all", pooled]]
+                    rho_rows += [["control", csteps[p], steps[t], c, r] for c, r in enumerate(per)]
+        _write_csv(staging / "rho.csv", ["kind", "t_pi", "t", "class", "rho"], rho_rows)
+        _write_csv(
+            staging / "accuracy.csv",
+            ["kind", "t_pi", "t", "accuracy"],
+            [["own", steps[p], steps[t], acc[p, t]] for p in range(k) for t in range(k)]
+            + [["control", csteps[p], steps[t], acc_ctrl[p, t]] for p in range(kc) for t in range(k)],
+        )
+        size = merged["site_size"][0].double()
+        agree = merged["agree"].double().sum(0) / (size * len(labels))  # (K, K, S)
+        iou = merged["both"].double().sum(0) / merged["either"].double().sum(0).clamp_min(1)
+        overlap_rows = [
+            [steps[i], steps[j], site, float(agree[i, j, s]), float(iou[i, j, s])]
+            for i in range(k)
+            for j in range(k)
+            for s, site in enumerate(sites)
+        ]
+        _write_csv(staging / "gate_overlap.csv", ["step_a", "step_b", "site", "agreement", "iou"], overlap_rows)
+        cross = None
+        if "cross_agree" in merged:
+            cross = merged["cross_agree"].double().sum(0) / (size * len(labels))  # (min(K, Kc), S)
+        path = merged["path_rho"]  # (N, nT, K)
+        cpath = merged.get("control_path_rho")
+        moments = merged["site_moments"].sum(0)  # (nT, K, S, 6)
+        f_final = f[:, -1]
+        soft_rows, soft_rho = [], []
+        for ti, label in enumerate(temps):
+            r_soft, _ = correlations(merged["soft_logits"][:, ti], f_final)
+            soft_rho.append(r_soft)
+            for p in range(k):
+                site_r = [pearson(moments[ti, p, s]) for s in range(len(sites))]
+                col = path[:, ti, p]
+                soft_rows.append(
+                    [label, "own", steps[p], float(col.nanmean()), float(col[~col.isnan()].std()), *site_r]
+                )
+            for p in range(0 if cpath is None else cpath.shape[2]):
+                col = cpath[:, ti, p]
+                soft_rows.append(
+                    [label, "control", csteps[p], float(col.nanmean()), float(col[~col.isnan()].std())]
+                    + [""] * len(sites)
+                )
+        _write_csv(
+            staging / "soft_vs_binary.csv",
+            ["T", "kind", "t_pi", "path_rho_mean", "path_rho_std", *[f"gate_r:{s}" for s in sites]],
+            soft_rows,
+        )
+        path_mean = path.nanmean(0).numpy()  # (nT, K)
+        cpath_mean = None if cpath is None else cpath.nanmean(0).numpy()
+        data = {
+            **m,
+            "rho_pooled": rho.tolist(),
+            "rho_class_mean": rho_cls.tolist(),
+            "rho_control_pooled": rho_ctrl.tolist(),
+            "accuracy": acc.tolist(),
+            "accuracy_control": acc_ctrl.tolist(),
+            "gate_agreement_with_final": agree[:, -1].tolist(),
+            "gate_agreement_cross_seed": None if cross is None else cross.tolist(),
+            "path_rho_mean": path_mean.tolist(),
+            "control_path_rho_mean": None if cpath_mean is None else cpath_mean.tolist(),
+            "rho_f_soft": soft_rho,
+        }
+        (staging / "stability.json").write_text(json.dumps(_finite(data), indent=1) + "\n")
+        labels_t = [str(s) for s in steps]
+        mats = [rho, rho_cls] + ([rho_ctrl] if kc else [])
+        titles = ["rho(t_pi, t), pooled", "rho(t_pi, t), mean over classes"] + (
+            [f"control: pi from seed {m['control_seed']}, pooled"] if kc else []
+        )
+        fig = heatmap(mats, titles, labels_t, labels_t, xlabel="t (checkpoint step)", ylabel="t_pi (gates from step)")
+        rows_shown = sorted({0, 1, min(2, k - 1), k // 2, k - 1})
+        lines = {f"t_pi={steps[p]}": (steps, rho[p]) for p in rows_shown}
+        if kc:
+            lines[f"control t_pi={csteps[-1]}"] = (steps, rho_ctrl[-1])
+            lines[f"control t_pi={csteps[0]}"] = (steps, rho_ctrl[0])
+        overlap_lines = {site: (steps, agree[:, -1, s].numpy()) for s, site in enumerate(sites)}
+        if cross is not None:
+            overlap_lines.update({f"{site} vs seed": (csteps, cross[:, s].numpy()) for s, site in enumerate(sites)})
+        path_lines = {f"T={label}": (steps, path_mean[ti]) for ti, label in enumerate(temps)}
+        if cpath_mean is not None:
+            path_lines.update({f"T={label}, control": (csteps, cpath_mean[ti]) for ti, label in enumerate(temps)})
+        curve_fig = curves(
+            [
+                ("rho(t_pi, t) by t_pi (pooled)", "Pearson r", lines),
+                ("gate agreement with the final checkpoint", "fraction of gates", overlap_lines),
+                ("rho(Gamma~_T(x), pi(x)), final model", "mean Pearson r over x", path_lines),
+            ],
+            xlabel="step",
+        )
+        table = [["t_pi", "t", "rho_pooled", "rho_class_mean", "accuracy_pi"]] + [
+            [steps[p], steps[t], float(rho[p, t]), float(rho_cls[p, t]), float(acc[p, t])]
+            for p in range(k)
+            for t in range(k)
+        ]
+        summary = {
+            "rho_init_gates_final": float(rho[0, -1]),
+            "rho_first_step_gates_final": float(rho[1, -1]) if k > 1 else float("nan"),
+            "rho_control_final_gates_final": float(rho_ctrl[-1, -1]) if kc else float("nan"),
+            "rho_control_init_gates_final": float(rho_ctrl[0, -1]) if kc else float("nan"),
+            **{f"rho_f_soft_T{label}": r for label, r in zip(temps, soft_rho)},
+        }
+        caption = "Pearson r between f^(t)(X) and f^(t) run with the binary gates of checkpoint t_pi"
+        return Outputs(
+            {
+                "rho_heatmap": (figure_image(fig), caption),
+                "stability_curves": (figure_image(curve_fig), "rho rows, gate agreement, rho(Gamma_T, pi)"),
+            },
+            table,
+            summary,
+        )
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows([[f"{v:.6g}" if isinstance(v, float) else v for v in r] for r in rows])
