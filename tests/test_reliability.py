@@ -511,7 +511,7 @@ def test_folder_images_keep_their_range_and_orientation(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
     rotated.save(tmp_path / "2_ostrich.png", exif=exif)
-    ds = FolderDataset(tmp_path, partial_transform(), space="imagenet")
+    ds = FolderDataset(tmp_path, image_tensor, space="imagenet")  # no resizing: pixels compare one to one
     for i in (0, 1):  # 16-bit and float: the ramp from black to white, not white (clipped) or black
         x, _ = ds[i]
         assert x.min() == pytest.approx(-1, abs=1e-6) and x.max() == pytest.approx(1, abs=1e-6)
@@ -519,15 +519,6 @@ def test_folder_images_keep_their_range_and_orientation(tmp_path):
     x, _ = ds[2]
     upright = np.rot90(BYTES3, k=-1) / 255.0  # shown as the camera saw it
     torch.testing.assert_close(x, torch.from_numpy(upright.copy()).permute(2, 0, 1).float() * 2 - 1)
-
-
-def partial_transform():
-    """The folder transform without resizing, so that pixels can be compared one to one."""
-
-    def transform(im):
-        return image_tensor(im)
-
-    return transform
 
 
 def test_the_explorer_reads_images_as_the_pipeline_does(tmp_path):

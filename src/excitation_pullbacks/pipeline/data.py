@@ -22,6 +22,7 @@ from excitation_pullbacks.models import digits_images
 
 from .classes import IMAGENETTE, class_names, normalise_name, resolve_class
 from .errors import PipelineError
+from .signals import check_stop
 
 __all__ = ["DigitsDataset", "FolderDataset", "SyntheticDataset", "build_dataset", "build_transform", "select_images"]
 
@@ -241,6 +242,7 @@ def select_images(
     found: dict[int, tuple[Tensor, int]] = {}
     labels = getattr(dataset, "labels", None)  # skip decoding images of other classes when known
     for batch in order:  # index batches: the same order as a shuffled DataLoader over the images
+        check_stop()  # SIGINT/SIGTERM during a long scan of a large folder
         for i in batch.tolist():
             if labels is not None and labels[i] not in wanted:
                 continue

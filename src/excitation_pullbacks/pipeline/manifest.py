@@ -76,7 +76,11 @@ def differing_keys(old: dict, new: dict) -> list[str]:
 
 
 def file_digest(path: Path) -> dict:
-    """{"size": bytes, "sha256": hex} of one file, read in 1 MiB blocks."""
+    """{"size": bytes, "sha256": hex} of one file, read in 1 MiB blocks; {"link": target} of a symbolic link
+    (W&B links its service log from outside the run, a file that keeps growing: the link is what the run
+    wrote)."""
+    if path.is_symlink():
+        return {"link": os.readlink(path)}
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -173,8 +177,10 @@ def examine(final: Path, ident: dict) -> Verdict:
         return Verdict("incomplete", "an unfinished publication", ours=ours, foreign=foreign)
     for name, want in manifest["files"].items():
         path = final / name
-        if not path.is_file():
+        if not (path.is_symlink() or path.is_file()):
             return Verdict("incomplete", f"{name} is missing", ours=ours, foreign=foreign)
-        if want is None or path.stat().st_size != want.get("size") or file_digest(path) != want:
+        if want is None or (not path.is_symlink() and path.stat().st_size != want.get("size")):
+            return Verdict("incomplete", f"{name} was changed", ours=ours, foreign=foreign)
+        if file_digest(path) != want:
             return Verdict("incomplete", f"{name} was changed", ours=ours, foreign=foreign)
     return Verdict("complete", ours=ours, foreign=foreign)

@@ -20,7 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from .errors import PipelineError
-from .manifest import MANIFEST, make_manifest, read_manifest, write_manifest
+from .manifest import listed_files, make_manifest, read_manifest, write_manifest
 
 __all__ = [
     "RESULTS",
@@ -136,7 +136,7 @@ def publish(staging: Path, final: Path, ident: dict, started: float) -> list[str
         raise PipelineError(f"{final} is a file, not a results folder: move it away")
     old = read_manifest(final)
     ours = set(old["files"]) if old else set()
-    present = {p.relative_to(final).as_posix() for p in final.rglob("*") if p.is_file() and p.name != MANIFEST}
+    present = set(listed_files(final))
     foreign = sorted(present - ours)
     clash = [n for n in manifest["files"] if n in foreign]
     if clash:
