@@ -206,15 +206,6 @@ def test_command_line_names_every_setting():
         assert part in line, part
 
 
-def test_core_imports_without_the_app():
-    import subprocess
-    import sys
-
-    code = "import sys, excitation_pullbacks; print('gradio' in sys.modules, 'excitation_pullbacks.app' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["False", "False"]
-
-
 def test_cli_reports_a_bad_model_in_one_line(tmp_path, capsys):
     from excitation_pullbacks.app.cli import main, parse_args
 

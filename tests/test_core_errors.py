@@ -117,15 +117,3 @@ def test_schedule_argument_types():
         make_schedule(schedule=lambda site: Gate())
     with pytest.raises(ValueError, match="max-pool gate"):
         make_schedule(gate="softmax")
-
-
-def test_core_imports_no_pipeline_dependency():
-    import subprocess
-    import sys
-
-    code = (
-        "import sys, excitation_pullbacks; "
-        "print(sorted(m for m in ('hydra', 'lightning', 'wandb', 'omegaconf', 'datasets') if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"

@@ -29,6 +29,7 @@ def test_bad_config_values(tmp_path, overrides, error):
     assert_nothing_written(tmp_path)
 
 
+@pytest.mark.slow  # a subprocess: the console script itself / environment read at import
 def test_console_script_prints_one_error_line(tmp_path):
     proc = cli(tmp_path, "model.name=resnet_nope", f"output_dir={tmp_path / 'out'}")
     assert_one_error_line(proc.returncode, proc.stderr, "unknown model 'resnet_nope'")
@@ -84,6 +85,7 @@ def test_unwritable_output_dir(tmp_path, monkeypatch, capsys):
     assert_one_error_line(code, err, "not writable")
 
 
+@pytest.mark.slow  # a subprocess: the console script itself / environment read at import
 def test_offline_hf_dataset_fails_with_a_hint(tmp_path):
     proc = cli(
         tmp_path,
