@@ -34,6 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: load the model, build the page, serve it until interrupted."""
     args = parse_args(argv)
+    # imported after the arguments: --help and argument errors answer without loading Gradio and torch, and a
+    # missing Gradio (an install without the app extra) is one line
     try:
         import gradio  # noqa: F401
     except ImportError:
