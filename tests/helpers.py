@@ -59,6 +59,8 @@ TINY = [
     "targets.extra=[]",
     "logger=csv",
 ]
+#: Two CPU processes in one pytest process (plain ddp would relaunch the command line, i.e. pytest).
+DDP_SPAWN = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp_spawn"]
 CLI = [sys.executable, "-m", "excitation_pullbacks.pipeline.cli"]
 
 

@@ -19,7 +19,7 @@ from excitation_pullbacks.pipeline.run import run
 from excitation_pullbacks.pipeline.schedules import gate_settings
 from excitation_pullbacks.pipeline.tasks.evaluate import evaluation_images, transfer_models
 
-from helpers import cli, compose_config, read_rows, tiny_cfg
+from helpers import DDP_SPAWN, cli, compose_config, read_rows, tiny_cfg
 
 SMALL = [
     "experiment=evaluate",
@@ -216,10 +216,7 @@ def test_ddp_spawn_two_processes_equal_one(tmp_path):
         tiny_cfg(
             tmp_path / "two",
             *common,
-            "trainer=ddp",
-            "trainer.accelerator=cpu",
-            "trainer.devices=2",
-            "trainer.strategy=ddp_spawn",
+            *DDP_SPAWN,
         )
     )
     a, b = (read_rows(r["results"] / "per_image.csv") for r in (one, two))

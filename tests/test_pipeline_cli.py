@@ -9,7 +9,7 @@ from PIL import Image
 from excitation_pullbacks.pipeline import PipelineError, plots
 from excitation_pullbacks.pipeline.run import run
 
-from helpers import assert_nothing_written, assert_one_error_line, cli, cli_in_process, tiny_cfg
+from helpers import DDP_SPAWN, assert_nothing_written, assert_one_error_line, cli, cli_in_process, tiny_cfg
 
 
 @pytest.mark.parametrize(
@@ -175,10 +175,7 @@ def test_ddp_spawn_two_processes_equals_one(tmp_path):
         tiny_cfg(
             tmp_path / "two",
             *common,
-            "trainer=ddp",
-            "trainer.accelerator=cpu",
-            "trainer.devices=2",
-            "trainer.strategy=ddp_spawn",
+            *DDP_SPAWN,
         )
     )["results"]
     a, b = (torch.load(p / "tensors.pt", weights_only=True) for p in (one, two))

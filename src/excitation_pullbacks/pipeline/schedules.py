@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from excitation_pullbacks import calibrate, excitation
 from excitation_pullbacks.gates import ByDepth, Gate, PerChannel, Schedule, make_schedule
@@ -21,7 +22,15 @@ from excitation_pullbacks.gates import ByDepth, Gate, PerChannel, Schedule, make
 from .config import GateKind
 from .errors import PipelineError
 
-__all__ = ["VANILLA", "GateSetting", "check_main_temperature", "check_temperatures", "gate_settings", "main_setting"]
+__all__ = [
+    "VANILLA",
+    "GateSetting",
+    "check_main_temperature",
+    "check_temperatures",
+    "gate_settings",
+    "main_setting",
+    "run_gate_settings",
+]
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,27 @@ def check_main_temperature(gate, temperatures: Sequence[float]) -> None:
             f"[{', '.join(f'{t:g}' for t in temperatures)}]: add it, or set gate.temperature to one "
             f"of them"
         )
+
+
+def run_gate_settings(
+    cfg, model: nn.Module, dataset, example: Tensor, *, save_to: Path | None = None
+) -> list[GateSetting]:
+    """The gate settings of a run config: :func:`gate_settings` at ``cfg.temperatures``; per-channel gates
+    calibrate on the first ``cfg.gate.calibration_batches`` batches (``cfg.batch_size`` images) of a shuffle
+    of ``dataset`` seeded by ``cfg.seed``."""
+
+    def batches() -> Iterable[Tensor]:
+        loader = DataLoader(
+            dataset,
+            batch_size=int(cfg.batch_size),
+            shuffle=True,
+            generator=torch.Generator().manual_seed(int(cfg.seed)),
+        )
+        return (b[0] for _, b in zip(range(int(cfg.gate.calibration_batches)), loader))
+
+    return gate_settings(
+        cfg.gate, check_temperatures(cfg.temperatures), model=model, example=example, batches=batches, save_to=save_to
+    )
 
 
 def main_setting(settings: Sequence[GateSetting], gate) -> int:

@@ -27,7 +27,6 @@ from pathlib import Path
 import lightning as L
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from excitation_pullbacks import ascent, build_model
 from excitation_pullbacks import metrics as M
@@ -37,7 +36,7 @@ from .. import plots
 from ..classes import class_names, class_space, resolve_classes
 from ..data import build_dataset
 from ..errors import PipelineError
-from ..schedules import GateSetting, check_main_temperature, check_temperatures, gate_settings, main_setting
+from ..schedules import GateSetting, check_main_temperature, check_temperatures, main_setting, run_gate_settings
 from ..signals import check_stop, stop_requested
 from .base import Outputs, Plan, RunContext, Task
 from .figures import baseline_options
@@ -395,22 +394,8 @@ class EvaluateTask(Task):
         dataset = build_dataset(cfg.data, resolve_classes(list(cfg.targets.rows), space), space)
         images, labels, index = evaluation_images(dataset, int(ev.num_images), int(cfg.seed))
 
-        def batches():
-            loader = DataLoader(
-                dataset,
-                batch_size=int(cfg.batch_size),
-                shuffle=True,
-                generator=torch.Generator().manual_seed(int(cfg.seed)),
-            )
-            return (b[0] for _, b in zip(range(int(cfg.gate.calibration_batches)), loader))
-
-        gates = gate_settings(
-            cfg.gate,
-            check_temperatures(cfg.temperatures),
-            model=model,
-            example=images[:1],
-            batches=batches,
-            save_to=ctx.staging / "calibration.pt" if ctx.launcher else None,
+        gates = run_gate_settings(
+            cfg, model, dataset, images[:1], save_to=ctx.staging / "calibration.pt" if ctx.launcher else None
         )
         depth = list(cfg.gate.depth_temperatures) if cfg.gate.kind == "by_depth" else None
         self.rows = method_settings(ev, baseline_options(cfg.baselines), gates, depth)

@@ -20,7 +20,6 @@ from pathlib import Path
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 
 from excitation_pullbacks import Neuron, ascent, build_model, pullback
 from excitation_pullbacks.baselines import BASELINES, explainer
@@ -31,7 +30,14 @@ from ..data import build_dataset, select_images
 from ..errors import PipelineError
 from ..neurons import fig_neurons, neuron_views
 from ..outputs import save_tensors
-from ..schedules import VANILLA, GateSetting, check_main_temperature, check_temperatures, gate_settings, main_setting
+from ..schedules import (
+    VANILLA,
+    GateSetting,
+    check_main_temperature,
+    check_temperatures,
+    main_setting,
+    run_gate_settings,
+)
 from ..signals import check_stop, stop_requested
 from .base import Outputs, Plan, RunContext, Task
 
@@ -292,22 +298,8 @@ class FiguresTask(Task):
             dataset, self.rows, batch_size=int(cfg.selection_batch_size), seed=int(cfg.seed), space=space
         )
 
-        def batches():
-            loader = DataLoader(
-                dataset,
-                batch_size=int(cfg.batch_size),
-                shuffle=True,
-                generator=torch.Generator().manual_seed(int(cfg.seed)),
-            )
-            return (b[0] for _, b in zip(range(int(cfg.gate.calibration_batches)), loader))
-
-        settings = gate_settings(
-            cfg.gate,
-            check_temperatures(cfg.temperatures),
-            model=model,
-            example=images[:1],
-            batches=batches,
-            save_to=ctx.staging / "calibration.pt" if ctx.launcher else None,
+        settings = run_gate_settings(
+            cfg, model, dataset, images[:1], save_to=ctx.staging / "calibration.pt" if ctx.launcher else None
         )
         self.labels = [s.label for s in settings]
         needs_main = any(f != "sweep" for f in self.figures)
