@@ -4,15 +4,19 @@ model is left exactly as it was, tiny pipeline configs, running the CLI, output 
 from __future__ import annotations
 
 import csv
+import json
 import os
+import struct
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
+from wandb.proto import wandb_internal_pb2
 
 from excitation_pullbacks.pipeline.cli import CONFIG_DIR, main
 
@@ -132,3 +136,90 @@ def read_rows(path: Path) -> list[dict]:
     """A CSV file's rows as dicts."""
     with path.open(newline="") as f:
         return list(csv.DictReader(f))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The records W&B itself wrote: an offline run's ``run-<id>.wandb`` file, read back.
+# Its format is a LevelDB-style log: a 7-byte file header (":W&B", magic, version), then 32 KiB blocks of
+# chunks, each with a 7-byte header (CRC32, length, type: 1 full, 2 first, 3 middle, 4 last) and a piece of a
+# serialised ``wandb_internal_pb2.Record``.
+
+_BLOCK, _CHUNK_HEADER = 32768, 7
+
+
+def wandb_records(run_dir: Path) -> list:
+    """Every Record in the ``*.wandb`` file of an offline run folder, in order."""
+    (path,) = Path(run_dir).glob("*.wandb")
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    records, parts, pos = [], [], 7
+    while pos + _CHUNK_HEADER <= len(data):
+        left = _BLOCK - pos % _BLOCK
+        if left < _CHUNK_HEADER:  # the rest of a block too short for a chunk header is padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + _CHUNK_HEADER])
+        if kind == 0 and length == 0:
+            pos += left
+            continue
+        parts.append(data[pos + _CHUNK_HEADER : pos + _CHUNK_HEADER + length])
+        pos += _CHUNK_HEADER + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(b"".join(parts))
+            records.append(record)
+            parts = []
+    return records
+
+
+def _items(items) -> dict:
+    """Summary or history items (nested keys joined by '/') -> {key: value}."""
+    out = {}
+    for item in items:
+        key = "/".join(item.nested_key) if item.nested_key else item.key
+        out[key] = json.loads(item.value_json)
+    return out
+
+
+@dataclass
+class WandbRun:
+    """What an offline W&B run recorded: the run record (name, group, job_type, tags, notes, config), the
+    final summary, the history rows, the defined metrics, the exit code, its stats records and folder."""
+
+    folder: Path
+    run: object = None
+    config: dict = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+    metrics: list = field(default_factory=list)
+    exit_code: int | None = None
+    stats: int = 0
+
+    def table(self, key: str) -> tuple[list, list]:
+        """(columns, rows) of a logged wandb.Table, read from the file the run saved."""
+        ref = self.summary[f"{key}/path"]
+        data = json.loads((self.folder / "files" / ref).read_text())
+        return data["columns"], data["data"]
+
+
+def read_wandb_run(folder: Path) -> WandbRun:
+    """The records of the offline run in ``folder`` (``offline-run-*``)."""
+    got = WandbRun(Path(folder))
+    for r in wandb_records(folder):
+        kind = r.WhichOneof("record_type")
+        if kind == "run":
+            got.run = r.run
+            got.config = {u.key: json.loads(u.value_json) for u in r.run.config.update}
+        elif kind == "summary":
+            got.summary.update(_items(r.summary.update))
+        elif kind == "history":
+            got.history.append(_items(r.history.item))
+        elif kind == "metric":
+            got.metrics.append(r.metric)
+        elif kind == "exit":
+            got.exit_code = r.exit.exit_code
+        elif kind == "stats":
+            got.stats += 1
+        elif kind == "config":
+            got.config.update({u.key: json.loads(u.value_json) for u in r.config.update})
+    return got

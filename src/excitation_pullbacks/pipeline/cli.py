@@ -6,25 +6,31 @@ The configs ship inside the package (:data:`~.config.CONFIG_DIR`); add your own 
 
 from __future__ import annotations
 
+import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import hydra
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import IntervalSweep
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from excitation_pullbacks.models import WeightsUnavailableError
 from excitation_pullbacks.stopping import Stopped
 
+from .callbacks import JobRecord, jobs, overview_lines, record_job
 from .config import CONFIG_DIR
 from .errors import PipelineError, describe_failure
 from .outputs import check_directory
 from .run import report, run
 from .signals import exit_code
+from .terminal import say, tidy_logging
 
 __all__ = ["CONFIG_DIR", "EXPECTED", "check_overrides", "main"]
 
@@ -41,13 +47,35 @@ def _message(err: BaseException) -> str:
     return text or type(err).__name__
 
 
+def _job() -> tuple[int, str] | None:
+    """(job number, overrides) of the multirun job running now; None outside a multirun."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    hc = HydraConfig.get()
+    return int(hc.job.num), " ".join(hc.overrides.task)
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base=None)
 def _main(cfg: DictConfig) -> float | None:
-    """One job; returns the evaluate task's objective (what the Optuna sweeper optimises), else None."""
+    """One job; returns the evaluate task's objective (what the Optuna sweeper optimises), else None.
+
+    Bad input: one ``error:`` line; alone it exits 1, in a multirun the job is noted as failed (objective NaN)
+    and the others go on. A stop (SIGINT/SIGTERM) exits 128 + signal, in a multirun after the overview."""
+    tidy_logging()
+    job, started = _job(), time.perf_counter()
+
+    def note(status: str, results: object, error: str = "") -> None:
+        if job is not None:
+            record_job(JobRecord(job[0], status, round(time.perf_counter() - started, 1), str(results), job[1], error))
+
     try:
         result = run(cfg)
     except Stopped as err:  # SIGINT / SIGTERM: one line, exit 128 + signal
         print(f"error: {_message(err)}", file=sys.stderr)
+        if job is not None:
+            note("stopped", HydraConfig.get().runtime.output_dir, _message(err))
+            for line in overview_lines(jobs()):
+                say(line)
         sys.exit(exit_code())
     except Exception as err:
         if _debug(cfg):
@@ -56,9 +84,13 @@ def _main(cfg: DictConfig) -> float | None:
         if message is None and not isinstance(err, EXPECTED):
             raise
         print(f"error: {message or _message(err)}", file=sys.stderr)
-        sys.exit(1)
+        if job is None:
+            sys.exit(1)
+        note("failed", HydraConfig.get().runtime.output_dir, message or _message(err))
+        return math.nan
     if result["results"] is not None:
         report(result)
+        note("skipped" if result.get("skipped") else "done", result["results"])
     return result.get("objective")
 
 

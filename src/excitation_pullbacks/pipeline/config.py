@@ -8,6 +8,7 @@ before anything runs. The packaged configs live in ``excitation_pullbacks/conf``
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -27,7 +28,7 @@ __all__ = [
     "LoggerConfig",
     "LoggerMode",
     "TrainerConfig",
-    "path_safe",
+    "job_folder",
     "register_schemas",
 ]
 
@@ -142,6 +143,8 @@ class LoggerConfig:
     project: str = "excitation-pullbacks"
     group: Optional[str] = None  # W&B group (null: the experiment name, so a multirun's jobs are grouped)
     mode: LoggerMode = LoggerMode.offline
+    tags: List[str] = field(default_factory=list)  # added to the run's tags (task, model, gate, data)
+    notes: Optional[str] = None  # the run's notes (null: one sentence saying what the run computes)
 
 
 SCHEMAS = {
@@ -153,19 +156,44 @@ SCHEMAS = {
 }
 
 
-def path_safe(text: str) -> str:
-    """``text`` with path separators replaced by ``_``: a multirun job's folder name from its overrides stays one
-    folder when an override holds a path (``data.root=/data/photos``)."""
-    return str(text).replace("/", "_").replace("\\", "_")
+#: Job folder names: values longer than this are abbreviated, and the whole name is kept below JOB_NAME_MAX.
+JOB_VALUE_MAX, JOB_NAME_MAX = 32, 120
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:6]
+
+
+def job_folder(overrides, exclude=()) -> str:
+    """A multirun job's folder name from its command-line overrides (Hydra's ``overrides.task``): ``k=v`` joined
+    by commas, sorted, without the ``exclude`` keys; one level whatever the values hold. A path value becomes
+    its last component plus a digest of the whole (``data.root=photos~1a2b3c``), a long value its start plus
+    a digest, so distinct values keep distinct folders; the full overrides stay in the job's config."""
+    skip = {str(k) for k in exclude or ()}
+    parts = []
+    for item in sorted(str(o) for o in overrides or ()):
+        key, sep, value = item.partition("=")
+        if key.lstrip("+~") in skip:
+            continue
+        if "/" in value or "\\" in value:
+            tail = [p for p in value.replace("\\", "/").split("/") if p]
+            value = f"{tail[-1] if tail else 'root'}~{_digest(value)}"
+        elif len(value) > JOB_VALUE_MAX:
+            value = f"{value[: JOB_VALUE_MAX - 8]}~{_digest(value)}"
+        parts.append(f"{key}{sep}{value}".replace(" ", "_"))
+    name = ",".join(parts) or "default"
+    if len(name) > JOB_NAME_MAX:
+        name = f"{name[: JOB_NAME_MAX - 8]}~{_digest(name)}"
+    return name
 
 
 def register_schemas() -> None:
-    """Store every schema as ``<group>/schema`` in Hydra's ConfigStore and register the ``path_safe`` resolver
-    (idempotent)."""
+    """Store every schema as ``<group>/schema`` in Hydra's ConfigStore and register the ``job_folder``
+    resolver (idempotent)."""
     store = ConfigStore.instance()
     for group, node in SCHEMAS.items():
         store.store(group=group, name="schema", node=node)
-    OmegaConf.register_new_resolver("path_safe", path_safe, replace=True)
+    OmegaConf.register_new_resolver("job_folder", job_folder, replace=True)
 
 
 register_schemas()

@@ -1,17 +1,18 @@
 """``run(cfg)``: the one run skeleton every task goes through (the CLI's body; tests call it directly).
 
 validate -> the results folder for this config (:mod:`.manifest`: skip it when complete, refuse or go beside
-one of another config) -> staging folder -> SIGINT/SIGTERM handling (:mod:`.signals`) -> the task's plan
-(model, data, per-batch module) -> ``Trainer.predict`` on ``cfg.trainer``'s devices -> rank 0: merge the
-ranks' shards, the task's files, figures, config.yaml, loggers -> timing.json -> publish to ``results`` with
+one of another config) -> staging folder and the job's W&B run (:mod:`.dashboard`, opened before the work)
+-> SIGINT/SIGTERM handling (:mod:`.signals`) -> the task's plan (model, data, per-batch module) ->
+``Trainer.predict`` (or ``fit``) on ``cfg.trainer``'s devices -> rank 0: merge the ranks' shards, the task's
+files, figures, config.yaml -> the launcher: timing.json, results logged to W&B, publish to ``results`` with
 the manifest written last -> the report. Nothing is published unless the run completed; a failed or stopped
-run removes its staging folder.
+run removes its staging folder and finishes its W&B run as failed.
 """
 
 from __future__ import annotations
 
+import json
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +25,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from excitation_pullbacks.stopping import Stopped
 
+from .dashboard import Dashboard
 from .errors import PipelineError
 from .fitting import fit
-from .loggers import log_results
+from .loggers import log_csv
 from .manifest import Verdict, config_hash, examine, identity
 from .outputs import (
     RESULTS,
@@ -41,12 +43,24 @@ from .outputs import (
     wandb_dir,
     write_timing,
 )
-from .signals import StopCallback, check_stop, handling_signals, received
+from .signals import StopCallback, check_stop, exit_code, handling_signals, received
 from .tasks import TASKS
 from .tasks.base import Plan, RunContext, Task
+from .terminal import describe_device, progress_callbacks, say
 from .writer import ResultWriter
 
-__all__ = ["ON_CONFLICT", "check_accelerator", "report", "resolve", "results_folder", "run"]
+__all__ = [
+    "ON_CONFLICT",
+    "check_accelerator",
+    "report",
+    "report_lines",
+    "resolve",
+    "results_folder",
+    "run",
+]
+
+#: Rank 0 -> launcher: what the task's finalize leaves for the W&B run (removed before publication).
+PAYLOAD = ".outputs.json"
 
 #: What a run does when its output dir holds complete results of another config.
 ON_CONFLICT = ("error", "beside")
@@ -72,14 +86,23 @@ class Finish:
         outputs = self.task.finalize(merged, staging)
         for key, (im, _) in outputs.figures.items():
             im.save(staging / f"{key}.png")
-        (staging / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(self.resolved)))
         check_stop()
-        log_results(self.resolved, staging, self.final, outputs.figures, outputs.table, outputs.summary, self.name)
+        log_csv(self.resolved, staging, outputs.summary)
+        payload = {
+            "figures": {key: caption for key, (_, caption) in outputs.figures.items()},
+            "table": outputs.table,
+            "summary": outputs.summary,
+            "by_temperature": outputs.by_temperature,
+        }
+        (staging / PAYLOAD).write_text(json.dumps(payload))
+        (staging / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(self.resolved)))
 
 
-def predict(cfg: DictConfig, plan: Plan, writer: ResultWriter, out: Path) -> None:
+def predict(cfg: DictConfig, plan: Plan, writer: ResultWriter, out: Path) -> str:
     """``Trainer.predict`` of ``plan.module`` over (image, label, dataset index, row) batches of
-    ``cfg.batch_size`` on ``cfg.trainer``'s devices; ``writer`` gathers the ranks' results."""
+    ``cfg.batch_size`` on ``cfg.trainer``'s devices; ``writer`` gathers the ranks' results. Returns the
+    device it ran on (:func:`describe_device`)."""
+    progress, bar = progress_callbacks()
     try:
         trainer = L.Trainer(
             accelerator=cfg.trainer.accelerator,
@@ -88,8 +111,8 @@ def predict(cfg: DictConfig, plan: Plan, writer: ResultWriter, out: Path) -> Non
             strategy=cfg.trainer.strategy,
             inference_mode=False,
             logger=False,
-            callbacks=[StopCallback(), writer],
-            enable_progress_bar=False,
+            callbacks=[StopCallback(), writer, *progress],
+            enable_progress_bar=bar,
             enable_model_summary=False,
             default_root_dir=str(out),
         )
@@ -100,6 +123,7 @@ def predict(cfg: DictConfig, plan: Plan, writer: ResultWriter, out: Path) -> Non
         TensorDataset(plan.images, plan.labels, plan.index, rows), batch_size=int(cfg.batch_size), shuffle=False
     )
     trainer.predict(plan.module, dataloaders=loader, return_predictions=False)
+    return describe_device(trainer)
 
 
 def task_for(cfg: DictConfig) -> Task:
@@ -182,26 +206,39 @@ def run(cfg: DictConfig) -> dict:
     check_accelerator(cfg.trainer)
     with handling_signals():
         staging = prepare_staging(final, launcher)
+        dashboard = Dashboard.open(resolved, out, run_name(cfg)) if launcher else None
         try:
             torch.manual_seed(int(cfg.seed))  # random weights (weights=null) are the same on every rank and run
             plan = task.plan(RunContext(cfg, resolved, out, staging, launcher))
             check_stop()
             finish = Finish(task, resolved, final, run_name(cfg))
             if plan.fit is None:
-                predict(cfg, plan, ResultWriter(staging, finish), out)
+                device = predict(cfg, plan, ResultWriter(staging, finish), out)
             else:  # a training task
-                fit(cfg, resolved, plan, finish, staging, run_name(cfg))
+                device = fit(cfg, plan, finish, staging, dashboard)
             if not launcher:  # a DDP child: rank 0 (the launcher) publishes and reports
                 return {"results": None, "wandb": None, "skipped": False}
             check_stop()
-            if not (staging / "config.yaml").is_file():
+            if not (staging / "config.yaml").is_file() or not (staging / PAYLOAD).is_file():
                 raise PipelineError(f"the run finished without writing its results into {staging}")
+            payload = json.loads((staging / PAYLOAD).read_text())
+            (staging / PAYLOAD).unlink()
             timing = write_timing(staging, time.perf_counter() - started, plan.module.model_seconds)
+            if dashboard is not None:
+                dashboard.log_results(
+                    payload["figures"], staging, payload["table"], payload["summary"], payload["by_temperature"]
+                )
+                dashboard.log_timing(timing, device)
+                dashboard.write_pointer(staging)
+                check_stop()
+                dashboard.finish()
             kept = publish(staging, final, ident, wall)
         except Stopped as err:
+            what = signal.Signals(received()).name if received() else f"a stop request ({err})"
             if launcher:
                 discard_staging(final)
-            what = signal.Signals(received()).name if received() else f"a stop request ({err})"
+                if dashboard is not None:
+                    dashboard.finish(exit_code(), stopped_by=what)
             raise Stopped(
                 f"stopped by {what}: nothing was published to {final} (its staging folder is removed); run the same "
                 f"command again to start this run again"
@@ -209,31 +246,48 @@ def run(cfg: DictConfig) -> dict:
         except BaseException:
             if launcher:
                 discard_staging(final)
+                if dashboard is not None:
+                    dashboard.finish(1)
             raise
     if kept:
         shown = ", ".join(kept[:3]) + (", ..." if len(kept) > 3 else "")
         print(f"kept {len(kept)} file(s) in {final} that this tool did not write: {shown}")
     return {
         "results": final,
-        "wandb": wandb_dir(final),
+        "wandb": None if dashboard is None else dashboard.folder,
         "skipped": False,
         "timing": timing,
+        "device": device,
         "kept": kept,
         **task.result(final),
     }
 
 
-def report(result: dict, stream=sys.stdout) -> None:
-    """Print where the results are, the time split, the objective, and how to sync the offline W&B run."""
-    print(f"results: {result['results']}", file=stream)
+def report_lines(result: dict) -> list[str]:
+    """The end-of-run report: where the results are, the device, the time split, the objective, and how to
+    sync the offline W&B run."""
+    lines = [f"results: {result['results']}"]
+    if result.get("device"):
+        lines.append(f"device: {result['device']}")
     timing = result.get("timing") or {}
     if timing.get("model_passes_s") is not None:
-        print(
+        lines.append(
             f"time: {timing['total_s']:.1f} s, model passes {timing['model_passes_s']:.1f} s, everything else "
-            f"{timing['other_s']:.1f} s ({100 * timing['other_fraction']:.1f}%)",
-            file=stream,
+            f"{timing['other_s']:.1f} s ({100 * timing['other_fraction']:.1f}%)"
         )
+    elif timing.get("total_s") is not None:
+        lines.append(f"time: {timing['total_s']:.1f} s")
     if result.get("objective") is not None:
-        print(f"objective: {result['objective']:.6g}", file=stream)
+        lines.append(f"objective: {result['objective']:.6g}")
     if result.get("wandb"):
-        print(f"W&B run: {result['wandb']} (upload with: wandb sync {result['wandb']})", file=stream)
+        lines.append(f"W&B run: {result['wandb']} (upload with: wandb sync {result['wandb']})")
+    return lines
+
+
+def report(result: dict, stream=None) -> None:
+    """Print the report of :func:`report_lines`; to stdout, it also goes to the job's log file."""
+    for line in report_lines(result):
+        if stream is None:
+            say(line)
+        else:
+            print(line, file=stream)

@@ -469,9 +469,24 @@ class EvaluateTask(Task):
             ),
             "Maps of every method for the target class (each cell min-max scaled)",
         )
-        summary = {f"{r['setting']}/{k}": r[k] for r in table for k in r if _is_metric(k) and r[k] != ""}
+        main = self.rows[self.main]
+        summary = {
+            f"{r['method']}/{k}": r[k]
+            for i, (s, r) in enumerate(zip(self.rows, table))
+            if s.gate is None or i == self.main
+            for k in r
+            if _is_metric(k) and r[k] != ""
+        }
         summary["objective"] = objective
-        return Outputs(figs, [list(table[0])] + [list(r.values()) for r in table], summary)
+        if main.gate is not None and main.gate.temperature is not None:
+            summary["temperature"] = float(main.gate.temperature)
+        by_t = [
+            {"method": "excitation", "temperature": float(s.gate.temperature)}
+            | {k: r[k] for k in r if _is_metric(k) and r[k] != ""}
+            for s, r in zip(self.rows, table)
+            if s.gate is not None and s.gate.temperature is not None
+        ]
+        return Outputs(figs, [list(table[0])] + [list(r.values()) for r in table], summary, by_t)
 
     def result(self, final: Path) -> dict:
         """{"objective": the stored objective value} (what the Optuna sweeper optimises)."""

@@ -5,7 +5,8 @@ the excitation pullback at each gate setting, optionally Captum baselines, and p
 along both. Rank 0 writes::
 
     results/  fig1.png ... fig4.png, sweep_<r>_<class>.png, baselines.png, tensors.pt (pullbacks and ascent
-              images), metrics.csv (target logit and top-1 before/after ascent per image x target x setting)
+              images), metrics.csv (target logit and top-1 before/after ascent per image x target x setting),
+              metrics_table.csv (per method x setting: logit gain, hit rate, map structure; TABLE_METRICS)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import Tensor
 
 from excitation_pullbacks import Neuron, ascent, build_model, pullback
 from excitation_pullbacks.baselines import BASELINES, explainer
+from excitation_pullbacks.metrics import high_frequency_energy, total_variation
 
 from .. import plots
 from ..classes import class_names, class_space, resolve_classes
@@ -41,7 +43,16 @@ from ..schedules import (
 from ..signals import check_stop, stop_requested
 from .base import Outputs, Plan, RunContext, Task
 
-__all__ = ["FIGURES", "FiguresTask", "PullbackModule", "baseline_options", "write_metrics_csv"]
+__all__ = [
+    "FIGURES",
+    "TABLE_METRICS",
+    "FiguresTask",
+    "PullbackModule",
+    "baseline_options",
+    "by_temperature",
+    "method_table",
+    "write_metrics_csv",
+]
 
 log = logging.getLogger(__name__)
 
@@ -232,20 +243,79 @@ def write_metrics_csv(
     return [header, *rows]
 
 
-def summary(table: list) -> dict[str, float]:
-    """Mean target logit before/after ascent and the fraction of targets reached, per method and setting."""
-    header, rows = table[0], table[1:]
-    col = {h: i for i, h in enumerate(header)}
+#: The per-(method, T) aggregates of the figures task: what metrics_table.csv and the dashboard hold.
+TABLE_METRICS = {
+    "logit_before": "mean target logit of the images",
+    "logit_after": "mean target logit after the ascent along the method's maps",
+    "logit_gain": "mean target-logit gain of the ascent (after - before)",
+    "hit_rate": "fraction of ascents whose top-1 class became the target",
+    "map_hf_energy": "mean fraction of the map's spectral energy above half the Nyquist radius; lower: smoother",
+    "map_tv": "mean normalised total variation of the map; lower: smoother",
+}
+
+
+def method_table(merged: dict[str, Tensor], columns: Sequence[int], settings: Sequence[GateSetting]) -> list[dict]:
+    """One row per method - excitation at each gate setting, then vanilla - with the means over images x
+    targets of :data:`TABLE_METRICS` (the ascent's only where there was one). merged: the predictions
+    (excitation (N, S, K, C, H, W), vanilla (N, K, C, H, W), logits and top-1 before/after)."""
+    target = torch.tensor(list(columns))
+    has_ascent = "exc_ascent" in merged
+    methods = [("excitation", s.label, s.temperature, j) for j, s in enumerate(settings)]
+    methods.append(("vanilla", VANILLA.label, None, None))
+    rows = []
+    for method, label, temperature, j in methods:
+        maps = merged["vanilla"] if j is None else merged["excitation"][:, j]
+        flat = maps.flatten(0, 1).double()  # (N*K, C, H, W)
+        row = {
+            "method": method,
+            "setting": label,
+            "temperature": "" if temperature is None else float(temperature),
+            "n": int(flat.shape[0]),
+            "logit_before": float(merged["logit_before"].double().mean()),
+        }
+        if has_ascent:
+            after = merged["van_logit_after"] if j is None else merged["exc_logit_after"][:, j]
+            top1 = merged["van_top1_after"] if j is None else merged["exc_top1_after"][:, j]
+            row["logit_after"] = float(after.double().mean())
+            row["logit_gain"] = float((after.double() - merged["logit_before"].double()).mean())
+            row["hit_rate"] = float((top1 == target).double().mean())
+        row["map_hf_energy"] = float(high_frequency_energy(flat).mean())
+        row["map_tv"] = float(total_variation(flat).mean())
+        rows.append(row)
+    return rows
+
+
+def _metric_keys(row: dict) -> list[str]:
+    return [k for k in TABLE_METRICS if k in row]
+
+
+def summary(rows: list[dict], main: int | None) -> dict[str, float]:
+    """The run's scalars: ``excitation/<metric>`` at the main setting (the one at gate.temperature; none
+    when the run has no main setting) and ``vanilla/<metric>``."""
     out: dict[str, float] = {}
-    groups: dict[str, list] = {}
-    for r in rows:
-        groups.setdefault(f"{r[col['method']]}_T{r[col['temperature']]}", []).append(r)
-    for key, rs in groups.items():
-        out[f"{key}/logit_before"] = sum(r[col["logit_before"]] for r in rs) / len(rs)
-        if rs[0][col["logit_after"]] != "":
-            out[f"{key}/logit_after"] = sum(r[col["logit_after"]] for r in rs) / len(rs)
-            out[f"{key}/hit_rate"] = sum(r[col["hit_after"]] for r in rs) / len(rs)
+    for i, r in enumerate(rows):
+        if r["method"] == "vanilla" or i == main:
+            out.update({f"{r['method']}/{k}": r[k] for k in _metric_keys(r)})
     return out
+
+
+def by_temperature(rows: list[dict]) -> list[dict]:
+    """The excitation rows with a numeric T as per-T records (vanilla is in the summary: it has no T)."""
+    return [
+        {"method": "excitation", "temperature": r["temperature"], **{k: r[k] for k in _metric_keys(r)}}
+        for r in rows
+        if r["method"] == "excitation" and r["temperature"] != ""
+    ]
+
+
+def write_table(path: Path, rows: list[dict]) -> None:
+    """metrics_table.csv: one row per method x gate setting."""
+    header = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=header, restval="", lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    path.write_text(buf.getvalue())
 
 
 class FiguresTask(Task):
@@ -302,8 +372,14 @@ class FiguresTask(Task):
             cfg, model, dataset, images[:1], save_to=ctx.staging / "calibration.pt" if ctx.launcher else None
         )
         self.labels = [s.label for s in settings]
+        self.settings = settings
         needs_main = any(f != "sweep" for f in self.figures)
-        self.main = main_setting(settings, cfg.gate) if needs_main else 0
+        try:
+            self.main = main_setting(settings, cfg.gate)
+        except PipelineError:  # a sweep-only run need not include gate.temperature: it has no main setting
+            if needs_main:
+                raise
+            self.main = None
         steps = int(cfg.ascent.steps)
         keep = (
             None
@@ -323,7 +399,7 @@ class FiguresTask(Task):
             keep_steps=keep,
             baselines=baselines,
             neurons=self._neurons(cfg),
-            neuron_setting=self.main,
+            neuron_setting=self.main or 0,
         )
         self.keep_steps = module.keep_steps
         self.methods = list(baselines or [])
@@ -341,7 +417,8 @@ class FiguresTask(Task):
     def finalize(self, merged: dict[str, Tensor], staging: Path) -> Outputs:
         col_names = [self.names[c] for c in self.columns]
         row_names = [self.names[c] for c in self.rows]
-        steps, main, t_main = self.ascent["steps"], self.main, self.labels[self.main]
+        steps, main = self.ascent["steps"], self.main
+        t_main = None if main is None else self.labels[main]
         imgs = merged["images"]
         figs: dict[str, tuple] = {}
         if "fig1" in self.figures:
@@ -400,4 +477,9 @@ class FiguresTask(Task):
         )
         save_tensors(tensors, staging / "tensors.pt")
         table = write_metrics_csv(staging / "metrics.csv", merged, self.columns, self.labels, self.names)
-        return Outputs(figs, table, summary(table))
+        rows = method_table(merged, self.columns, self.settings)
+        write_table(staging / "metrics_table.csv", rows)
+        scalars = summary(rows, self.main)
+        if self.main is not None and self.settings[self.main].temperature is not None:
+            scalars["temperature"] = float(self.settings[self.main].temperature)
+        return Outputs(figs, table, scalars, by_temperature(rows))

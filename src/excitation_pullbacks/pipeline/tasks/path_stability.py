@@ -332,6 +332,15 @@ class PathStabilityTask(Task):
             },
             table,
             summary,
+            [
+                {
+                    "method": "final_model",
+                    "temperature": float(label),
+                    "rho_f_soft_vs_f": r,  # Pearson(f_Gamma_T(X), f(X))
+                    "path_rho_final_gates": float(path_mean[ti, -1]),  # mean rho(Gamma_T(x), pi_final(x))
+                }
+                for ti, (label, r) in enumerate(zip(temps, soft_rho))
+            ],
         )
 
 

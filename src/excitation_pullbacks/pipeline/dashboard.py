@@ -1,0 +1,169 @@
+"""W&B as the run's dashboard (offline by default, no account needed).
+
+The run is opened when the job starts - config, tags, job type and notes up front, so its runtime and system
+metrics cover the work and a crash still leaves a run - and finished as what happened: finished, failed
+(exit code 1) or stopped (128 + signal, tagged ``stopped``). Results go in as tables with T as a column and
+as one record per temperature against a ``temperature`` x axis, so a workspace plots every metric against T.
+The offline run lives in ``<output dir>/wandb/`` (beside ``results/``, kept when a run fails).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import wandb
+from lightning.pytorch.loggers import WandbLogger
+from PIL import Image
+
+__all__ = ["WANDB_DIR", "Dashboard", "run_tags", "wandb_enabled"]
+
+WANDB_DIR = "wandb"
+
+#: The x axis of the per-temperature records.
+TEMPERATURE = "temperature"
+
+
+def wandb_enabled(cfg: dict) -> bool:
+    """True when the resolved config logs to W&B (``logger.wandb`` and a mode other than disabled)."""
+    log = cfg["logger"]
+    return bool(log["wandb"]) and log["mode"] != "disabled"
+
+
+def run_tags(cfg: dict) -> list[str]:
+    """The run's tags: task, model, gate shape and kind, data, then ``logger.tags``."""
+    gate, data = cfg.get("gate") or {}, cfg.get("data") or {}
+    tags = [
+        f"task:{cfg.get('task', 'figures')}",
+        f"model:{cfg['model']['name']}",
+        f"gate:{gate.get('shape', '-')}",
+        f"gate_kind:{gate.get('kind', '-')}",
+        f"data:{data.get('kind', '-')}",
+    ]
+    return tags + [str(t) for t in cfg["logger"].get("tags") or []]
+
+
+def _notes(cfg: dict) -> str:
+    """``logger.notes``, else one sentence saying what the run computes."""
+    if cfg["logger"].get("notes"):
+        return str(cfg["logger"]["notes"])
+    gate = cfg.get("gate") or {}
+    temps = ", ".join(f"{float(t):g}" for t in cfg.get("temperatures") or [])
+    return (
+        f"{cfg.get('task', 'figures')} of {cfg['model']['name']} on {(cfg.get('data') or {}).get('kind', '?')}; "
+        f"{gate.get('shape', '?')} gates at T = {temps} (main T = {gate.get('temperature', '?')})"
+    )
+
+
+def _cell(v: Any) -> Any:
+    """A table cell W&B can type: None for missing values ("" or NaN)."""
+    if v == "" or (isinstance(v, float) and math.isnan(v)):
+        return None
+    return v
+
+
+def _table(header: list, rows: list[list]) -> wandb.Table:
+    return wandb.Table(columns=[str(h) for h in header], data=[[_cell(v) for v in r] for r in rows])
+
+
+class Dashboard:
+    """One W&B run for one job. Open it with :meth:`open` on the launcher before the work starts."""
+
+    def __init__(self, run):
+        self.run = run
+
+    @classmethod
+    def open(cls, cfg: dict, out: Path, name: str) -> Dashboard | None:
+        """Start the job's W&B run in ``out/wandb`` (None when the config logs no W&B). cfg: the resolved
+        config; name: the run name (in a multirun, the job's overrides)."""
+        if not wandb_enabled(cfg):
+            return None
+        log = cfg["logger"]
+        root = out / WANDB_DIR
+        root.mkdir(parents=True, exist_ok=True)
+        run = wandb.init(
+            project=log["project"],
+            name=name,
+            group=log.get("group") or cfg["name"],
+            job_type=str(cfg.get("task", "figures")),
+            tags=run_tags(cfg),
+            notes=_notes(cfg),
+            config=cfg,
+            dir=str(out),
+            mode=log["mode"],
+            reinit="create_new",
+            settings=wandb.Settings(silent=True),
+        )
+        return cls(run)
+
+    @property
+    def folder(self) -> Path:
+        """The run's local folder (``<out>/wandb/offline-run-...`` or ``run-...``): what ``wandb sync`` takes."""
+        return Path(self.run.dir).parent
+
+    def fit_logger(self) -> WandbLogger:
+        """A Lightning logger writing a training run's steps into this run (also from spawned DDP ranks)."""
+        return WandbLogger(experiment=self.run)
+
+    def log_results(
+        self, figures: dict[str, str], folder: Path, table: list[list], summary: dict, by_temperature: list[dict]
+    ) -> None:
+        """Log a finished job's results. figures: {key: caption}, the images read from ``folder/<key>.png``;
+        table: header row, then rows (the ``metrics`` table); summary: the run's scalars; by_temperature: one
+        record per (method, T) (see :class:`~.tasks.base.Outputs`)."""
+        run = self.run
+        for key, caption in figures.items():
+            with Image.open(folder / f"{key}.png") as im:
+                run.log({f"figures/{key}": wandb.Image(im.copy(), caption=caption)}, commit=False)
+        if table:
+            run.log({"metrics": _table(table[0], table[1:])}, commit=False)
+        if by_temperature:
+            columns = ["method", TEMPERATURE] + sorted(
+                {k for r in by_temperature for k in r if k not in ("method", TEMPERATURE)}
+            )
+            rows = [[r.get(c, "") for c in columns] for r in by_temperature]
+            run.log({"by_temperature": _table(columns, rows)}, commit=False)
+        run.log({}, commit=True)
+        self._log_against_temperature(by_temperature)
+        if by_temperature and TEMPERATURE not in summary:  # the last T logged is not the run's T
+            del run.summary[TEMPERATURE]
+        run.summary.update({k: v for k, v in summary.items() if _cell(v) is not None})
+
+    def _log_against_temperature(self, records: list[dict]) -> None:
+        """One history row per T: ``<method>/<metric>`` against the ``temperature`` x axis."""
+        if not records:
+            return
+        run = self.run
+        run.define_metric(TEMPERATURE, hidden=True)
+        for method in sorted({r["method"] for r in records}):
+            run.define_metric(f"{method}/*", step_metric=TEMPERATURE, summary="none")
+        by_t: dict[float, dict] = {}
+        for r in records:
+            row = by_t.setdefault(float(r[TEMPERATURE]), {TEMPERATURE: float(r[TEMPERATURE])})
+            row.update(
+                {
+                    f"{r['method']}/{k}": v
+                    for k, v in r.items()
+                    if k not in ("method", TEMPERATURE) and _cell(v) is not None
+                }
+            )
+        for t in sorted(by_t):
+            run.log(by_t[t])
+
+    def log_timing(self, timing: dict, device: str) -> None:
+        """The run's time split (``timing/*``) and the device it ran on, in the summary."""
+        self.run.summary.update({f"timing/{k}": v for k, v in timing.items() if v is not None})
+        self.run.summary["device"] = device
+
+    def finish(self, exit_code: int = 0, stopped_by: str | None = None) -> None:
+        """Finish the run: 0 finished, else failed; ``stopped_by`` (a signal name) tags it ``stopped``."""
+        if stopped_by:
+            self.run.tags = (*self.run.tags, "stopped")
+            self.run.summary["stopped_by"] = stopped_by
+        self.run.finish(exit_code=exit_code)
+
+    def write_pointer(self, staging: Path) -> None:
+        """``staging/wandb_run.txt``: the run's folder, for the report and for runs skipped later."""
+        (staging / "wandb_run.txt").write_text(os.fspath(self.folder) + "\n")
