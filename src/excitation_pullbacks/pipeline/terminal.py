@@ -18,7 +18,7 @@ __all__ = ["LineProgress", "describe_device", "progress_callbacks", "say", "tidy
 log = logging.getLogger("excitation_pullbacks.progress")
 
 #: Lightning's loggers: their own stream handlers are replaced by the root's (console + log file).
-LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
+LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
 
 
 class _DropAdverts(logging.Filter):
