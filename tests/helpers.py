@@ -4,6 +4,7 @@ model is left exactly as it was, tiny pipeline configs, running the CLI, output 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import struct
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from PIL import Image
 from torch import nn
 from wandb.proto import wandb_internal_pb2
 
@@ -130,6 +132,39 @@ def assert_one_error_line(returncode: int, stderr: str, *fragments: str) -> None
 
 def assert_nothing_written(out: Path) -> None:
     assert not (out / "results").exists() and not (out / ".results.partial").exists()
+
+
+#: Real Imagenette photos, one per class, named <Imagenette label>_<class>.jpg (used when this folder exists).
+PHOTOS = Path(os.environ.get("EP_TEST_PHOTOS", "/work/shared/data/imagenette-samples"))
+#: frgfm/imagenette's label names (its ClassLabel), Imagenette's order: sorted WordNet ids.
+IMAGENETTE_NAMES = [
+    "tench",
+    "English springer",
+    "cassette player",
+    "chain saw",
+    "church",
+    "French horn",
+    "garbage truck",
+    "gas pump",
+    "golf ball",
+    "parachute",
+]
+
+
+def imagenette_photos() -> list[bytes]:
+    """JPEG files' bytes, one per Imagenette class (label order): the real photos of :data:`PHOTOS` when present,
+    else seeded noise images saved as JPEG."""
+    if PHOTOS.is_dir():
+        files = sorted(PHOTOS.glob("*.jpg"), key=lambda p: int(p.name.split("_")[0]))
+        if len(files) == 10:
+            return [f.read_bytes() for f in files]
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(10):
+        buf = io.BytesIO()
+        Image.fromarray((torch.rand(120, 160, 3, generator=g) * 255).byte().numpy()).save(buf, "JPEG")
+        out.append(buf.getvalue())
+    return out
 
 
 def read_rows(path: Path) -> list[dict]:

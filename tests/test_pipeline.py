@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
 from excitation_pullbacks import build_model, pullback
 from excitation_pullbacks.pipeline.classes import resolve_classes
 from excitation_pullbacks.pipeline.cli import CONFIG_DIR
-from excitation_pullbacks.pipeline.data import FolderDataset, build_dataset, build_transform, select_images
+from excitation_pullbacks.pipeline.data import FolderDataset, build_transform, select_images
 from excitation_pullbacks.pipeline.plots import PAD, labelled_grid
 from excitation_pullbacks.pipeline.run import run
 
@@ -227,78 +226,6 @@ def test_labelled_grid_layout():
     assert im.size == (4 * (120 + PAD) + PAD, 22 + 3 * (100 + PAD) + PAD)
     with pytest.raises(ValueError):
         labelled_grid(cells, ["a"])
-
-
-# --- Imagenette loaders on local data (the download itself cannot run here) ----------------------------
-
-WNIDS = [
-    "n01440764",
-    "n02102040",
-    "n02979186",
-    "n03000684",
-    "n03028079",
-    "n03394916",
-    "n03417042",
-    "n03425413",
-    "n03445777",
-    "n03888257",
-]
-
-
-def test_torchvision_imagenette_labels_map_to_imagenet(tmp_path):
-    from torchvision.datasets import Imagenette
-
-    for wnid in WNIDS:
-        _write_images(tmp_path / "imagenette2-160" / "val" / wnid, [f"{wnid}_1.JPEG", f"{wnid}_2.JPEG"])
-    cfg = tiny_cfg(
-        tmp_path / "out",
-        "data=imagenette_tv",
-        f"data.root={tmp_path}",
-        "data.download=false",
-        "data.resize=32",
-        "data.crop=32",
-    )
-    from excitation_pullbacks.pipeline.data import build_dataset
-
-    ds = build_dataset(cfg.data, [0, 497])
-    assert isinstance(ds.base, Imagenette) and len(ds) == 20
-    assert sorted(set(ds.labels)) == [0, 217, 482, 491, 497, 566, 569, 571, 574, 701]
-    images, labels, index = select_images(ds, [0, 497])
-    assert labels.tolist() == [0, 497] and images.shape == (2, 3, 32, 32)
-    assert [ds[i][1] for i in index.tolist()] == [0, 497]
-
-
-def test_hf_imagenette_loads_the_hubs_parquet_export_layout(tmp_path):
-    """A local replica of the Hub's parquet export of frgfm/imagenette (revision refs/convert/parquet):
-    <repo>/<size>/<split>/0000.parquet with image and ClassLabel columns; the size is a folder."""
-    import datasets
-
-    repo = tmp_path / "frgfm" / "imagenette"
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
-    g = torch.Generator().manual_seed(0)
-    for size, split, labels in [
-        ("160px", "validation", [0, 4, 9, 4]),
-        ("160px", "train", [1, 2]),
-        ("320px", "validation", [3, 3, 3]),
-    ]:
-        pics = [Image.fromarray((torch.rand(24, 30, 3, generator=g) * 255).byte().numpy()) for _ in labels]
-        (repo / size / split).mkdir(parents=True)
-        datasets.Dataset.from_dict({"image": pics, "label": labels}, features=features).to_parquet(
-            repo / size / split / "0000.parquet"
-        )
-    cfg = tiny_cfg(
-        tmp_path,
-        "data=imagenette_hf",
-        f"data.path={repo}",
-        f"data.cache_dir={tmp_path / 'cache'}",
-        "data.resize=32",
-        "data.crop=32",
-    )
-    ds = build_dataset(cfg.data, [0, 497])
-    assert ds.labels == [0, 497, 701, 497]  # the 160px validation rows, Imagenette labels as ImageNet classes
-    x, y = ds[2]
-    assert x.shape == (3, 32, 32) and y == 701
-    assert build_dataset(OmegaConf.merge(cfg.data, {"size": "320px"}), [0]).labels == [491, 491, 491]
 
 
 def test_save_trajectories_keeps_every_step(tmp_path):

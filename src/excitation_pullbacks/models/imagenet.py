@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..downloads import unreachable
 from .checkpoint import load_checkpoint
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageNetInput", "WeightsUnavailableError", "torchvision_model"]
@@ -69,17 +70,27 @@ def torchvision_model(
         except KeyError:
             options = ", ".join(w.name for w in tvm.get_model_weights(name))
             raise ValueError(f"model {name} has no weights {weights!r}; choose one of {options}, or null") from None
+    if weights is not None:
+        # torch.hub's cache file for the enum's url: read when present, else downloaded (probed first: without a
+        # network the download would fail only after DNS/connect timeouts)
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        reason = None if cache.is_file() else unreachable(weights.url)
+        if reason is not None:
+            raise WeightsUnavailableError(_missing_weights(name, weights, cache, f"cannot download: {reason}"))
     try:
         backbone = tvm.get_model(name, weights=weights)
     except (OSError, RuntimeError) as err:  # URLError is an OSError
         if weights is None:
             raise
-        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-        raise WeightsUnavailableError(
-            f"cannot load {name} weights {weights.name} ({type(err).__name__}): put {Path(weights.url).name} "
-            f"in {cache.parent} (from {weights.url}), pass a local checkpoint, or use random weights (weights=null)"
-        ) from None
+        raise WeightsUnavailableError(_missing_weights(name, weights, cache, type(err).__name__)) from None
     if checkpoint is not None:
         load_checkpoint(backbone, checkpoint)
     model = ImageNetInput(backbone) if wrap else backbone
     return model.eval()
+
+
+def _missing_weights(name: str, weights, cache: Path, why: str) -> str:
+    return (
+        f"cannot load {name} weights {weights.name} ({why}): put {cache.name} in {cache.parent} (from "
+        f"{weights.url}; TORCH_HOME moves that folder), pass a local checkpoint, or use random weights (weights=null)"
+    )

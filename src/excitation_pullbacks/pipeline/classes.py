@@ -19,6 +19,7 @@ from .errors import PipelineError
 __all__ = [
     "CLASS_SPACES",
     "IMAGENETTE",
+    "IMAGENETTE_WNIDS",
     "class_names",
     "class_space",
     "imagenet_classes",
@@ -29,6 +30,19 @@ __all__ = [
 
 #: ImageNet indices of the ten Imagenette classes, in Imagenette's label order (sorted WordNet ids).
 IMAGENETTE = (0, 217, 482, 491, 497, 566, 569, 571, 574, 701)
+#: WordNet ids of the ten Imagenette classes (the folder names of its archives), in the same order.
+IMAGENETTE_WNIDS = (
+    "n01440764",
+    "n02102040",
+    "n02979186",
+    "n03000684",
+    "n03028079",
+    "n03394916",
+    "n03417042",
+    "n03425413",
+    "n03445777",
+    "n03888257",
+)
 #: Names of the class spaces: the value of ``model.classes``.
 CLASS_SPACES = ("imagenet", "digits")
 _TITLES = {"imagenet": "ImageNet", "digits": "digits"}

@@ -17,10 +17,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import Imagenette
 
+from excitation_pullbacks.downloads import PROBE_TIMEOUT, unreachable
 from excitation_pullbacks.images import MAX_PIXELS, ImageError, image_tensor, open_image
 from excitation_pullbacks.models import digits_images
 
-from .classes import IMAGENETTE, class_names, normalise_name, resolve_class
+from .classes import IMAGENETTE, IMAGENETTE_WNIDS, class_names, normalise_name, resolve_class
 from .errors import PipelineError
 from .signals import check_stop
 
@@ -38,10 +39,15 @@ def build_transform(resize: int = 256, crop: int = 224):
 
 
 class ImagenetteAsImageNet(Dataset):
-    """Imagenette samples with labels mapped from Imagenette's 0..9 to ImageNet indices."""
+    """Imagenette samples with their labels mapped to ImageNet indices: label y of ``base`` -> ``to_imagenet[y]``.
 
-    def __init__(self, base, transform, image_key=None):
+    base: a Hugging Face dataset (rows ``{image_key: PIL image, "label": int}``) or torchvision's Imagenette
+    (``(PIL image, int)`` pairs). Yields ``(transform(image), ImageNet index)``.
+    """
+
+    def __init__(self, base, transform, to_imagenet: Sequence[int], image_key: str | None = None):
         self.base, self.transform, self.image_key = base, transform, image_key
+        self.to_imagenet = tuple(to_imagenet)
 
     def __len__(self):
         return len(self.base)
@@ -55,7 +61,7 @@ class ImagenetteAsImageNet(Dataset):
             raw = [y for _, y in self.base._samples]
         else:
             return None
-        return [IMAGENETTE[int(y)] for y in raw]
+        return [self.to_imagenet[int(y)] for y in raw]
 
     def __getitem__(self, i):
         item = self.base[i]
@@ -63,38 +69,100 @@ class ImagenetteAsImageNet(Dataset):
             image, label = item
         else:
             image, label = item[self.image_key], item["label"]
-        return self.transform(image), IMAGENETTE[int(label)]
+        return self.transform(image), self.to_imagenet[int(label)]
+
+
+def _hub_problem(path: str, revision: str | None) -> str | None:
+    """Why dataset ``path`` at ``revision`` cannot be fetched from the Hub (unreachable, no such repo or
+    revision), or None. One request with a short timeout: ``datasets`` itself retries for about 25 s offline."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        HfApi().dataset_info(path, revision=revision, timeout=PROBE_TIMEOUT)
+    except RevisionNotFoundError:
+        return f"the Hub has no revision {revision!r} of it (data.revision: a branch, tag or commit sha)"
+    except RepositoryNotFoundError:
+        return "the Hub has no such dataset (or it is private)"
+    except HfHubHTTPError:
+        return None  # the Hub answered: load_dataset tells what is wrong
+    except Exception as err:
+        # a connection failure: httpx's or httpx2's TransportError (by huggingface_hub version), or an OSError
+        if not isinstance(err, OSError) and "TransportError" not in {c.__name__ for c in type(err).__mro__}:
+            raise
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return (
+            f"the Hugging Face Hub is unreachable ({reason}): load it once with network access, then run with "
+            f"HF_HUB_OFFLINE=1 and HF_HOME (or data.cache_dir) pointing at that cache"
+        )
+    return None
+
+
+def _hf_label_map(ds, where: str) -> list[int]:
+    """ImageNet index of each label of a Hugging Face Imagenette: by the ClassLabel's names (frgfm's: "tench",
+    "English springer", ...) when it has names, else Imagenette's order (sorted WordNet ids, as frgfm's)."""
+    if "image" not in ds.column_names or "label" not in ds.column_names:
+        raise PipelineError(f"{where} has columns {', '.join(ds.column_names)}; expected image and label")
+    names = getattr(ds.features["label"], "names", None)
+    if not names or all(str(n).isdigit() for n in names):
+        return list(IMAGENETTE)
+    try:
+        return [resolve_class(normalise_name(n)) for n in names]
+    except PipelineError as err:
+        raise PipelineError(f"{where}: a label is not an ImageNet class: {err}") from None
 
 
 def _imagenette_hf(cfg, transform) -> Dataset:
     import datasets  # imported on use: it takes seconds to import and only this data kind needs it
 
+    path, revision = str(cfg.path), cfg.get("revision")
+    where = f"Hugging Face dataset {path} ({cfg.size}, {cfg.split}" + (f", revision {revision})" if revision else ")")
+    local = os.path.isdir(os.path.expanduser(path))
+    if not local and not datasets.config.HF_HUB_OFFLINE:
+        problem = _hub_problem(path, revision)
+        if problem is not None:
+            raise PipelineError(f"cannot load {where}: {problem}; or use data=folder data.root=<image dir>")
     # the export's sizes are folders of one default config: chosen with data_dir, not a config name
     try:
         ds = datasets.load_dataset(
-            cfg.path, revision=cfg.revision, data_dir=cfg.size, split=cfg.split, cache_dir=cfg.get("cache_dir")
+            os.path.expanduser(path) if local else path,
+            revision=None if local else revision,
+            data_dir=cfg.size,
+            split=cfg.split,
+            cache_dir=cfg.get("cache_dir"),
         )
     except Exception as err:  # noqa: BLE001 - hub/network/cache errors come in many types
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        hint = "data.cache_dir / HF_DATASETS_CACHE / HF_HOME at a cache that holds it"
+        if datasets.config.HF_HUB_OFFLINE:
+            hint = f"offline mode (HF_HUB_OFFLINE) reads only the cache: set {hint}, or run without HF_HUB_OFFLINE"
         raise PipelineError(
-            f"cannot load Hugging Face dataset {cfg.path} ({cfg.size}, {cfg.split}): {first} - use data=folder "
-            f"data.root=<image dir>, or set HF_DATASETS_CACHE / data.cache_dir to a cache that holds it"
+            f"cannot load {where}: {first} - {hint}; or use data=folder data.root=<image dir>"
         ) from None
-    return ImagenetteAsImageNet(ds, transform, image_key="image")
+    return ImagenetteAsImageNet(ds, transform, _hf_label_map(ds, where), image_key="image")
 
 
 def _imagenette_tv(cfg, transform) -> Dataset:
     root = Path(os.path.expanduser(str(cfg.root)))
+    url = Imagenette._ARCHIVES.get(cfg.size, ("imagenette2",))[0]
+    folder = root / Path(url).stem  # what torchvision looks for: <root>/imagenette2-160/<split>/<wnid>/*.JPEG
+    where = f"torchvision Imagenette ({cfg.size}, {cfg.split}) under {root}"
+    fix = f"download {url} and extract it under {root} ({folder.name}/{cfg.split}/<wnid>/*.JPEG), or use data=folder"
+    if bool(cfg.download) and cfg.size in Imagenette._ARCHIVES and not folder.exists():
+        reason = unreachable(url)
+        if reason is not None:
+            raise PipelineError(f"cannot download {where}: {reason} - {fix} data.root=<image dir>")
     try:
         ds = Imagenette(str(root), split=cfg.split, size=cfg.size, download=bool(cfg.download))
     except Exception as err:  # noqa: BLE001 - URLError, RuntimeError('not found'), ...
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        archive = Imagenette._ARCHIVES.get(cfg.size, ("imagenette2",))[0]
-        raise PipelineError(
-            f"cannot load torchvision Imagenette ({cfg.size}, {cfg.split}) under {root}: {first} - use "
-            f"data=folder data.root=<image dir>, or extract {Path(archive).name} under {root}"
-        ) from None
-    return ImagenetteAsImageNet(ds, transform)
+        raise PipelineError(f"cannot load {where}: {first} - {fix} data.root=<image dir>") from None
+    by_wnid = dict(zip(IMAGENETTE_WNIDS, IMAGENETTE, strict=True))
+    unknown = [w for w in ds.wnids if w not in by_wnid]
+    if unknown:
+        raise PipelineError(f"{where}: folder(s) {', '.join(unknown)} are not Imagenette classes (WordNet ids)")
+    # torchvision numbers the wnid folders present: map by name, not by position among all ten
+    return ImagenetteAsImageNet(ds, transform, [by_wnid[w] for w in ds.wnids])
 
 
 class FolderDataset(Dataset):
