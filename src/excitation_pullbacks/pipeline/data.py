@@ -11,6 +11,7 @@ import os
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
+from urllib.parse import quote
 
 import torch
 from torch import Tensor
@@ -25,7 +26,15 @@ from .classes import IMAGENETTE, IMAGENETTE_WNIDS, class_names, normalise_name, 
 from .errors import PipelineError
 from .signals import check_stop
 
-__all__ = ["DigitsDataset", "FolderDataset", "SyntheticDataset", "build_dataset", "build_transform", "select_images"]
+__all__ = [
+    "DigitsDataset",
+    "FolderDataset",
+    "SyntheticDataset",
+    "build_dataset",
+    "build_transform",
+    "export_files",
+    "select_images",
+]
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 #: The class space whose labels a data kind yields; kinds not named here label in the model's space.
@@ -72,30 +81,46 @@ class ImagenetteAsImageNet(Dataset):
         return self.transform(image), self.to_imagenet[int(label)]
 
 
-def _hub_problem(path: str, revision: str | None) -> str | None:
-    """Why dataset ``path`` at ``revision`` cannot be fetched from the Hub (unreachable, no such repo or
-    revision), or None. One request with a short timeout: ``datasets`` itself retries for about 25 s offline."""
+def export_files(names, size: str, split: str) -> list[str]:
+    """The parquet files of one size and split among a repository's file ``names`` (relative paths), in
+    either layout of frgfm/imagenette's export: ``<size>/<split>/*.parquet`` (the Hub's parquet conversion)
+    or ``<size>/<split>-NNNNN-of-NNNNN.parquet`` (the files committed on main)."""
+    return sorted(
+        n
+        for n in names
+        if n.endswith(".parquet") and n.startswith((f"{size}/{split}/", f"{size}/{split}-"))
+    )
+
+
+def _hub_files(path: str, revision: str | None, where: str) -> list[str]:
+    """The repository's file names at ``revision``, from one request with a short timeout (``datasets`` itself
+    retries for about 25 s offline). Raises PipelineError when the Hub is unreachable or lacks the repo or
+    revision."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
+    fix = "; or use data=folder data.root=<image dir>"
     try:
-        HfApi().dataset_info(path, revision=revision, timeout=PROBE_TIMEOUT)
+        info = HfApi().dataset_info(path, revision=revision, timeout=PROBE_TIMEOUT)
     except RevisionNotFoundError:
-        return f"the Hub has no revision {revision!r} of it (data.revision: a branch, tag or commit sha)"
+        raise PipelineError(
+            f"cannot load {where}: the Hub has no revision {revision!r} of it (data.revision: a branch, tag or "
+            f"commit sha){fix}"
+        ) from None
     except RepositoryNotFoundError:
-        return "the Hub has no such dataset (or it is private)"
-    except HfHubHTTPError:
-        return None  # the Hub answered: load_dataset tells what is wrong
+        raise PipelineError(f"cannot load {where}: the Hub has no such dataset (or it is private){fix}") from None
+    except HfHubHTTPError as err:
+        raise PipelineError(f"cannot load {where}: the Hub answered {err}{fix}") from None
     except Exception as err:
         # a connection failure: httpx's or httpx2's TransportError (by huggingface_hub version), or an OSError
         if not isinstance(err, OSError) and "TransportError" not in {c.__name__ for c in type(err).__mro__}:
             raise
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return (
-            f"the Hugging Face Hub is unreachable ({reason}): load it once with network access, then run with "
-            f"HF_HUB_OFFLINE=1 and HF_HOME (or data.cache_dir) pointing at that cache"
-        )
-    return None
+        raise PipelineError(
+            f"cannot load {where}: the Hugging Face Hub is unreachable ({reason}): download the export's "
+            f"<size>/<split> parquet files where there is network and set data.path=<that folder>{fix}"
+        ) from None
+    return [s.rfilename for s in info.siblings or []]
 
 
 def _hf_label_map(ds, where: str) -> list[int]:
@@ -113,32 +138,41 @@ def _hf_label_map(ds, where: str) -> list[int]:
 
 
 def _imagenette_hf(cfg, transform) -> Dataset:
+    """frgfm/imagenette's parquet export (or a local copy of its layout) through the ``parquet`` builder with
+    the files of ``size`` and ``split`` named explicitly: neither the repo's loading script (refused by
+    datasets >= 4) nor the other sizes are touched."""
     import datasets  # imported on use: it takes seconds to import and only this data kind needs it
 
     path, revision = str(cfg.path), cfg.get("revision")
     where = f"Hugging Face dataset {path} ({cfg.size}, {cfg.split}" + (f", revision {revision})" if revision else ")")
-    local = os.path.isdir(os.path.expanduser(path))
-    if not local and not datasets.config.HF_HUB_OFFLINE:
-        problem = _hub_problem(path, revision)
-        if problem is not None:
-            raise PipelineError(f"cannot load {where}: {problem}; or use data=folder data.root=<image dir>")
-    # the export's sizes are folders of one default config: chosen with data_dir, not a config name
+    root = Path(os.path.expanduser(path))
+    if root.is_dir():
+        names = [p.relative_to(root).as_posix() for p in root.rglob("*.parquet")]
+        files = [str(root / n) for n in export_files(names, cfg.size, cfg.split)]
+    elif datasets.config.HF_HUB_OFFLINE:
+        raise PipelineError(
+            f"cannot load {where}: offline mode (HF_HUB_OFFLINE) cannot reach the Hub: download the export's "
+            f"{cfg.size}/{cfg.split} parquet files where there is network and set data.path=<that folder>; or use "
+            f"data=folder data.root=<image dir>"
+        )
+    else:
+        ref = quote(str(revision or "main"), safe="")
+        files = [
+            f"hf://datasets/{path}@{ref}/{n}"
+            for n in export_files(_hub_files(path, revision, where), cfg.size, cfg.split)
+        ]
+    if not files:
+        raise PipelineError(
+            f"cannot load {where}: it holds no {cfg.size}/{cfg.split}/*.parquet or {cfg.size}/{cfg.split}-*.parquet "
+            f"files (data.size: 160px | 320px | full_size; data.split: train | validation)"
+        )
     try:
         ds = datasets.load_dataset(
-            os.path.expanduser(path) if local else path,
-            revision=None if local else revision,
-            data_dir=cfg.size,
-            split=cfg.split,
-            cache_dir=cfg.get("cache_dir"),
+            "parquet", data_files={cfg.split: files}, split=cfg.split, cache_dir=cfg.get("cache_dir")
         )
     except Exception as err:  # noqa: BLE001 - hub/network/cache errors come in many types
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        hint = "data.cache_dir / HF_DATASETS_CACHE / HF_HOME at a cache that holds it"
-        if datasets.config.HF_HUB_OFFLINE:
-            hint = f"offline mode (HF_HUB_OFFLINE) reads only the cache: set {hint}, or run without HF_HUB_OFFLINE"
-        raise PipelineError(
-            f"cannot load {where}: {first} - {hint}; or use data=folder data.root=<image dir>"
-        ) from None
+        raise PipelineError(f"cannot load {where}: {first}; or use data=folder data.root=<image dir>") from None
     return ImagenetteAsImageNet(ds, transform, _hf_label_map(ds, where), image_key="image")
 
 
