@@ -27,7 +27,6 @@ import torch
 import torchvision
 from PIL import Image
 from torch import nn
-from wandb.sdk.wandb_run import Run
 
 from excitation_pullbacks import ascent, pullback
 from excitation_pullbacks.app import images as app_images
@@ -202,27 +201,6 @@ def test_core_loops_stop_on_request_and_leave_the_model(tiny_net):
     assert_model_unchanged(tiny_net, before)
     with pytest.raises(Stopped):
         deletion(tiny_net, x, x, [0, 1], steps=8, batch_size=2, should_stop=lambda: True)
-
-
-def test_a_stopped_wandb_run_is_finished_as_failed(tmp_path, monkeypatch):
-    codes = []
-    original = Run.finish
-
-    def record(self, *args, **kwargs):
-        codes.append(kwargs.get("exit_code", args[0] if args else None))
-        return original(self, *args, **kwargs)
-
-    def stop(*args, **kwargs):
-        raise Stopped("stopped by SIGTERM")
-
-    monkeypatch.setattr(Run, "finish", record)
-    monkeypatch.setattr("lightning.pytorch.loggers.WandbLogger.log_table", stop)
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    with pytest.raises(Stopped):
-        run(tiny_cfg(tmp_path, "experiment=fig2", "logger=wandb"))
-    assert codes and codes[-1] not in (None, 0)
-    assert_nothing_written(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------

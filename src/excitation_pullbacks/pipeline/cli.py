@@ -141,6 +141,8 @@ def check_overrides(args: list[str]) -> str | None:
         if type(err).__module__.startswith(("hydra", "omegaconf")):
             return _one_line(str(err))
         raise
+    if flags and hydra_cfg.get("output_dir"):
+        return "output_dir would be shared by every multirun job: leave it null (use hydra.sweep.dir)"
     return _run_dir_problem(hydra_cfg, multirun=bool(flags))
 
 
