@@ -10,6 +10,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -237,10 +238,16 @@ class WandbRun:
         return data["columns"], data["data"]
 
 
-def read_wandb_run(folder: Path) -> WandbRun:
-    """The records of the offline run in ``folder`` (``offline-run-*``)."""
+def read_wandb_run(folder: Path, timeout: float = 60.0) -> WandbRun:
+    """The records of the finished offline run in ``folder`` (``offline-run-*``). W&B's service may still be
+    writing the file when ``finish`` returns: wait (up to ``timeout`` s) for its exit record."""
+    deadline = time.monotonic() + timeout
+    records = wandb_records(folder)
+    while not any(r.WhichOneof("record_type") == "exit" for r in records) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        records = wandb_records(folder)
     got = WandbRun(Path(folder))
-    for r in wandb_records(folder):
+    for r in records:
         kind = r.WhichOneof("record_type")
         if kind == "run":
             got.run = r.run
