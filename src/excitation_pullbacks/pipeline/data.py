@@ -85,11 +85,7 @@ def export_files(names, size: str, split: str) -> list[str]:
     """The parquet files of one size and split among a repository's file ``names`` (relative paths), in
     either layout of frgfm/imagenette's export: ``<size>/<split>/*.parquet`` (the Hub's parquet conversion)
     or ``<size>/<split>-NNNNN-of-NNNNN.parquet`` (the files committed on main)."""
-    return sorted(
-        n
-        for n in names
-        if n.endswith(".parquet") and n.startswith((f"{size}/{split}/", f"{size}/{split}-"))
-    )
+    return sorted(n for n in names if n.endswith(".parquet") and n.startswith((f"{size}/{split}/", f"{size}/{split}-")))
 
 
 def _hub_files(path: str, revision: str | None, where: str) -> list[str]:
