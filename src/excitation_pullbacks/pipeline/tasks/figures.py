@@ -300,9 +300,14 @@ def summary(rows: list[dict], main: int | None) -> dict[str, float]:
 
 
 def by_temperature(rows: list[dict]) -> list[dict]:
-    """The excitation rows with a numeric T as per-T records (vanilla is in the summary: it has no T)."""
+    """The excitation rows with a numeric T as per-T records of the metrics that depend on T (vanilla is in
+    the summary: it has no T; logit_before is the same at every T)."""
     return [
-        {"method": "excitation", "temperature": r["temperature"], **{k: r[k] for k in _metric_keys(r)}}
+        {
+            "method": "excitation",
+            "temperature": r["temperature"],
+            **{k: r[k] for k in _metric_keys(r) if k != "logit_before"},
+        }
         for r in rows
         if r["method"] == "excitation" and r["temperature"] != ""
     ]
