@@ -73,13 +73,12 @@ def resolve(cfg: DictConfig) -> dict:
 
 @dataclass
 class Finish:
-    """Rank 0, after the merge: the task's files, then figures, config.yaml and loggers, then staging ->
-    results. Picklable (ddp_spawn)."""
+    """Rank 0, after the merge: the task's files, figures, the CSV log, what the launcher logs to W&B
+    (:data:`PAYLOAD`), then config.yaml (the mark that rank 0 finished). Picklable (ddp_spawn)."""
 
     task: Task
     resolved: dict
     final: Path
-    name: str
 
     def __call__(self, merged: dict) -> None:
         staging = staging_for(self.final)
@@ -211,7 +210,7 @@ def run(cfg: DictConfig) -> dict:
             torch.manual_seed(int(cfg.seed))  # random weights (weights=null) are the same on every rank and run
             plan = task.plan(RunContext(cfg, resolved, out, staging, launcher))
             check_stop()
-            finish = Finish(task, resolved, final, run_name(cfg))
+            finish = Finish(task, resolved, final)
             if plan.fit is None:
                 device = predict(cfg, plan, ResultWriter(staging, finish), out)
             else:  # a training task
