@@ -4,6 +4,10 @@ split, deterministic checkpoints that build_model and path_stability load, one e
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -146,6 +150,32 @@ def test_bad_input_gives_one_error_line(monkeypatch, capsys, tmp_path, setup, ov
         monkeypatch, capsys, tmp_path, *FOLDER, *overrides, f"data.root={folder}", f"output_dir={out}"
     )
     assert_one_error_line(code, err, *fragments)
+    assert_nothing_written(out)
+
+
+def test_sigint_stops_training_between_steps(monkeypatch, capsys, tmp_path):
+    folder, out = write_folder(tmp_path / "photos"), tmp_path / "out"
+    first = out / ".results.partial" / "checkpoints" / "step_000001.pt"
+
+    def interrupt_after_the_first_step():
+        deadline = time.monotonic() + 120
+        while not first.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_after_the_first_step, daemon=True).start()
+    code, _, err = cli_in_process(
+        monkeypatch,
+        capsys,
+        tmp_path,
+        *FOLDER,
+        "data=folder",
+        "train.epochs=500",
+        f"data.root={folder}",
+        f"output_dir={out}",
+    )
+    assert code == 130
+    assert_one_error_line(code, err, "stopped by SIGINT", "run the same command again")
     assert_nothing_written(out)
 
 

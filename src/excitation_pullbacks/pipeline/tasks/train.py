@@ -45,6 +45,7 @@ from ..charts import figure_image
 from ..classes import class_names
 from ..errors import PipelineError
 from ..image_folder import class_folder, stratified_split
+from ..signals import check_stop
 from .base import Fit, Outputs, Plan, RunContext, Task
 
 __all__ = ["CheckpointSteps", "TrainModule", "TrainTask", "model_info", "random_shift", "read_checkpoints"]
@@ -131,6 +132,7 @@ def _accuracy(model: nn.Module, held_out: DataLoader) -> float:
     device = next(model.parameters()).device
     correct = total = 0
     for batch in held_out:
+        check_stop()
         x, y = batch[0], batch[1]
         correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
         total += len(y)
@@ -168,6 +170,9 @@ class CheckpointSteps(L.Callback):
 
     def on_train_start(self, trainer, module) -> None:
         self._save(trainer, module)
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        check_stop()  # SIGINT/SIGTERM: stop between steps (nothing is published)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self._save(trainer, module)
