@@ -6,6 +6,7 @@ import os
 
 from torch import nn
 
+from .checkpoint import load_checkpoint
 from .digits import DigitsCNN, load_digits_cnn
 from .imagenet import torchvision_model
 
@@ -31,6 +32,7 @@ def build_model(
     *,
     checkpoint: str | os.PathLike | None = None,
     wrap: bool = True,
+    num_classes: int | None = None,
 ) -> nn.Module:
     """A torchvision classifier in eval mode, wrapped in :class:`~excitation_pullbacks.models.ImageNetInput`
     unless ``wrap=False``; or the digits CNN.
@@ -41,24 +43,33 @@ def build_model(
     weights: a weights enum member name (IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT) or None for random weights.
     For digits_cnn: omitted, DEFAULT or digits -> the committed checkpoint; None -> random init.
     checkpoint: a local state-dict file loaded into the (randomly initialised) model instead.
+    num_classes: the number of logits (None: the weights' own); with weights for another count, the classifier
+    head is replaced by a freshly initialised one (e.g. a checkpoint of ``task=train`` on a 5-class folder
+    loads with ``num_classes=5``).
     """
     if name == DIGITS_CNN:
-        return _digits_cnn(weights, checkpoint)
+        return _digits_cnn(weights, checkpoint, num_classes)
     try:
-        return torchvision_model(name, weights, checkpoint=checkpoint, wrap=wrap)
+        return torchvision_model(name, weights, checkpoint=checkpoint, wrap=wrap, num_classes=num_classes)
     except ValueError as err:
         if str(err).startswith("unknown model"):
             raise ValueError(f"{err}; or {DIGITS_CNN}") from None
         raise
 
 
-def _digits_cnn(weights: str | None, checkpoint: str | os.PathLike | None) -> nn.Module:
+def _digits_cnn(weights: str | None, checkpoint: str | os.PathLike | None, num_classes: int | None) -> nn.Module:
+    classes = 10 if num_classes is None else int(num_classes)
+    if classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {classes}")
     if checkpoint is not None:
-        return load_digits_cnn(checkpoint)
+        return load_checkpoint(DigitsCNN(num_classes=classes), checkpoint).eval()
     if weights is None:
-        return DigitsCNN().eval()
+        return DigitsCNN(num_classes=classes).eval()
     if weights is _DEFAULT_WEIGHTS or weights in DIGITS_WEIGHTS:
-        return load_digits_cnn()
+        model = load_digits_cnn()
+        if classes != 10:  # a fresh head for another class count, initialised from torch's random state
+            model.classifier = nn.Linear(model.classifier.in_features, classes)
+        return model.eval()
     raise ValueError(
         f"model {DIGITS_CNN} has no weights {weights!r}; choose one of {', '.join(DIGITS_WEIGHTS)}, or null"
     )

@@ -45,6 +45,7 @@ def torchvision_model(
     *,
     checkpoint: str | os.PathLike | None = None,
     wrap: bool = True,
+    num_classes: int | None = None,
 ) -> nn.Module:
     """A torchvision classifier in eval mode, wrapped in :class:`ImageNetInput` unless ``wrap=False``.
 
@@ -52,6 +53,10 @@ def torchvision_model(
     weights: a weights enum member name (IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT) or None for random weights.
     checkpoint: a local state-dict file loaded into the (randomly initialised) backbone instead
         (:func:`~excitation_pullbacks.models.checkpoint.load_checkpoint`).
+    num_classes: the number of logits (None: the weights' classes, 1000 without weights). With weights for
+        another number of classes, every parameter but the classifier head comes from the weights and the
+        head (the parameters whose shape depends on the class count) is freshly initialised from torch's
+        random state. ValueError when the architecture has no such head.
     """
     # torchvision is imported here, not at the top: it takes seconds to import and the core (pullbacks of
     # any nn.Module) does not need it
@@ -78,7 +83,10 @@ def torchvision_model(
         if reason is not None:
             raise WeightsUnavailableError(_missing_weights(name, weights, cache, f"cannot download: {reason}"))
     try:
-        backbone = tvm.get_model(name, weights=weights)
+        if num_classes is not None and (weights is None or int(num_classes) != len(weights.meta["categories"])):
+            backbone = _with_head(tvm, name, weights, int(num_classes))
+        else:
+            backbone = tvm.get_model(name, weights=weights)
     except (OSError, RuntimeError) as err:  # URLError is an OSError
         if weights is None:
             raise
@@ -94,3 +102,28 @@ def _missing_weights(name: str, weights, cache: Path, why: str) -> str:
         f"cannot load {name} weights {weights.name} ({why}): put {cache.name} in {cache.parent} (from "
         f"{weights.url}; TORCH_HOME moves that folder), pass a local checkpoint, or use random weights (weights=null)"
     )
+
+
+def _with_head(tvm, name: str, weights, num_classes: int) -> nn.Module:
+    """torchvision model ``name`` built for ``num_classes`` logits; with ``weights``, all its parameters but
+    the head (those whose shape differs from the weights') loaded from them."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    try:
+        model = tvm.get_model(name, weights=None, num_classes=num_classes)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"model {name} has no classifier head to replace ({err})") from None
+    if weights is None:
+        return model
+    pretrained = tvm.get_model(name, weights=weights).state_dict()
+    own = model.state_dict()
+    head = {k for k in own.keys() & pretrained.keys() if own[k].shape != pretrained[k].shape}
+    unset = own.keys() - pretrained.keys()
+    if unset or pretrained.keys() - own.keys() or not head:
+        odd = sorted(unset | (pretrained.keys() - own.keys()))
+        raise ValueError(
+            f"model {name} has no classifier head to replace: its {weights.name} weights do not fit the "
+            f"{num_classes}-class model but for one head (parameters {', '.join(odd[:3]) or 'none of another shape'})"
+        )
+    model.load_state_dict({k: v for k, v in pretrained.items() if k not in head}, strict=False)
+    return model

@@ -1,6 +1,9 @@
 """The ``path_stability`` task: measurements for Hypothesis 1 (paper Sec. 5.1) over a train run's checkpoints.
 
-For the checkpoints t of one train run (``stability.runs`` with ``{seed}`` = the run's seed) and inputs X:
+For the checkpoints t of one train run (``stability.runs`` with ``{seed}`` = the run's seed; the architecture
+and classes from its ``checkpoints/model.json``, which ``model.name`` must name) and inputs X (``data=digits``:
+the first ``stability.num_images`` of ``data.split``; ``data=folder``: of the run's class folder in a fixed
+seeded order, at the run's image size):
 
 - rho(t_pi, t) = Pearson(f^(t)(X), f_pi^(t)(X)), f_pi^(t) the checkpoint-t network run with the binary gates
   pi = G^(t_pi)(x) of checkpoint t_pi on the same x (ReLU gates and max-pool argmax positions), per class
@@ -37,13 +40,16 @@ from torch import Tensor, nn
 
 from excitation_pullbacks.gate_overlap import gate_overlap, gate_pearson, path_rho, pearson
 from excitation_pullbacks.gating_induced import induced_forward, record_gates, soft_gates
-from excitation_pullbacks.models.digits import digits_images, load_digits_cnn
+from excitation_pullbacks.models import build_model
+from excitation_pullbacks.models.digits import digits_images
 
 from ..charts import curves, figure_image, heatmap
 from ..errors import PipelineError
+from ..image_folder import class_folder
 from ..schedules import GateSetting, check_temperatures, gate_settings
+from ..signals import check_stop
 from .base import Outputs, Plan, RunContext, Task
-from .train import read_checkpoints
+from .train import model_info, read_checkpoints
 
 __all__ = ["PathStabilityModule", "PathStabilityTask", "correlations"]
 
@@ -156,8 +162,8 @@ class PathStabilityTask(Task):
         s = cfg.get("stability")
         if s is None:
             raise PipelineError("task=path_stability needs a stability config (experiment=path_stability)")
-        if cfg.model.name != "digits_cnn":
-            raise PipelineError("path_stability reads digits_cnn checkpoints (model=digits_cnn)")
+        if cfg.data.kind not in ("digits", "folder"):
+            raise PipelineError(f"path_stability runs on data=digits or data=folder, not data={cfg.data.kind}")
         check_temperatures(cfg.temperatures)
 
     def _runs(self, cfg) -> tuple[Path, Path | None, int | None]:
@@ -167,6 +173,35 @@ class PathStabilityTask(Task):
         if not others:
             return own, None, None
         return own, Path(str(s.runs).format(seed=others[0])), others[0]
+
+    @staticmethod
+    def _load(info: dict, path: Path) -> nn.Module:
+        """A checkpoint of the run ``info`` (:func:`.train.model_info`) describes, in eval mode."""
+        try:
+            return build_model(info["name"], None, checkpoint=path, num_classes=int(info["num_classes"]))
+        except (FileNotFoundError, ValueError) as err:
+            raise PipelineError(str(err)) from None
+
+    @staticmethod
+    def _inputs(cfg, info: dict, num_images) -> tuple[Tensor, Tensor]:
+        """X: images (N, 3, S, S) in [-1, 1] and labels (N,) in the run's class order."""
+        if cfg.data.kind == "digits":
+            x, y = digits_images(str(cfg.data.get("split", "train")), int(cfg.data.get("size", 32)))
+            n = len(y) if num_images is None else min(int(num_images), len(y))
+            return x[:n], y[:n]
+        if int(cfg.data.crop) != int(info["size"]):
+            raise PipelineError(
+                f"the run trained on {info['size']} px images: set data.crop={info['size']} (and data.resize as in "
+                f"the run)"
+            )
+        folder = class_folder(cfg.data, classes=info["classes"])
+        order = torch.randperm(len(folder), generator=torch.Generator().manual_seed(0))  # classes mixed
+        n = len(folder) if num_images is None else min(int(num_images), len(folder))
+        items = []
+        for i in order[:n].tolist():
+            check_stop()
+            items.append(folder[i])
+        return torch.stack([im for im, _ in items]), torch.tensor([c for _, c in items])
 
     def plan(self, ctx: RunContext) -> Plan:
         cfg, s = ctx.cfg, ctx.cfg.stability
@@ -179,11 +214,20 @@ class PathStabilityTask(Task):
         if control_rows:
             steps = {r["step"] for r in rows}
             control_rows = [r for r in control_rows if r["step"] in steps]
-        models = [load_digits_cnn(r["path"]) for r in rows]
-        controls = [load_digits_cnn(r["path"]) for r in control_rows]
-        x, y = digits_images(str(cfg.data.get("split", "train")), int(cfg.data.get("size", 32)))
-        n = len(y) if s.get("num_images") is None else min(int(s.num_images), len(y))
-        x, y = x[:n], y[:n]
+        info = model_info(own_dir)
+        if str(cfg.model.name) != info["name"]:
+            raise PipelineError(
+                f"the checkpoints in {own_dir} are {info['name']}'s: run with model.name={info['name']}"
+            )
+        if control_dir is not None and (other := model_info(control_dir)) != info:
+            raise PipelineError(
+                f"the control run {control_dir} trained {other['name']} on classes {other['classes']}, the run "
+                f"{own_dir} {info['name']} on {info['classes']}: both runs must train the same model on the same data"
+            )
+        models = [self._load(info, r["path"]) for r in rows]
+        controls = [self._load(info, r["path"]) for r in control_rows]
+        x, y = self._inputs(cfg, info, s.get("num_images"))
+        n = len(y)
         temps = check_temperatures(cfg.temperatures)
         settings = gate_settings(cfg.gate, temps, model=models[-1], example=x[:1])
         self.meta = {
