@@ -33,15 +33,12 @@ def wandb_enabled(cfg: dict) -> bool:
 
 
 def run_tags(cfg: dict) -> list[str]:
-    """The run's tags: task, model, gate shape and kind, data, then ``logger.tags``."""
+    """The run's tags: task, model, data, gate shape and kind (not for training), then ``logger.tags``."""
     gate, data = cfg.get("gate") or {}, cfg.get("data") or {}
-    tags = [
-        f"task:{cfg.get('task', 'figures')}",
-        f"model:{cfg['model']['name']}",
-        f"gate:{gate.get('shape', '-')}",
-        f"gate_kind:{gate.get('kind', '-')}",
-        f"data:{data.get('kind', '-')}",
-    ]
+    task = cfg.get("task", "figures")
+    tags = [f"task:{task}", f"model:{cfg['model']['name']}", f"data:{data.get('kind', '-')}"]
+    if task != "train":  # training runs use no gates
+        tags += [f"gate:{gate.get('shape', '-')}", f"gate_kind:{gate.get('kind', '-')}"]
     return tags + [str(t) for t in cfg["logger"].get("tags") or []]
 
 
@@ -49,12 +46,12 @@ def _notes(cfg: dict) -> str:
     """``logger.notes``, else one sentence saying what the run computes."""
     if cfg["logger"].get("notes"):
         return str(cfg["logger"]["notes"])
-    gate = cfg.get("gate") or {}
+    gate, task = cfg.get("gate") or {}, cfg.get("task", "figures")
+    what = f"{task} of {cfg['model']['name']} on {(cfg.get('data') or {}).get('kind', '?')}"
+    if task == "train":
+        return what
     temps = ", ".join(f"{float(t):g}" for t in cfg.get("temperatures") or [])
-    return (
-        f"{cfg.get('task', 'figures')} of {cfg['model']['name']} on {(cfg.get('data') or {}).get('kind', '?')}; "
-        f"{gate.get('shape', '?')} gates at T = {temps} (main T = {gate.get('temperature', '?')})"
-    )
+    return f"{what}; {gate.get('shape', '?')} gates at T = {temps} (main T = {gate.get('temperature', '?')})"
 
 
 def _cell(v: Any) -> Any:
