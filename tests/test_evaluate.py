@@ -19,7 +19,7 @@ from excitation_pullbacks.pipeline.run import run
 from excitation_pullbacks.pipeline.schedules import gate_settings
 from excitation_pullbacks.pipeline.tasks.evaluate import evaluation_images, transfer_models
 
-from helpers import DDP_SPAWN, cli, compose_config, read_rows, tiny_cfg
+from helpers import DDP_SPAWN, cli, compose_config, read_rows, read_wandb_run, tiny_cfg
 
 SMALL = [
     "experiment=evaluate",
@@ -121,11 +121,25 @@ def test_guided_backprop_control_and_randomization_curves(evaluated):
 
 def test_table_and_curves_logged_to_wandb(evaluated):
     _, result = evaluated
-    run_dir = result["wandb"]
-    assert run_dir is not None and list(run_dir.glob("*.wandb"))
-    assert list(run_dir.glob("files/media/images/figures/curves_*.png"))
-    assert list(run_dir.glob("files/media/images/figures/randomization_*.png"))
-    assert list(run_dir.glob("files/media/table/metrics_*.table.json"))
+    rec = read_wandb_run(result["wandb"])
+    assert rec.exit_code == 0 and rec.run.job_type == "evaluate"
+    assert list(rec.folder.glob("files/media/images/figures/curves_*.png"))
+    assert list(rec.folder.glob("files/media/images/figures/randomization_*.png"))
+    table = read_rows(result["results"] / "metrics_table.csv")
+    columns, rows = rec.table("metrics")
+    assert columns == list(table[0]) and len(rows) == len(table)
+    columns, rows = rec.table("per_image")  # per image x method x T, T as a column
+    assert "temperature" in columns and len(rows) == len(read_rows(result["results"] / "per_image.csv"))
+    # every metric against T: one history row per excitation temperature
+    excitation = {float(r["temperature"]): r for r in table if r["method"] == "excitation"}
+    by_t = {h["temperature"]: h for h in rec.history if "temperature" in h}
+    assert set(by_t) == set(excitation)
+    for t, h in by_t.items():
+        assert h["excitation/insertion_auc"] == pytest.approx(float(excitation[t]["insertion_auc"]))
+    assert rec.summary["objective"] == pytest.approx(result["objective"])
+    assert rec.summary["vanilla/insertion_auc"] == pytest.approx(
+        float(next(r for r in table if r["method"] == "vanilla")["insertion_auc"])
+    )
 
 
 def test_depth_schedule_splits_relu_calls_into_groups():

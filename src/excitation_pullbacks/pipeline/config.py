@@ -156,8 +156,9 @@ SCHEMAS = {
 }
 
 
-#: Job folder names: values longer than this are abbreviated, and the whole name is kept below JOB_NAME_MAX.
-JOB_VALUE_MAX, JOB_NAME_MAX = 32, 120
+#: Job folder names: values longer than JOB_VALUE_MAX are abbreviated, the whole name kept to JOB_NAME_MAX (file
+#: systems allow 255 bytes).
+JOB_VALUE_MAX, JOB_NAME_MAX = 32, 200
 
 
 def _digest(text: str) -> str:

@@ -105,17 +105,24 @@ class Dashboard:
         return WandbLogger(experiment=self.run)
 
     def log_results(
-        self, figures: dict[str, str], folder: Path, table: list[list], summary: dict, by_temperature: list[dict]
+        self,
+        figures: dict[str, str],
+        folder: Path,
+        table: list[list],
+        summary: dict,
+        by_temperature: list[dict],
+        tables: dict[str, list[list]] | None = None,
     ) -> None:
         """Log a finished job's results. figures: {key: caption}, the images read from ``folder/<key>.png``;
         table: header row, then rows (the ``metrics`` table); summary: the run's scalars; by_temperature: one
-        record per (method, T) (see :class:`~.tasks.base.Outputs`)."""
+        record per (method, T); tables: more tables by name (see :class:`~.tasks.base.Outputs`)."""
         run = self.run
         for key, caption in figures.items():
             with Image.open(folder / f"{key}.png") as im:
                 run.log({f"figures/{key}": wandb.Image(im.copy(), caption=caption)}, commit=False)
-        if table:
-            run.log({"metrics": _table(table[0], table[1:])}, commit=False)
+        for key, rows in {"metrics": table, **(tables or {})}.items():
+            if rows:
+                run.log({key: _table(rows[0], rows[1:])}, commit=False)
         if by_temperature:
             columns = ["method", TEMPERATURE] + sorted(
                 {k for r in by_temperature for k in r if k not in ("method", TEMPERATURE)}

@@ -92,6 +92,7 @@ class Finish:
             "table": outputs.table,
             "summary": outputs.summary,
             "by_temperature": outputs.by_temperature,
+            "tables": outputs.tables,
         }
         (staging / PAYLOAD).write_text(json.dumps(payload))
         (staging / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(self.resolved)))
@@ -225,7 +226,12 @@ def run(cfg: DictConfig) -> dict:
             timing = write_timing(staging, time.perf_counter() - started, plan.module.model_seconds)
             if dashboard is not None:
                 dashboard.log_results(
-                    payload["figures"], staging, payload["table"], payload["summary"], payload["by_temperature"]
+                    payload["figures"],
+                    staging,
+                    payload["table"],
+                    payload["summary"],
+                    payload["by_temperature"],
+                    payload["tables"],
                 )
                 dashboard.log_timing(timing, device)
                 dashboard.write_pointer(staging)

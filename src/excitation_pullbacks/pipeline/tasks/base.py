@@ -64,13 +64,15 @@ class Outputs:
     (saved as ``<key>.png``), a table (header row, then rows; logged as the ``metrics`` table), summary
     scalars (the run's results: at ``gate.temperature`` where a metric depends on T), and ``by_temperature``:
     one record per (method, T) - {"method": str, "temperature": float, metric: number, ...} - that the
-    dashboard plots against T and logs as the ``by_temperature`` table. The task writes its own files
+    dashboard plots against T and logs as the ``by_temperature`` table; ``tables``: more tables to log by name
+    (header row, then rows). The task writes its own files
     (tensors, CSV, JSON) into the staging folder itself."""
 
     figures: dict[str, tuple[Any, str]] = field(default_factory=dict)
     table: list[list] = field(default_factory=list)
     summary: dict[str, float] = field(default_factory=dict)
     by_temperature: list[dict[str, Any]] = field(default_factory=list)
+    tables: dict[str, list[list]] = field(default_factory=dict)
 
 
 class Task:

@@ -440,7 +440,8 @@ class EvaluateTask(Task):
         value = table[self.main][key]
         objective = float(value) if value != "" else math.nan
         _write_csv(staging / "metrics_table.csv", table)
-        _write_csv(staging / "per_image.csv", per_image_table(self.rows, merged))
+        per_image = per_image_table(self.rows, merged)
+        _write_csv(staging / "per_image.csv", per_image)
         curves = merged["randomization_curves"] if self.layer_names else None
         data = {
             "objective": {"metric": key, "setting": table[self.main]["setting"], "value": objective},
@@ -486,7 +487,11 @@ class EvaluateTask(Task):
             for s, r in zip(self.rows, table)
             if s.gate is not None and s.gate.temperature is not None
         ]
-        return Outputs(figs, [list(table[0])] + [list(r.values()) for r in table], summary, by_t)
+        header = list(per_image[0]) if per_image else []
+        per_image_rows = [header] + [[r.get(k, "") for k in header] for r in per_image]
+        return Outputs(
+            figs, [list(table[0])] + [list(r.values()) for r in table], summary, by_t, {"per_image": per_image_rows}
+        )
 
     def result(self, final: Path) -> dict:
         """{"objective": the stored objective value} (what the Optuna sweeper optimises)."""
