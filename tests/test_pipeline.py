@@ -45,7 +45,7 @@ def test_every_config_option_composes(group, option):
 
 
 def test_config_groups_have_the_documented_options():
-    assert options("model") == ["densenet121", "digits_cnn", "resnet50", "vgg11_bn"]
+    assert options("model") == ["densenet121", "digits_cnn", "resnet18", "resnet50", "vgg11_bn"]
     assert options("data") == ["digits", "folder", "imagenette_hf", "imagenette_tv", "synthetic"]
     assert options("gate") == ["author", "by_depth", "calibrated", "hard", "none", "normal_cdf", "sigmoid", "softsign"]
     assert options("baselines") == ["captum"]
@@ -60,11 +60,13 @@ def test_config_groups_have_the_documented_options():
         "fig2",
         "fig3_fig4",
         "path_stability",
+        "path_stability_folder",
         "search_by_depth",
         "search_by_type",
         "search_temperature",
         "temperature_sweep",
         "train_digits",
+        "train_folder",
     ]
 
 
