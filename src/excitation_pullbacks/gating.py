@@ -215,9 +215,12 @@ class Excitation:
         if self._open:
             raise RuntimeError("this excitation context is already open")
         try:
+            # always_call: the stack stays right when a forward raises; not under torch.compile, whose graphs
+            # guard on the (new each time) hook ids that always_call records (__exit__ closes the pass anyway).
+            always = not is_compiled(self.model)
             for module in self._names:  # each module once, also when registered under several names
                 self._handles.append(module.register_forward_pre_hook(self._enter_module))
-                self._handles.append(module.register_forward_hook(self._exit_module, always_call=True))
+                self._handles.append(module.register_forward_hook(self._exit_module, always_call=always))
         except BaseException:
             self._remove_hooks()
             raise

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .compiled import unwrap_compiled
 from .checks import check_class_range, check_images, class_targets, warn_if_training
+from .compiled import unwrap_compiled
 from .gates import ByType, Schedule, resolve_schedule
 from .gating import Excitation, Report
 from .state import preserved_model
