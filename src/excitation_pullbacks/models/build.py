@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 from torch import nn
 
 from .digits import DigitsCNN, load_digits_cnn
@@ -31,6 +32,7 @@ def build_model(
     *,
     checkpoint: str | os.PathLike | None = None,
     wrap: bool = True,
+    compile: bool = False,
 ) -> nn.Module:
     """A torchvision classifier in eval mode, wrapped in :class:`~excitation_pullbacks.models.ImageNetInput`
     unless ``wrap=False``; or the digits CNN.
@@ -41,15 +43,19 @@ def build_model(
     weights: a weights enum member name (IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT) or None for random weights.
     For digits_cnn: omitted, DEFAULT or digits -> the committed checkpoint; None -> random init.
     checkpoint: a local state-dict file loaded into the (randomly initialised) model instead.
+    compile: return ``torch.compile(model)`` (compiled on its first call; the core functions take it as they
+    take the model itself).
     """
     if name == DIGITS_CNN:
-        return _digits_cnn(weights, checkpoint)
-    try:
-        return torchvision_model(name, weights, checkpoint=checkpoint, wrap=wrap)
-    except ValueError as err:
-        if str(err).startswith("unknown model"):
-            raise ValueError(f"{err}; or {DIGITS_CNN}") from None
-        raise
+        model = _digits_cnn(weights, checkpoint)
+    else:
+        try:
+            model = torchvision_model(name, weights, checkpoint=checkpoint, wrap=wrap)
+        except ValueError as err:
+            if str(err).startswith("unknown model"):
+                raise ValueError(f"{err}; or {DIGITS_CNN}") from None
+            raise
+    return torch.compile(model) if compile else model
 
 
 def _digits_cnn(weights: str | None, checkpoint: str | os.PathLike | None) -> nn.Module:
