@@ -50,6 +50,7 @@ def _vanilla(model, x, t):
     return g
 
 
+@pytest.mark.slow
 def test_compiled_pullback_equals_eager():
     model, x, t = net(), _x(), torch.tensor([1, 3])
     compiled = torch.compile(model, backend="aot_eager")

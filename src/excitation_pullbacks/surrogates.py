@@ -224,15 +224,23 @@ def _pool_backward_chunk(x: Tensor, out: Tensor, grad: Tensor, gate: Gate, k, s,
     t = 1.0 if uniform else gate.temperature_like(x)
     if padded:
         # Excluded positions get a value whose weight exp((fill - m) / T) is exactly 0.
-        t_max = float(t.max()) if isinstance(t, Tensor) else t
-        low = min(float(x.detach().amin()), 0.0) if zeros else float(x.detach().amin())
-        fill = low - 1000.0 * t_max if x.numel() else 0.0
+        zh, zw = (min(extra_h, p[0]), min(extra_w, p[1])) if zeros else (0, 0)
+        inner, outer = (p[1], zw, p[0], zh), (0, extra_w - zw, 0, extra_h - zh)
         if zeros:  # the explicit padding as zeros, only ceil-mode overhang past it excluded
-            zh, zw = min(extra_h, p[0]), min(extra_w, p[1])
-            xp = F.pad(F.pad(x, (p[1], zw, p[0], zh), value=0.0), (0, extra_w - zw, 0, extra_h - zh), value=fill)
-            out = F.max_pool2d(xp, k, s, 0, d)[:, :, :ho, :wo]
+            x0 = F.pad(x, inner, value=0.0)
         else:
-            xp = F.pad(x, (p[1], extra_w, p[0], extra_h), value=fill)
+            x0, outer = x, (p[1], extra_w, p[0], extra_h)
+        if torch.compiler.is_compiling():  # the same values without reading a number back (no graph break)
+            t_max = t.amax() if isinstance(t, Tensor) else t
+            fill = x0.detach().amin() - 1000.0 * t_max
+            keep = F.pad(torch.ones((1, 1, *x0.shape[-2:]), dtype=torch.bool, device=x.device), outer, value=False)
+            xp = torch.where(keep, F.pad(x0, outer), fill.to(x.dtype))
+        else:
+            t_max = float(t.max()) if isinstance(t, Tensor) else t
+            fill = float(x0.detach().amin()) - 1000.0 * t_max if x.numel() else 0.0
+            xp = F.pad(x0, outer, value=fill)
+        if zeros:
+            out = F.max_pool2d(xp, k, s, 0, d)[:, :, :ho, :wo]
     else:
         xp = x
     if not padded and not uniform and s == k and d == (1, 1):  # no padding: the same path for either mode
