@@ -40,7 +40,7 @@ import torch.nn.functional as F
 import torchvision.models as tvm
 from torch import nn
 
-from excitation_pullbacks import ImageNetInput, pullback
+from excitation_pullbacks import ImageNetInput, excitation, pullback
 
 METHODS = ("vanilla", "vanilla-grad", "pullback", "listing", "author", "compiled-vanilla", "compiled-pullback")
 COMPILED = ("compiled-vanilla", "compiled-pullback")
@@ -204,6 +204,36 @@ def time_grid(arch, device, n, k, size, repeats, warmup=1):
     return out
 
 
+def gate_exp_cost(arch, device, batch, size, repeats) -> float:
+    """Seconds the soft ReLU gate's backward adds at least: over every gated ReLU input z of one forward pass,
+    the median time of the one-pass sigmoid gate (softplus_backward, an exp per element) minus that of the hard
+    gate (threshold_backward). vanilla + this is the floor of a pullback whose only extra work is the gate."""
+    model = build(arch, device)
+    x, _ = _inputs(batch, size, device)
+    shapes = []
+    with torch.no_grad(), excitation(model, observer=lambda site, z, gate: shapes.append((site.kind, z.shape))):
+        model(x)
+    total = 0.0
+    for kind, shape in shapes:
+        if kind != "relu":
+            continue
+        z = torch.randn(shape, device=device)
+        g = torch.randn(shape, device=device)
+        soft, hard = [], []
+        for _ in range(repeats + 1):
+            for op, op_args, out in (
+                (torch.ops.aten.softplus_backward, (g, z, 1 / 0.3, 20.0), soft),
+                (torch.ops.aten.threshold_backward, (g, z, 0.0), hard),
+            ):
+                _sync(device)
+                start = time.perf_counter()
+                op(*op_args)
+                _sync(device)
+                out.append(time.perf_counter() - start)
+        total += statistics.median(soft[1:]) - statistics.median(hard[1:])
+    return total
+
+
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
@@ -271,6 +301,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", action="store_true", help="skip the compiled methods")
     p.add_argument("--grid", default="", help="N x K for the grid comparison, e.g. 5x6 ('' skips it)")
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--no-floor", action="store_true", help="skip timing the gate's exp alone (the floor column)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--memory-child", nargs=2, metavar=("ARCH", "METHOD"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -289,16 +320,23 @@ def main(argv=None) -> int:
     )
     results = {"device": args.device, "size": args.size, "repeats": args.repeats, "runs": []}
     others = [m for m in methods if m != "vanilla"]
+    floor = "" if args.no_floor else " floor s (x) |"
     head = "| model | batch | vanilla s | " + " | ".join(f"{m} s (x)" for m in others) + " |"
     rows, mem_rows, compile_rows = [], [], []
-    print("\ntime: median seconds per call (ratio to vanilla)\n" + head)
-    print("|---" * (3 + len(others)) + "|")
+    print(
+        "\ntime: median seconds per call (ratio to vanilla); floor: vanilla + the soft ReLU gate's exp alone"
+        "\n" + head + floor
+    )
+    print("|---" * (3 + len(others) + bool(floor)) + "|")
     for arch in args.archs:
         for batch in batches:
             times, compile_s = time_methods(arch, args.device, batch, args.size, args.repeats, methods)
             med = {m: statistics.median(v) for m, v in times.items()}
             cells = " | ".join(f"{med[m]:.3f} ({med[m] / med['vanilla']:.2f}x)" for m in others)
             rows.append(f"| {arch} | {batch} | {med['vanilla']:.3f} | {cells} |")
+            if floor:
+                med["floor"] = med["vanilla"] + gate_exp_cost(arch, args.device, batch, args.size, args.repeats)
+                rows[-1] += f" {med['floor']:.3f} ({med['floor'] / med['vanilla']:.2f}x) |"
             print(rows[-1], flush=True)
             mem = (
                 {} if args.no_memory else {m: _memory_in_child(arch, m, args.device, batch, args.size) for m in methods}
