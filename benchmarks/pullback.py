@@ -1,17 +1,25 @@
 """Side-by-side cost of excitation pullbacks vs the vanilla input gradient (and vs the paper's listings).
 
 For each architecture (random weights; timings do not depend on them) at batch N, size S:
-  vanilla        torch.autograd.grad of the target logits, parameters requiring grad (as users write it)
-  vanilla-frozen the same with parameters frozen (what the engine does internally)
-  pullback       excitation_pullbacks.pullback, sigmoid T=0.3, softmax pool T=0.3
-  listing        the paper's listings: deep copy with every nn.ReLU / nn.MaxPool2d module swapped for a
-                 save-z autograd ReLU and an unfold softmax pool with the strike-through trick (it misses
-                 DenseNet's functional relu, as module swapping does)
-and the N x K grid: one pullback call with (N, K) targets vs N*K independent (image, target) pairs in
-one batch. Times are medians over repeats, methods interleaved; peak memory is the growth of the
-process's peak RSS after a reset (CPU, Linux) or torch.cuda.max_memory_allocated (GPU), each method in a fresh subprocess.
+  vanilla            torch.autograd.grad of the target logits, parameters frozen (as the engine runs)
+  vanilla-grad       the same with parameters requiring grad (as users often write it)
+  pullback           excitation_pullbacks.pullback, sigmoid T=0.3, softmax pool T=0.3
+  listing            the paper's listings: deep copy with every nn.ReLU / nn.MaxPool2d module swapped for a
+                     save-z autograd ReLU and an unfold softmax pool with the strike-through trick
+  author             the author-style module swap: every nn.ReLU replaced by a soft-gradient module (sigmoid
+                     backward at T=0.3), max-pools left hard; like any module swap it misses DenseNet's
+                     functional relu
+  compiled-vanilla   vanilla on torch.compile(model)
+  compiled-pullback  pullback on torch.compile(model)
+Compile time (the first call of each compiled method) is reported apart from the steady-state times.
+And the N x K grid: one pullback call with (N, K) targets vs N*K independent (image, target) pairs in one
+batch. Times are medians over repeats, methods interleaved; peak memory is the growth of the process's peak
+RSS after a reset (CPU, Linux) or torch.cuda.max_memory_allocated (GPU), each method in a fresh subprocess
+(compiled methods: after a warm-up call in that process). ``uptime`` is printed before and after.
 
-Run: ``.venv/bin/python benchmarks/pullback.py``; ``--help`` for options.
+Run: ``.venv/bin/python benchmarks/pullback.py``; ``--help`` for options (e.g. ``--batch 2 --size 64
+--repeats 3`` for a quick check, ``--archs resnet50`` for one model, ``--no-compile`` to skip compiling).
+On a GPU the default batches are 16, 64 and 256.
 """
 
 from __future__ import annotations
@@ -32,9 +40,10 @@ import torch.nn.functional as F
 import torchvision.models as tvm
 from torch import nn
 
-from excitation_pullbacks import ImageNetInput, pullback
+from excitation_pullbacks import ImageNetInput, excitation, pullback
 
-METHODS = ("vanilla", "vanilla-frozen", "pullback", "listing")
+METHODS = ("vanilla", "vanilla-grad", "pullback", "listing", "author", "compiled-vanilla", "compiled-pullback")
+COMPILED = ("compiled-vanilla", "compiled-pullback")
 
 
 # -- the paper's listings, as written there (module swap) --------------------------------------------
@@ -69,18 +78,29 @@ class _ListingSoftMaxPool2d(nn.MaxPool2d):
 
 def listing_model(model: nn.Module) -> nn.Module:
     """A deep copy with the paper's Listing 1/2 modules swapped in by a recursive function."""
+    return _swapped(model, pools=True)
+
+
+def author_model(model: nn.Module) -> nn.Module:
+    """A deep copy with every nn.ReLU module replaced by a soft-gradient module (max-pools stay hard)."""
+    return _swapped(model, pools=False)
+
+
+def _swapped(model: nn.Module, pools: bool) -> nn.Module:
     model = copy.deepcopy(model)
 
     def visit(parent):
         for name, child in parent.named_children():
             if isinstance(child, nn.ReLU):
                 setattr(parent, name, _ListingReLU())
-            elif isinstance(child, nn.MaxPool2d):
+            elif pools and isinstance(child, nn.MaxPool2d):
                 setattr(parent, name, _ListingSoftMaxPool2d(child.kernel_size, child.stride, child.padding))
             else:
                 visit(child)
 
     visit(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
     return model
 
 
@@ -91,15 +111,34 @@ def _grad(model, x, t):
     return g
 
 
-def make_call(method: str, model: nn.Module, listing: nn.Module | None):
+def _frozen(model: nn.Module) -> nn.Module:
+    frozen = copy.deepcopy(model)
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    return frozen
+
+
+def make_call(method: str, model: nn.Module):
+    """A call (x, t) -> input gradient for ``method``; the models it needs are built here."""
     if method == "vanilla":
+        frozen = _frozen(model)
+        return lambda x, t: _grad(frozen, x, t)
+    if method == "vanilla-grad":
         return lambda x, t: _grad(model, x, t)
-    if method == "vanilla-frozen":
-        return lambda x, t: pullback(model, x, t, temperature=0)
     if method == "pullback":
         return lambda x, t: pullback(model, x, t, temperature=0.3)
     if method == "listing":
-        return lambda x, t: _grad(listing, x, t)
+        swapped = listing_model(model)
+        return lambda x, t: _grad(swapped, x, t)
+    if method == "author":
+        swapped = author_model(model)
+        return lambda x, t: _grad(swapped, x, t)
+    if method == "compiled-vanilla":
+        compiled = torch.compile(_frozen(model))
+        return lambda x, t: _grad(compiled, x, t)
+    if method == "compiled-pullback":
+        compiled = torch.compile(model)
+        return lambda x, t: pullback(compiled, x, t, temperature=0.3)
     raise ValueError(method)
 
 
@@ -113,23 +152,33 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_methods(arch, device, batch, size, repeats, warmup=1):
-    """{method: [seconds per call]} with the methods interleaved round-robin."""
+def _inputs(batch, size, device):
+    x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
+    return x, torch.arange(batch, device=device) * 37 % 1000
+
+
+def time_methods(arch, device, batch, size, repeats, methods, warmup=1):
+    """({method: [seconds per call]}, {compiled method: seconds of its first call}), the methods interleaved
+    round-robin after a warm-up call each (for a compiled method that call compiles it)."""
     model = build(arch, device)
-    listing = listing_model(model)
-    x = torch.rand(batch, 3, size, size, device=device) * 2 - 1
-    t = torch.arange(batch, device=device) * 37 % 1000
-    calls = {m: make_call(m, model, listing) for m in METHODS}
-    times = {m: [] for m in METHODS}
-    for r in range(warmup + repeats):
+    x, t = _inputs(batch, size, device)
+    calls = {m: make_call(m, model) for m in methods}
+    times = {m: [] for m in methods}
+    first = {}
+    for m, call in calls.items():
+        start = time.perf_counter()
+        call(x, t)
+        _sync(device)
+        first[m] = time.perf_counter() - start
+    for r in range(warmup - 1 + repeats):
         for m, call in calls.items():
             _sync(device)
             start = time.perf_counter()
             call(x, t)
             _sync(device)
-            if r >= warmup:
+            if r >= warmup - 1:
                 times[m].append(time.perf_counter() - start)
-    return times
+    return times, {m: first[m] for m in methods if m in COMPILED}
 
 
 def time_grid(arch, device, n, k, size, repeats, warmup=1):
@@ -155,6 +204,36 @@ def time_grid(arch, device, n, k, size, repeats, warmup=1):
     return out
 
 
+def gate_exp_cost(arch, device, batch, size, repeats) -> float:
+    """Seconds the soft ReLU gate's backward adds at least: over every gated ReLU input z of one forward pass,
+    the median time of the one-pass sigmoid gate (softplus_backward, an exp per element) minus that of the hard
+    gate (threshold_backward). vanilla + this is the floor of a pullback whose only extra work is the gate."""
+    model = build(arch, device)
+    x, _ = _inputs(batch, size, device)
+    shapes = []
+    with torch.no_grad(), excitation(model, observer=lambda site, z, gate: shapes.append((site.kind, z.shape))):
+        model(x)
+    total = 0.0
+    for kind, shape in shapes:
+        if kind != "relu":
+            continue
+        z = torch.randn(shape, device=device)
+        g = torch.randn(shape, device=device)
+        soft, hard = [], []
+        for _ in range(repeats + 1):
+            for op, op_args, out in (
+                (torch.ops.aten.softplus_backward, (g, z, 1 / 0.3, 20.0), soft),
+                (torch.ops.aten.threshold_backward, (g, z, 0.0), hard),
+            ):
+                _sync(device)
+                start = time.perf_counter()
+                op(*op_args)
+                _sync(device)
+                out.append(time.perf_counter() - start)
+        total += statistics.median(soft[1:]) - statistics.median(hard[1:])
+    return total
+
+
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
@@ -163,10 +242,10 @@ def _status_kib(field: str) -> int:
 def peak_memory(arch, method, device, batch, size) -> int:
     """Peak memory growth of one call (bytes); run in a fresh process (see ``main --memory-child``)."""
     model = build(arch, device)
-    listing = listing_model(model) if method == "listing" else None
-    x = torch.rand(batch, 3, size, size, device=device) * 2 - 1
-    t = torch.arange(batch, device=device) * 37 % 1000
-    call = make_call(method, model, listing)
+    x, t = _inputs(batch, size, device)
+    call = make_call(method, model)
+    if method in COMPILED:
+        call(x, t)  # compile first: the peak of the steady-state call, not of the compiler
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -200,59 +279,97 @@ def _memory_in_child(arch, method, device, batch, size) -> int:
     return int(res.stdout.strip().splitlines()[-1])
 
 
+def _uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "uptime unavailable"
+
+
+def _mib(v: int) -> str:
+    return f"{v / 2**20:.0f}"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--archs", nargs="+", default=["resnet50", "vgg11_bn", "densenet121"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch", type=int, nargs="+", help="batch sizes (default: 16 on CPU; 16 64 256 on GPU)")
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--grid", default="5x6", help="N x K for the grid comparison ('' to skip)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--no-compile", action="store_true", help="skip the compiled methods")
+    p.add_argument("--grid", default="", help="N x K for the grid comparison, e.g. 5x6 ('' skips it)")
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--no-floor", action="store_true", help="skip timing the gate's exp alone (the floor column)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--memory-child", nargs=2, metavar=("ARCH", "METHOD"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    batches = args.batch or ([16, 64, 256] if args.device.startswith("cuda") else [16])
     if args.memory_child:
-        print(peak_memory(*args.memory_child, args.device, args.batch, args.size))
+        print(peak_memory(*args.memory_child, args.device, batches[0], args.size))
         return 0
+    methods = [m for m in args.methods if not (args.no_compile and m in COMPILED)]
+    if "vanilla" not in methods:
+        methods.insert(0, "vanilla")  # the reference of every ratio
 
     dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     print(
         f"# device {args.device} ({dev_name}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
-        f"batch {args.batch}, {args.size} px, median of {args.repeats}"
+        f"{args.size} px, median of {args.repeats}\n# load before: {_uptime()}"
     )
-    results = {"device": args.device, "batch": args.batch, "size": args.size, "repeats": args.repeats, "archs": {}}
+    results = {"device": args.device, "size": args.size, "repeats": args.repeats, "runs": []}
+    others = [m for m in methods if m != "vanilla"]
+    floor = "" if args.no_floor else " floor s (x) |"
+    head = "| model | batch | vanilla s | " + " | ".join(f"{m} s (x)" for m in others) + " |"
+    rows, mem_rows, compile_rows = [], [], []
     print(
-        "\n| model | vanilla s | vanilla-frozen s | pullback s | listing s | pullback/vanilla time | "
-        "listing/vanilla time | pullback/vanilla mem | listing/vanilla mem |"
+        "\ntime: median seconds per call (ratio to vanilla); floor: vanilla + the soft ReLU gate's exp alone"
+        "\n" + head + floor
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---" * (3 + len(others) + bool(floor)) + "|")
     for arch in args.archs:
-        times = time_methods(arch, args.device, args.batch, args.size, args.repeats)
-        med = {m: statistics.median(v) for m, v in times.items()}
-        mem = (
-            {}
-            if args.no_memory
-            else {m: _memory_in_child(arch, m, args.device, args.batch, args.size) for m in METHODS}
-        )
-        results["archs"][arch] = {"time_s": times, "median_s": med, "peak_bytes": mem}
-        mem_cols = (
-            f"{mem['pullback'] / mem['vanilla']:.2f}x | {mem['listing'] / mem['vanilla']:.2f}x" if mem else "- | -"
-        )
-        print(
-            f"| {arch} | {med['vanilla']:.3f} | {med['vanilla-frozen']:.3f} | {med['pullback']:.3f} | "
-            f"{med['listing']:.3f} | {med['pullback'] / med['vanilla']:.2f}x | "
-            f"{med['listing'] / med['vanilla']:.2f}x | {mem_cols} |",
-            flush=True,
-        )
-    if mem:
-        print(
-            "\npeak memory growth (MiB): "
-            + "; ".join(
-                f"{a}: " + ", ".join(f"{m} {v['peak_bytes'][m] / 2**20:.0f}" for m in METHODS)
-                for a, v in results["archs"].items()
+        for batch in batches:
+            times, compile_s = time_methods(arch, args.device, batch, args.size, args.repeats, methods)
+            med = {m: statistics.median(v) for m, v in times.items()}
+            cells = " | ".join(f"{med[m]:.3f} ({med[m] / med['vanilla']:.2f}x)" for m in others)
+            rows.append(f"| {arch} | {batch} | {med['vanilla']:.3f} | {cells} |")
+            if floor:
+                med["floor"] = med["vanilla"] + gate_exp_cost(arch, args.device, batch, args.size, args.repeats)
+                rows[-1] += f" {med['floor']:.3f} ({med['floor'] / med['vanilla']:.2f}x) |"
+            print(rows[-1], flush=True)
+            mem = (
+                {} if args.no_memory else {m: _memory_in_child(arch, m, args.device, batch, args.size) for m in methods}
             )
+            if mem:
+                cells = " | ".join(f"{_mib(mem[m])} ({mem[m] / mem['vanilla']:.2f}x)" for m in others)
+                mem_rows.append(f"| {arch} | {batch} | {_mib(mem['vanilla'])} | {cells} |")
+            if compile_s:
+                compile_rows.append(
+                    f"| {arch} | {batch} | " + " | ".join(f"{v:.1f}" for v in compile_s.values()) + " |"
+                )
+            results["runs"].append(
+                {
+                    "arch": arch,
+                    "batch": batch,
+                    "time_s": times,
+                    "median_s": med,
+                    "peak_bytes": mem,
+                    "compile_s": compile_s,
+                }
+            )
+    if mem_rows:
+        print(
+            "\npeak memory growth: MiB (ratio to vanilla)\n"
+            + head.replace(" s", " MiB").replace("vanilla MiB", "vanilla MiB")
         )
+        print("|---" * (3 + len(others)) + "|")
+        print("\n".join(mem_rows))
+    if compile_rows:
+        names = [m for m in methods if m in COMPILED]
+        print("\nfirst call of the compiled methods (compile + run), s\n| model | batch | " + " | ".join(names) + " |")
+        print("|---" * (2 + len(names)) + "|")
+        print("\n".join(compile_rows))
     if args.grid:
         n, k = (int(v) for v in args.grid.lower().split("x"))
         print(f"\n| model | grid {n}x{k} (one call) s | {n * k} pairs in one batch s | ratio |")
@@ -263,6 +380,7 @@ def main(argv=None) -> int:
             mg, mp = statistics.median(g["grid"]), statistics.median(g["pairs"])
             results["grid"][arch] = g
             print(f"| {arch} | {mg:.3f} | {mp:.3f} | {mg / mp:.2f}x |", flush=True)
+    print(f"\n# load after: {_uptime()}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from .compiled import gated_call, is_compiled, unwrap_compiled
 from .gates import Gate, Schedule, Site, resolve_schedule
 from .surrogates import frozen_batch_norm, soft_gelu, soft_max_pool2d, soft_relu, soft_silu
 
@@ -175,6 +176,8 @@ class Excitation:
     kernel). lean_batchnorm: run eval-mode BatchNorm with frozen parameters through ``frozen_batch_norm``
     (same output, backward keeps no activation); only meaningful while the parameters are frozen, as
     ``pullback`` and ``ascent`` do.
+    A model wrapped by ``torch.compile`` is gated through its original module (same site names); the
+    compiled wrapper traces the gating into its graphs (:mod:`~excitation_pullbacks.compiled`).
     """
 
     def __init__(
@@ -190,12 +193,13 @@ class Excitation:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
+        self.root = unwrap_compiled(model)  # hooks and site names: the original module behind torch.compile
         self.schedule = resolve_schedule(schedule, gate)
         self.observer = observer
         self.lean_batchnorm = lean_batchnorm
         self.substitute = substitute
         self.report = Report()
-        self._names = {m: n for n, m in model.named_modules(remove_duplicate=False)}
+        self._names = {m: n for n, m in self.root.named_modules(remove_duplicate=False)}
         self._stack: list[nn.Module] = []
         self._handles: list = []
         self._mode: _Mode | None = None
@@ -203,22 +207,33 @@ class Excitation:
         self._depth: Counter = Counter()
         self._linear_out: Tensor | None = None  # the latest nn.Linear output: its features are in the last dim
         self._open = False
+        self._forward = None  # the compiled wrapper's own forward while the context routes it (see compiled.py)
+        self.compiled_tag = ""  # "neuron" while a neuron hook is added: separate compiled graphs
 
     # -- context ---------------------------------------------------------------------------------------
     def __enter__(self) -> Report:
         if self._open:
             raise RuntimeError("this excitation context is already open")
         try:
+            # always_call: the stack stays right when a forward raises; not under torch.compile, whose graphs
+            # guard on the (new each time) hook ids that always_call records (__exit__ closes the pass anyway).
+            always = not is_compiled(self.model)
             for module in self._names:  # each module once, also when registered under several names
                 self._handles.append(module.register_forward_pre_hook(self._enter_module))
-                self._handles.append(module.register_forward_hook(self._exit_module, always_call=True))
+                self._handles.append(module.register_forward_hook(self._exit_module, always_call=always))
         except BaseException:
             self._remove_hooks()
             raise
+        if is_compiled(self.model):
+            self._forward = self.model.__dict__.get("forward")
+            self.model.forward = gated_call(self.model, self.compiled_tag)
         self._open = True
         return self.report
 
     def __exit__(self, *exc) -> None:
+        if self._forward is not None:
+            self.model.forward = self._forward
+            self._forward = None
         self._remove_hooks()
         self._stack.clear()
         self._linear_out = None
@@ -262,7 +277,7 @@ class Excitation:
     # -- sites ---------------------------------------------------------------------------------------
     def _caller(self) -> tuple[nn.Module, str]:
         """The innermost running module of the model and its path (``<root>`` for the model itself)."""
-        inner = self._stack[-1] if self._stack else self.model
+        inner = self._stack[-1] if self._stack else self.root
         return inner, self._names.get(inner, "") or "<root>"
 
     def _site(self, kind: str, func_name: str, module_types, z: Tensor | None = None, approximate="none") -> Site:

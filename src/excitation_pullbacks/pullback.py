@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .checks import check_class_range, check_images, class_targets, warn_if_training
+from .compiled import unwrap_compiled
 from .gates import ByType, Schedule, resolve_schedule
 from .gating import Excitation, Report
 from .state import preserved_model
@@ -60,7 +61,7 @@ def frozen_parameters(model: nn.Module):
 
 
 def _resolve_module(model: nn.Module, layer: str) -> nn.Module:
-    modules = dict(model.named_modules())
+    modules = dict(unwrap_compiled(model).named_modules())
     if layer not in modules:
         close = difflib.get_close_matches(layer, list(modules), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -114,11 +115,13 @@ def gated_forward(engine: Excitation, x: Tensor, neuron: Neuron | None = None) -
     outs: list = []
     # clone: the forward may modify the layer's output in place later (e.g. an in-place ReLU)
     handle = module.register_forward_hook(lambda m, a, o: outs.append(o.clone() if isinstance(o, Tensor) else o))
+    engine.compiled_tag = "neuron"
     try:
         with engine as report:
             engine.model(x)
     finally:
         handle.remove()
+        engine.compiled_tag = ""
     _check_gated(report)
     if not outs:
         raise ValueError(f"layer {neuron.layer!r} was not called in the forward pass")

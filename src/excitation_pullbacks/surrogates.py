@@ -175,6 +175,11 @@ def _phases(xp: Tensor, k, s, d, out_hw):
     return phases, offsets
 
 
+#: Input elements per plane chunk of the overlapping-window pool backward: bounds the memory of the
+#: per-offset terms it keeps (about 2.5x the chunk for a 3x3 / stride-2 pool).
+POOL_CHUNK = 1 << 22
+
+
 def soft_pool_backward(x: Tensor, out: Tensor, grad: Tensor, gate: Gate, k, s, p, d) -> Tensor:
     """Input gradient of the softmax pool.
 
@@ -183,7 +188,32 @@ def soft_pool_backward(x: Tensor, out: Tensor, grad: Tensor, gate: Gate, k, s, p
     With r_j = (x_j - m) / T, e_j = exp(r_j), Z = sum e_j: w_j = e_j / Z and
     ds/dx_j = w_j (r_j + a) with a = 1 - sum_j(e_j r_j) / Z. With ``gate.padding == "zero"`` the explicit
     padding enters the sums as x_j = 0 (and m is the window max including those zeros).
+
+    Every (n, c) plane is independent: overlapping windows are processed in chunks of about ``POOL_CHUNK``
+    input elements, which bounds the memory of the per-offset terms kept between the two passes.
     """
+    n, c, h, w = x.shape
+    planes = max(1, POOL_CHUNK // max(1, h * w))
+    if n * c <= planes or (s == k and d == (1, 1) and not any(p)):  # tiling windows keep no per-offset terms
+        return _pool_backward_chunk(x, out, grad, gate, k, s, p, d)
+    result = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if isinstance(gate.temperature, Tensor) and gate.temperature.numel() > 1:  # per channel: chunk the batch
+        step = max(1, planes // c)
+        for i in range(0, n, step):
+            j = slice(i, i + step)
+            result[j] = _pool_backward_chunk(x[j], out[j], grad[j], gate, k, s, p, d)
+        return result
+    flat = (1, n * c)
+    xf, of, gf = x.reshape(*flat, h, w), out.reshape(*flat, *out.shape[-2:]), grad.reshape(*flat, *out.shape[-2:])
+    rf = result.view(*flat, h, w)
+    for i in range(0, n * c, planes):
+        j = slice(i, i + planes)
+        rf[:, j] = _pool_backward_chunk(xf[:, j], of[:, j], gf[:, j], gate, k, s, p, d)
+    return result
+
+
+def _pool_backward_chunk(x: Tensor, out: Tensor, grad: Tensor, gate: Gate, k, s, p, d) -> Tensor:
+    """soft_pool_backward on one chunk of planes (same arguments and result)."""
     h, w = x.shape[-2:]
     ho, wo = out.shape[-2:]
     extra_h = max(0, (ho - 1) * s[0] + (k[0] - 1) * d[0] + 1 - h - p[0])  # ceil_mode windows past the edge
@@ -194,15 +224,23 @@ def soft_pool_backward(x: Tensor, out: Tensor, grad: Tensor, gate: Gate, k, s, p
     t = 1.0 if uniform else gate.temperature_like(x)
     if padded:
         # Excluded positions get a value whose weight exp((fill - m) / T) is exactly 0.
-        t_max = float(t.max()) if isinstance(t, Tensor) else t
-        low = min(float(x.detach().amin()), 0.0) if zeros else float(x.detach().amin())
-        fill = low - 1000.0 * t_max if x.numel() else 0.0
+        zh, zw = (min(extra_h, p[0]), min(extra_w, p[1])) if zeros else (0, 0)
+        inner, outer = (p[1], zw, p[0], zh), (0, extra_w - zw, 0, extra_h - zh)
         if zeros:  # the explicit padding as zeros, only ceil-mode overhang past it excluded
-            zh, zw = min(extra_h, p[0]), min(extra_w, p[1])
-            xp = F.pad(F.pad(x, (p[1], zw, p[0], zh), value=0.0), (0, extra_w - zw, 0, extra_h - zh), value=fill)
-            out = F.max_pool2d(xp, k, s, 0, d)[:, :, :ho, :wo]
+            x0 = F.pad(x, inner, value=0.0)
         else:
-            xp = F.pad(x, (p[1], extra_w, p[0], extra_h), value=fill)
+            x0, outer = x, (p[1], extra_w, p[0], extra_h)
+        if torch.compiler.is_compiling():  # the same values without reading a number back (no graph break)
+            t_max = t.amax() if isinstance(t, Tensor) else t
+            fill = x0.detach().amin() - 1000.0 * t_max
+            keep = F.pad(torch.ones((1, 1, *x0.shape[-2:]), dtype=torch.bool, device=x.device), outer, value=False)
+            xp = torch.where(keep, F.pad(x0, outer), fill.to(x.dtype))
+        else:
+            t_max = float(t.max()) if isinstance(t, Tensor) else t
+            fill = float(x0.detach().amin()) - 1000.0 * t_max if x.numel() else 0.0
+            xp = F.pad(x0, outer, value=fill)
+        if zeros:
+            out = F.max_pool2d(xp, k, s, 0, d)[:, :, :ho, :wo]
     else:
         xp = x
     if not padded and not uniform and s == k and d == (1, 1):  # no padding: the same path for either mode
@@ -233,18 +271,19 @@ def soft_pool_backward(x: Tensor, out: Tensor, grad: Tensor, gate: Gate, k, s, p
 
         z = torch.zeros_like(out)
         er = None if gate.detach else torch.zeros_like(out)
+        terms = []  # (r, e) per window offset: one exponential each, kept while the chunk is in cache
         for key, a, b in offsets:
             r = exponent(phases[key][:, :, a, b])
             e = torch.exp(r)
             z += e
             if er is not None:
                 er.addcmul_(e, r)
+            terms.append((r, e))
         coef = grad / z
         if er is not None:
             shift = er.div_(z).neg_().add_(1)  # a = 1 - sum(e r) / Z
-        for key, a, b in offsets:
-            r = exponent(phases[key][:, :, a, b])
-            e = torch.exp(r).mul_(coef)
+        for (key, a, b), (r, e) in zip(offsets, terms):
+            e.mul_(coef)
             if er is not None:
                 e.mul_(r.add_(shift))
             grads[key][:, :, a, b] += e
@@ -290,7 +329,11 @@ class _SoftMaxPool2d(torch.autograd.Function):
             ctx.mark_non_differentiable(idx)
         else:
             out = F.max_pool2d(x, k, s, p, d, ceil_mode=ceil_mode)
-        ctx.save_for_backward(x)  # not out: callers may modify it in place (e.g. an in-place ReLU)
+        ctx.save_for_backward(x)
+        # The max is reused in the backward unless the caller modifies it in place (e.g. an in-place ReLU):
+        # a detached alias shares the output's version counter (saving it would make that an error).
+        ctx.out = None if torch.compiler.is_compiling() else out.detach()
+        ctx.out_version = None if ctx.out is None else ctx.out._version
         ctx.geometry = (gate, k, s, p, d, ceil_mode)
         return (out, idx) if return_indices else out
 
@@ -299,10 +342,13 @@ class _SoftMaxPool2d(torch.autograd.Function):
     def backward(ctx, grad: Tensor, *unused):
         (x,) = ctx.saved_tensors
         gate, k, s, p, d, ceil_mode = ctx.geometry
+        out = ctx.out
+        if out is None or out._version != ctx.out_version:
+            out = F.max_pool2d(x, k, s, p, d, ceil_mode=ceil_mode)
+        ctx.out = None
         squeeze = x.dim() == 3
         if squeeze:
-            x, grad = x.unsqueeze(0), grad.unsqueeze(0)
-        out = F.max_pool2d(x, k, s, p, d, ceil_mode=ceil_mode)
+            x, grad, out = x.unsqueeze(0), grad.unsqueeze(0), out.unsqueeze(0)
         g = soft_pool_backward(x, out, grad, gate, k, s, p, d)
         return (g.squeeze(0) if squeeze else g), None, None, None, None, None, None, None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint
@@ -33,6 +34,7 @@ def build_model(
     checkpoint: str | os.PathLike | None = None,
     wrap: bool = True,
     num_classes: int | None = None,
+    compile: bool = False,
 ) -> nn.Module:
     """A torchvision classifier in eval mode, wrapped in :class:`~excitation_pullbacks.models.ImageNetInput`
     unless ``wrap=False``; or the digits CNN.
@@ -46,15 +48,19 @@ def build_model(
     num_classes: the number of logits (None: the weights' own); with weights for another count, the classifier
     head is replaced by a freshly initialised one (e.g. a checkpoint of ``task=train`` on a 5-class folder
     loads with ``num_classes=5``).
+    compile: return ``torch.compile(model)`` (compiled on its first call; the core functions take it as they
+    take the model itself).
     """
     if name == DIGITS_CNN:
-        return _digits_cnn(weights, checkpoint, num_classes)
-    try:
-        return torchvision_model(name, weights, checkpoint=checkpoint, wrap=wrap, num_classes=num_classes)
-    except ValueError as err:
-        if str(err).startswith("unknown model"):
-            raise ValueError(f"{err}; or {DIGITS_CNN}") from None
-        raise
+        model = _digits_cnn(weights, checkpoint, num_classes)
+    else:
+        try:
+            model = torchvision_model(name, weights, checkpoint=checkpoint, wrap=wrap, num_classes=num_classes)
+        except ValueError as err:
+            if str(err).startswith("unknown model"):
+                raise ValueError(f"{err}; or {DIGITS_CNN}") from None
+            raise
+    return torch.compile(model) if compile else model
 
 
 def _digits_cnn(weights: str | None, checkpoint: str | os.PathLike | None, num_classes: int | None) -> nn.Module:

@@ -390,7 +390,12 @@ class EvaluateTask(Task):
         space = class_space(cfg)
         self.model_name, self.objective_key = str(cfg.model.name), str(ev.objective)
         self.class_names = class_names(space)
-        model = build_model(cfg.model.name, cfg.model.weights, checkpoint=cfg.model.checkpoint)
+        model = build_model(
+            cfg.model.name,
+            cfg.model.weights,
+            checkpoint=cfg.model.checkpoint,
+            compile=bool(cfg.model.get("compile", False)),
+        )
         dataset = build_dataset(cfg.data, resolve_classes(list(cfg.targets.rows), space), space)
         images, labels, index = evaluation_images(dataset, int(ev.num_images), int(cfg.seed))
 

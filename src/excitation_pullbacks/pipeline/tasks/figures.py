@@ -367,7 +367,12 @@ class FiguresTask(Task):
         self.columns = self.rows + resolve_classes(list(cfg.targets.extra), space)
         self.names = class_names(space)
         self.figures, self.ascent = list(cfg.figures), dict(ctx.resolved["ascent"])
-        model = build_model(cfg.model.name, cfg.model.weights, checkpoint=cfg.model.checkpoint)
+        model = build_model(
+            cfg.model.name,
+            cfg.model.weights,
+            checkpoint=cfg.model.checkpoint,
+            compile=bool(cfg.model.get("compile", False)),
+        )
         dataset = build_dataset(cfg.data, self.rows, space)
         images, labels, index = select_images(
             dataset, self.rows, batch_size=int(cfg.selection_batch_size), seed=int(cfg.seed), space=space

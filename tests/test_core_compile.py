@@ -1,0 +1,114 @@
+"""The engine on models wrapped by torch.compile: same pullbacks as eager, every gate counted, model restored.
+
+The fast tests compile with the ``aot_eager`` backend (Dynamo tracing and AOTAutograd, no code generation), so
+they check the tracing of the gating itself in seconds; one slow test uses the default (inductor) backend.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from excitation_pullbacks import Neuron, ascent, excitation, pullback
+
+from helpers import assert_model_unchanged, model_state
+
+
+class Net(nn.Module):
+    """BatchNorm, an in-place ReLU module, a functional ReLU, overlapping and tiling max-pools."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=True)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        self.conv2 = nn.Conv2d(4, 6, 3)
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, x):
+        x = self.pool(self.relu(self.bn(self.conv1(x))))
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.head(x.mean((2, 3)))
+
+
+def net(dtype=torch.float64) -> nn.Module:
+    torch.manual_seed(0)
+    model = Net().to(dtype).eval()
+    model.bn.running_mean.uniform_(-0.2, 0.2)
+    model.bn.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def _x(dtype=torch.float64):
+    return torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0), dtype=dtype) * 2 - 1
+
+
+def _vanilla(model, x, t):
+    xr = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(model(xr).gather(1, t[:, None]).sum(), xr)
+    return g
+
+
+@pytest.mark.slow
+def test_compiled_pullback_equals_eager():
+    model, x, t = net(), _x(), torch.tensor([1, 3])
+    compiled = torch.compile(model, backend="aot_eager")
+    compiled(x)  # a graph traced without the engine must not be replayed inside it ...
+    before, forward = model_state(compiled), compiled.forward
+    for options in ({}, {"temperature": 0.5, "pool_detach": True}, {"compat": "author"}):
+        got = pullback(compiled, x, t, **options)
+        torch.testing.assert_close(got, pullback(model, x, t, **options), rtol=1e-12, atol=1e-12)
+    neuron = Neuron("conv2", 2)
+    torch.testing.assert_close(pullback(compiled, x, neuron), pullback(model, x, neuron), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ascent(compiled, x, t, steps=2), ascent(model, x, t, steps=2), rtol=1e-12, atol=1e-12)
+    # ... nor one traced with it outside: the compiled model still gives the vanilla gradient
+    torch.testing.assert_close(_vanilla(compiled, x, t), _vanilla(model, x, t), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(_vanilla(model, x, t), pullback(model, x, t))
+    assert_model_unchanged(compiled, before)
+    assert compiled.forward is forward
+
+
+def test_report_counts_every_gate_under_compile():
+    model, x = net(), _x()
+    compiled = torch.compile(model, backend="aot_eager")
+    with excitation(model) as eager_report:
+        model(x)
+    for _ in range(2):  # a second call replays the compiled graphs: the counts must come again
+        with excitation(compiled) as report:
+            out = compiled(x)
+        assert report.relu == eager_report.relu == {"relu": 1, "<root>:relu": 1}
+        assert report.maxpool == eager_report.maxpool == {"pool": 1, "<root>:max_pool2d": 1}
+        assert report.forwards == 1
+    torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+
+
+def test_model_restored_after_exception_under_compile():
+    model = net()
+    compiled = torch.compile(model, backend="aot_eager")
+    forward = compiled.forward
+    before = model_state(compiled)
+    with pytest.raises(ValueError, match="out of range"):
+        pullback(compiled, _x(), 7)  # after the compiled forward: the class check
+    with pytest.raises(RuntimeError):
+        pullback(compiled, torch.rand(2, 3, 4, 4, dtype=torch.float64), 0)  # inside it: too small for conv2
+    assert_model_unchanged(compiled, before)
+    assert compiled.forward is forward
+    torch.testing.assert_close(pullback(compiled, _x(), 1), pullback(model, _x(), 1), rtol=1e-12, atol=1e-12)
+
+
+#: Inductor reorders and fuses float32 arithmetic: compiled and eager pullbacks agree to this (relative to
+#: the largest entry of the eager pullback).
+COMPILE_RTOL = 1e-4
+
+
+@pytest.mark.slow
+def test_inductor_pullback_within_tolerance():
+    model, x, t = net(torch.float32), _x(torch.float32), torch.tensor([1, 3])
+    compiled = torch.compile(model)
+    ref = pullback(model, x, t)
+    got = pullback(compiled, x, t)
+    assert (got - ref).abs().max() <= COMPILE_RTOL * ref.abs().max()
+    with excitation(compiled) as report:
+        compiled(x)
+    assert report.relu_calls == 2 and report.maxpool_calls == 2
