@@ -95,7 +95,7 @@ def test_offline_hf_dataset_fails_with_a_hint(tmp_path):
         f"output_dir={tmp_path / 'out'}",
         env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")},
     )
-    assert_one_error_line(proc.returncode, proc.stderr, "frgfm/imagenette", "data=folder", "HF_DATASETS_CACHE")
+    assert_one_error_line(proc.returncode, proc.stderr, "frgfm/imagenette", "data=folder", "data.path=<that folder>")
     assert_nothing_written(tmp_path / "out")
 
 
@@ -144,14 +144,15 @@ def test_multirun_two_temperatures_wandb_offline_and_rerun_skips(tmp_path):
     args = ["-m", "experiment=fig2", "logger=wandb", "gate.temperature=0.2,0.4", f"hydra.sweep.dir={sweep}"]
     proc = cli(tmp_path, *args)
     assert proc.returncode == 0, proc.stderr
-    runs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    runs = sorted(p.name for p in sweep.iterdir() if (p / "results").is_dir())  # sweep/wandb: the overview run
     assert len(runs) == 2 and "gate.temperature=0.2" in runs[0] and "gate.temperature=0.4" in runs[1]
     wandb_runs = sorted(sweep.glob("*/wandb/offline-run-*"))
     assert len(wandb_runs) == 2 and all(list(r.glob("*.wandb")) for r in wandb_runs)
     for r in wandb_runs:  # the figure and the metrics table went into the offline run
         assert list(r.glob("files/media/images/figures/fig2_*.png"))
         assert list(r.glob("files/media/table/metrics_*.table.json"))
-    assert proc.stdout.count("wandb sync") == 2
+    assert proc.stdout.count("wandb sync") == 3  # the two jobs and the multirun overview
+    assert proc.stdout.count("W&B multirun overview") == 1
     for r, job in zip(wandb_runs, runs):  # each job's run is named after its overrides (group: the experiment)
         assert f"fig2/{job}".encode() in next(r.glob("*.wandb")).read_bytes()
     t = [torch.load(sweep / r / "results" / "tensors.pt", weights_only=True) for r in runs]
