@@ -5,18 +5,17 @@ overrides) printed, in the log and in ``<sweep dir>/jobs.csv``; one metric table
 from __future__ import annotations
 
 import csv
-import io
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import wandb
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .dashboard import wandb_enabled
+from .dashboard import Dashboard, wandb_enabled
+from .outputs import write_csv
 from .terminal import say
 
 __all__ = ["JobRecord", "MergeTables", "clear_jobs", "jobs", "merge_tables", "overview_lines", "record_job"]
@@ -55,17 +54,6 @@ def clear_jobs() -> None:
     _JOBS.clear()
 
 
-def _write_csv(path: Path, header: list[str], rows: list[dict]) -> None:
-    """Write a CSV atomically (a temporary file renamed into place)."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=header, restval="", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    tmp = path.parent / f".{path.name}.tmp"
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
-
-
 def merge_tables(sweep_dir: str | os.PathLike) -> Path | None:
     """Concatenate ``<job>/results/metrics_table.csv`` of every job under ``sweep_dir`` into
     ``sweep_dir/metrics_table.csv`` with a leading ``job`` column (the job's folder). Returns its path, or
@@ -81,7 +69,7 @@ def merge_tables(sweep_dir: str | os.PathLike) -> Path | None:
                 header += [k for k in row if k not in header]
                 rows.append({"job": path.parent.parent.name, **row})
     out = root / "metrics_table.csv"
-    _write_csv(out, header, rows)
+    write_csv(out, rows, header)
     return out
 
 
@@ -112,21 +100,17 @@ def _log_to_wandb(config: DictConfig, sweep_dir: Path, records: list[JobRecord],
         return None
     if not wandb_enabled(cfg):
         return None
-    log = cfg["logger"]
-    run = wandb.init(
-        project=log["project"],
+    dashboard = Dashboard.start(
+        cfg["logger"],
+        sweep_dir,
         name=f"{cfg['name']}/multirun",
-        group=log.get("group") or cfg["name"],
+        group=cfg["logger"].get("group") or cfg["name"],
         job_type="multirun",
         tags=["multirun"],
         notes=f"{len(records)} jobs of {cfg['name']}: the overview and the merged metric table",
-        dir=str(sweep_dir),
-        mode=log["mode"],
-        reinit="create_new",
-        settings=wandb.Settings(silent=True),
     )
     head = list(asdict(records[0])) if records else ["num"]
-    run.log({"jobs": wandb.Table(columns=head, data=[list(asdict(r).values()) for r in records])}, commit=False)
+    tables = {"jobs": [head] + [list(asdict(r).values()) for r in records]}
     if table is not None:
         with table.open(newline="") as f:
             rows = list(csv.reader(f))
@@ -135,14 +119,13 @@ def _log_to_wandb(config: DictConfig, sweep_dir: Path, records: list[JobRecord],
             try:
                 return float(v)
             except ValueError:
-                return v or None
+                return v
 
-        data = [[r[0]] + [cell(v) for v in r[1:]] for r in rows[1:]]
-        run.log({"metrics_table": wandb.Table(columns=rows[0], data=data)}, commit=False)
-    run.log({})
-    run.summary.update({f"jobs_{s}": sum(r.status == s for r in records) for s in STATUSES})
-    folder = Path(run.dir).parent
-    run.finish()
+        tables["metrics_table"] = [rows[0]] + [[r[0]] + [cell(v) for v in r[1:]] for r in rows[1:]]
+    dashboard.log_tables(tables)
+    dashboard.run.summary.update({f"jobs_{s}": sum(r.status == s for r in records) for s in STATUSES})
+    folder = dashboard.folder
+    dashboard.finish()
     return folder
 
 
@@ -160,7 +143,7 @@ class MergeTables(Callback):
         if table is not None:
             say(f"merged metric table: {table}")
         if records:
-            _write_csv(sweep_dir / "jobs.csv", list(asdict(records[0])), [asdict(r) for r in records])
+            write_csv(sweep_dir / "jobs.csv", [asdict(r) for r in records])
             for line in overview_lines(records):
                 say(line)
         folder = _log_to_wandb(config, sweep_dir, records, table)

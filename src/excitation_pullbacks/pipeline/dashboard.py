@@ -18,9 +18,7 @@ import wandb
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 
-__all__ = ["WANDB_DIR", "Dashboard", "run_tags", "wandb_enabled"]
-
-WANDB_DIR = "wandb"
+__all__ = ["Dashboard", "run_tags", "wandb_enabled"]
 
 #: The x axis of the per-temperature records.
 TEMPERATURE = "temperature"
@@ -77,21 +75,29 @@ class Dashboard:
         config; name: the run name (in a multirun, the job's overrides)."""
         if not wandb_enabled(cfg):
             return None
-        log = cfg["logger"]
-        root = out / WANDB_DIR
-        root.mkdir(parents=True, exist_ok=True)
-        run = wandb.init(
-            project=log["project"],
+        return cls.start(
+            cfg["logger"],
+            out,
             name=name,
-            group=log.get("group") or cfg["name"],
+            group=cfg["logger"].get("group") or cfg["name"],
             job_type=str(cfg.get("task", "figures")),
             tags=run_tags(cfg),
             notes=_notes(cfg),
             config=cfg,
+        )
+
+    @classmethod
+    def start(cls, log: dict, out: Path, **fields) -> Dashboard:
+        """A W&B run in ``out/wandb`` under the ``logger`` settings ``log`` (project, mode); fields: name,
+        group, job_type, tags, notes, config as ``wandb.init`` takes them."""
+        out.mkdir(parents=True, exist_ok=True)
+        run = wandb.init(
+            project=log["project"],
             dir=str(out),
             mode=log["mode"],
             reinit="create_new",
             settings=wandb.Settings(silent=True),
+            **fields,
         )
         return cls(run)
 
@@ -120,20 +126,24 @@ class Dashboard:
         for key, caption in figures.items():
             with Image.open(folder / f"{key}.png") as im:
                 run.log({f"figures/{key}": wandb.Image(im.copy(), caption=caption)}, commit=False)
-        for key, rows in {"metrics": table, **(tables or {})}.items():
-            if rows:
-                run.log({key: _table(rows[0], rows[1:])}, commit=False)
+        all_tables = {"metrics": table, **(tables or {})}
         if by_temperature:
             columns = ["method", TEMPERATURE] + sorted(
                 {k for r in by_temperature for k in r if k not in ("method", TEMPERATURE)}
             )
-            rows = [[r.get(c, "") for c in columns] for r in by_temperature]
-            run.log({"by_temperature": _table(columns, rows)}, commit=False)
-        run.log({}, commit=True)
+            all_tables["by_temperature"] = [columns] + [[r.get(c, "") for c in columns] for r in by_temperature]
+        self.log_tables(all_tables)
         self._log_against_temperature(by_temperature)
         if by_temperature and TEMPERATURE not in summary:  # the last T logged is not the run's T
             del run.summary[TEMPERATURE]
         run.summary.update({k: v for k, v in summary.items() if _cell(v) is not None})
+
+    def log_tables(self, tables: dict[str, list[list]]) -> None:
+        """Log tables {key: header row, then rows} ("" and NaN as missing values) in one history step."""
+        for key, rows in tables.items():
+            if rows:
+                self.run.log({key: _table(rows[0], rows[1:])}, commit=False)
+        self.run.log({}, commit=True)
 
     def _log_against_temperature(self, records: list[dict]) -> None:
         """One history row per T: ``<method>/<metric>`` against the ``temperature`` x axis."""

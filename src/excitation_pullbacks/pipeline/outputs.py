@@ -9,6 +9,8 @@ that moves them into ``results``. Layout::
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -35,6 +37,7 @@ __all__ = [
     "save_tensors",
     "staging_for",
     "wandb_dir",
+    "write_csv",
     "write_timing",
 ]
 
@@ -154,6 +157,19 @@ def publish(staging: Path, final: Path, ident: dict, started: float) -> list[str
     write_manifest(final, manifest)
     shutil.rmtree(staging, ignore_errors=True)
     return foreign
+
+
+def write_csv(path: Path, rows: list[dict], header: list[str] | None = None) -> None:
+    """Write dict rows as CSV atomically (a temporary file renamed into place). header: the columns (None: every
+    key of the rows, in first-seen order); a row's missing columns are empty."""
+    header = list(dict.fromkeys(k for r in rows for k in r)) if header is None else header
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=header, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_text(buf.getvalue())
+    os.replace(tmp, path)
 
 
 def save_tensors(obj, path: Path) -> None:

@@ -14,8 +14,6 @@ parameter-randomization check on the first images. Rank 0 writes::
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import math
@@ -36,6 +34,7 @@ from .. import plots
 from ..classes import class_names, class_space, resolve_classes
 from ..data import build_dataset
 from ..errors import PipelineError
+from ..outputs import write_csv
 from ..schedules import GateSetting, check_main_temperature, check_temperatures, main_setting, run_gate_settings
 from ..signals import check_stop, stop_requested
 from .base import Outputs, Plan, RunContext, Task
@@ -274,14 +273,6 @@ def _nanmean0(v: Tensor) -> list[float]:
     return v[keep].mean(0).tolist() if keep.any() else []
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    path.write_text(buf.getvalue())
-
-
 def transfer_models(entries, weights, seed: int) -> dict[str, nn.Module]:
     """evaluate.transfer_models -> {label: model}. An entry is a model name (built with the run's weights
     setting) or a mapping {name, weights, checkpoint, label} (e.g. a second digits_cnn from its own
@@ -444,9 +435,9 @@ class EvaluateTask(Task):
             )
         value = table[self.main][key]
         objective = float(value) if value != "" else math.nan
-        _write_csv(staging / "metrics_table.csv", table)
+        write_csv(staging / "metrics_table.csv", table)
         per_image = per_image_table(self.rows, merged)
-        _write_csv(staging / "per_image.csv", per_image)
+        write_csv(staging / "per_image.csv", per_image)
         curves = merged["randomization_curves"] if self.layer_names else None
         data = {
             "objective": {"metric": key, "setting": table[self.main]["setting"], "value": objective},

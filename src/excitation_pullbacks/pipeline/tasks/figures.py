@@ -31,7 +31,7 @@ from ..classes import class_names, class_space, resolve_classes
 from ..data import build_dataset, select_images
 from ..errors import PipelineError
 from ..neurons import fig_neurons, neuron_views
-from ..outputs import save_tensors
+from ..outputs import save_tensors, write_csv
 from ..schedules import (
     VANILLA,
     GateSetting,
@@ -313,16 +313,6 @@ def by_temperature(rows: list[dict]) -> list[dict]:
     ]
 
 
-def write_table(path: Path, rows: list[dict]) -> None:
-    """metrics_table.csv: one row per method x gate setting."""
-    header = list(dict.fromkeys(k for r in rows for k in r))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=header, restval="", lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    path.write_text(buf.getvalue())
-
-
 class FiguresTask(Task):
     """``task: figures``: the grids of Figs 1-4, temperature sweeps and Captum baselines for one model."""
 
@@ -488,7 +478,7 @@ class FiguresTask(Task):
         save_tensors(tensors, staging / "tensors.pt")
         table = write_metrics_csv(staging / "metrics.csv", merged, self.columns, self.labels, self.names)
         rows = method_table(merged, self.columns, self.settings)
-        write_table(staging / "metrics_table.csv", rows)
+        write_csv(staging / "metrics_table.csv", rows)
         scalars = summary(rows, self.main)
         if self.main is not None and self.settings[self.main].temperature is not None:
             scalars["temperature"] = float(self.settings[self.main].temperature)
