@@ -1,9 +1,30 @@
-"""The engine's fast paths against their plain-torch fallbacks, float64: the same gradients."""
+"""The engine's fast paths against their plain-torch fallbacks: the same gradients (float64 where it matters)."""
+
+import itertools
+import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
+import torchvision.models as tvm
 
-from excitation_pullbacks import Gate, soft_max_pool2d, soft_relu, surrogates
+from excitation_pullbacks import (
+    Gate,
+    ImageNetInput,
+    excitation,
+    gating,
+    pool_kernel,
+    pullback,
+    soft_max_pool2d,
+    soft_relu,
+    surrogates,
+)
+
+
+@pytest.fixture
+def no_kernel(monkeypatch):
+    """The pure-torch pool backward only."""
+    monkeypatch.setenv("EXCITATION_PULLBACKS_KERNELS", "0")
 
 
 def _x(shape, seed=0):
@@ -32,7 +53,7 @@ GATES = [
 @pytest.mark.parametrize(
     "geometry", [(3, 2, 1, 1, False), (2, 2, 0, 1, False), (3, 2, 1, 1, True), (3, 1, 0, 2, False)]
 )
-def test_chunked_pool_backward_equals_one_chunk(gate, geometry, monkeypatch):
+def test_chunked_pool_backward_equals_one_chunk(gate, geometry, monkeypatch, no_kernel):
     """Planes in chunks (tiny chunks here: one to a few planes each) give the one-chunk gradient bit for bit."""
     k, s, p, d, ceil = geometry
     x = _x((3, 3, 9, 8))
@@ -42,7 +63,7 @@ def test_chunked_pool_backward_equals_one_chunk(gate, geometry, monkeypatch):
 
 
 @pytest.mark.parametrize("gate", GATES[:2], ids=repr)
-def test_reused_max_equals_recomputed_max(gate):
+def test_reused_max_equals_recomputed_max(gate, no_kernel):
     """The backward reuses the forward's max; an in-place change of it (an in-place ReLU) makes it recompute."""
     x = _x((2, 3, 9, 9), seed=4)
     torch.testing.assert_close(
@@ -61,3 +82,101 @@ def test_fused_sigmoid_gate_equals_gate_product():
         grads.append(g)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-14, atol=1e-300)
     torch.testing.assert_close(grads[0], grad * torch.sigmoid(z / 0.3), rtol=1e-14, atol=1e-300)
+
+
+POOL_GEOMETRIES = [  # kernel, stride, padding, dilation, ceil_mode
+    (2, 2, 0, 1, False),
+    (3, 2, 1, 1, False),
+    (3, 2, 1, 1, True),
+    (3, 1, 1, 1, False),
+    (2, 1, 0, 2, False),
+    (3, 3, 1, 1, True),
+    ((3, 2), (2, 1), (1, 0), (1, 2), True),
+]
+
+
+def test_pool_kernel_builds_where_a_c_compiler_exists():
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert pool_kernel.available(), pool_kernel._failed
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("geometry", POOL_GEOMETRIES, ids=str)
+def test_pool_kernel_equals_torch_path(geometry, dtype):
+    """The compiled soft-pool backward == the pure-torch one: float64 to 1e-13, float32 to 1e-5 (relative to
+    the largest entry), for every padding mode, detach flag and per-channel temperatures."""
+    if not pool_kernel.available():
+        pytest.skip(f"no soft-pool kernel here: {pool_kernel._failed}")
+    k, s, p, d = surrogates.pool_geometry(*geometry[:4])
+    x = _x((2, 3, 11, 9)).to(dtype)
+    out = F.max_pool2d(x, k, s, p, d, ceil_mode=geometry[4])
+    grad = _x(out.shape, seed=1).to(dtype)
+    tol = 1e-13 if dtype == torch.float64 else 1e-5
+    for t, padding, detach in itertools.product(
+        (0.3, torch.tensor([0.2, 0.5, 1.0], dtype=dtype)), ("exclude", "zero"), (False, True)
+    ):
+        gate = Gate("softmax", t, detach=detach, padding=padding)
+        fast = surrogates.soft_pool_backward(x, out, grad, gate, k, s, p, d)
+        ref = surrogates.torch_pool_backward(x, out, grad, gate, k, s, p, d)
+        assert fast.dtype == dtype and fast.shape == x.shape
+        assert (fast - ref).abs().max() <= tol * ref.abs().max(), (t, padding, detach)
+
+
+def test_pullback_with_and_without_pool_kernel(monkeypatch):
+    """A whole pullback through ResNet's 3x3/2 padded soft pool: the same map with the kernel switched off."""
+    torch.manual_seed(0)
+    model = ImageNetInput(tvm.resnet18(weights=None)).eval().double()
+    x, t = _x((2, 3, 48, 48), seed=5), torch.tensor([3, 7])
+    fast = pullback(model, x, t, temperature=0.3)
+    monkeypatch.setenv("EXCITATION_PULLBACKS_KERNELS", "0")
+    torch.testing.assert_close(pullback(model, x, t, temperature=0.3), fast, rtol=1e-12, atol=1e-14)
+
+
+def _graph_nodes(root) -> list:
+    seen, stack = set(), [root]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(fn for fn, _ in node.next_functions)
+    return [type(node).__name__ for node in seen]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize(
+    ("arch", "in_place"), [("resnet18", 17), ("vgg11_bn", 8), ("densenet121", 121)], ids=lambda v: str(v)
+)
+def test_relu_after_batch_norm_runs_in_place(arch, in_place, dtype, monkeypatch):
+    """Every in-place ReLU of a BatchNorm output (after ResNet's residual add too) runs in place and
+    recomputes z in the backward: the logits are bit for bit the model's, every ReLU is still counted, and
+    the gradient is bit for bit the out-of-place path's (which keeps z)."""
+    torch.manual_seed(0)
+    model = tvm.get_model(arch, weights=None).eval().to(dtype)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):  # non-trivial statistics, so that BatchNorm is not an identity
+            m.running_mean.normal_(0, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    x = _x((2, 3, 40, 40), seed=6).to(dtype)
+    t = torch.tensor([5, 9])
+    with torch.no_grad():
+        plain = model(x)
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    def run():
+        xr = x.clone().requires_grad_(True)
+        with excitation(model, temperature=0.3, lean_batchnorm=True) as report:
+            logits = model(xr)
+        nodes = _graph_nodes(logits.grad_fn)
+        (g,) = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), xr)
+        return logits, report.relu_calls, nodes, g
+
+    logits, calls, nodes, fused = run()
+    assert torch.equal(logits, plain)
+    assert nodes.count("_SoftReLUOfBatchNormBackward") == in_place
+    monkeypatch.setattr(gating.Excitation, "_made_by_batch_norm", lambda self, z: None)
+    logits_kept, calls_kept, nodes_kept, kept = run()
+    assert "_SoftReLUOfBatchNormBackward" not in nodes_kept
+    assert calls == calls_kept and torch.equal(logits_kept, plain)
+    assert torch.equal(fused, kept)

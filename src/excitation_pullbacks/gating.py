@@ -35,11 +35,12 @@ from torch.overrides import TorchFunctionMode
 
 from .compiled import gated_call, is_compiled, unwrap_compiled
 from .gates import Gate, Schedule, Site, resolve_schedule
-from .surrogates import frozen_batch_norm, soft_gelu, soft_max_pool2d, soft_relu, soft_silu
+from .surrogates import frozen_batch_norm, soft_gelu, soft_max_pool2d, soft_relu, soft_relu_of_batch_norm, soft_silu
 
 __all__ = ["Excitation", "PoolArgs", "Report", "Substitute", "UngatedActivationWarning", "excitation"]
 
 _RELU = {F.relu, torch.relu, Tensor.relu, torch.relu_, Tensor.relu_}
+_RELU_INPLACE = {torch.relu_, Tensor.relu_}
 _POOL = {F.max_pool2d, F.max_pool2d_with_indices, torch.max_pool2d}
 _POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
 _SMOOTH = {F.silu: "silu", F.gelu: "gelu"}
@@ -162,6 +163,8 @@ class _Mode(TorchFunctionMode):
             return self.owner._smooth(func, args, kwargs)
         if func is F.batch_norm and self.owner.lean_batchnorm:
             return self.owner._batch_norm(func, args, kwargs)
+        if func is Tensor.add_ and self.owner._made:
+            return self.owner._add_(func, args, kwargs)
         name = _UNGATED_FUNCS.get(func)
         if name is not None:
             self.owner._note_ungated(name)
@@ -206,6 +209,10 @@ class Excitation:
         self._counts: Counter = Counter()
         self._depth: Counter = Counter()
         self._linear_out: Tensor | None = None  # the latest nn.Linear output: its features are in the last dim
+        # The latest lean BatchNorm outputs, each as (z, z's version, x, mean, var, weight, bias, eps, addends):
+        # an in-place ReLU of one runs in place, recomputing z from x (soft_relu_of_batch_norm). Two, for a
+        # residual block whose shortcut BatchNorm runs between the main branch's and its ReLU.
+        self._made: list[tuple] = []
         self._open = False
         self._forward = None  # the compiled wrapper's own forward while the context routes it (see compiled.py)
         self.compiled_tag = ""  # "neuron" while a neuron hook is added: separate compiled graphs
@@ -237,6 +244,7 @@ class Excitation:
         self._remove_hooks()
         self._stack.clear()
         self._linear_out = None
+        self._made = []
         if self._mode is not None:  # only if a forward was interrupted before its hooks could close it
             self._mode.__exit__(None, None, None)
             self._mode = None
@@ -257,6 +265,7 @@ class Excitation:
             self.report.silu = {}
             self.report.gelu = {}
             self._linear_out = None
+            self._made = []
             self.report.forwards += 1
             self._mode = _Mode(self)
             self._mode.__enter__()
@@ -273,6 +282,7 @@ class Excitation:
             mode, self._mode = self._mode, None
             mode.__exit__(None, None, None)
             self._linear_out = None
+            self._made = []
 
     # -- sites ---------------------------------------------------------------------------------------
     def _caller(self) -> tuple[nn.Module, str]:
@@ -318,6 +328,11 @@ class Excitation:
                 return out
         if gate.is_hard:
             return func(*args, **kwargs)  # the original call, in place if it was
+        made = self._made_by_batch_norm(z)
+        inplace = func in _RELU_INPLACE or kwargs.get("inplace", False) or (func is F.relu and args[1:2] == (True,))
+        if inplace and made is not None and z.requires_grad:
+            x, mean, var, weight, bias, eps, addends = made[2:]
+            return soft_relu_of_batch_norm(z, gate, x, mean, var, weight, bias, eps, addends, site.channel_dim)
         return soft_relu(z, gate, site.channel_dim)  # soft gates need z intact: out of place
 
     def _smooth(self, func, args, kwargs):
@@ -376,7 +391,29 @@ class Excitation:
         frozen = not any(isinstance(p, Tensor) and p.requires_grad for p in (w, b))
         if a.get("training", False) or a.get("running_mean") is None or not frozen:
             return func(*args, **kwargs)
-        return frozen_batch_norm(a["input"], a["running_mean"], a["running_var"], w, b, a.get("eps", 1e-5))
+        x, mean, var, eps = a["input"], a["running_mean"], a["running_var"], a.get("eps", 1e-5)
+        out = frozen_batch_norm(x, mean, var, w, b, eps)
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            self._made = [*self._made[-1:], (out, out._version, x, mean, var, w, b, eps, ())]
+        return out
+
+    def _made_by_batch_norm(self, z: Tensor) -> tuple | None:
+        """The record of z if z is a recent lean BatchNorm output unchanged since (then taken off the list)."""
+        for i, made in enumerate(self._made):
+            if z is made[0]:
+                del self._made[i]
+                return made if z._version == made[1] else None
+        return None
+
+    def _add_(self, func, args, kwargs):
+        """Tensor.add_: a residual sum added in place to a recent lean BatchNorm output is recorded with it."""
+        z = args[0]
+        made = self._made_by_batch_norm(z)
+        out = func(*args, **kwargs)
+        other = args[1] if len(args) == 2 else None
+        if made and not kwargs and isinstance(other, Tensor) and other.shape == z.shape and other.dtype == z.dtype:
+            self._made.append((z, z._version, *made[2:8], made[8] + (other,)))
+        return out
 
     def _note_ungated(self, func_name: str) -> None:
         inner, path = self._caller()

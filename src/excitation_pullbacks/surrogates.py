@@ -3,6 +3,8 @@
 ``soft_relu(z, gate)``: forward relu(z) bit for bit; backward grad * gate(z).
 ``soft_silu(z, gate)``, ``soft_gelu(z, gate, approximate)``: forward F.silu / F.gelu bit for bit; backward
     grad * gate(z) in place of the exact derivative (a hard gate keeps the native backward).
+``soft_relu_of_batch_norm(z, gate, x, ...)``: the same gate for z = batch_norm(x) (+ addends) applied in place,
+    as the model's in-place ReLU is: it keeps x instead of z and recomputes z in the backward.
 ``soft_max_pool2d(x, ...)``: forward F.max_pool2d bit for bit; backward the gradient of the softmax pool
     s = sum_j x_j w_j, w = softmax(x / T) over each window (padding excluded, as in the max, or taken as
     zeros with ``Gate.padding="zero"``), i.e. ds/dx_j = w_j (1 + (x_j - s) / T), or w_j alone with detached
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import pool_kernel
 from .gates import Gate
 
 __all__ = [
@@ -32,22 +35,27 @@ __all__ = [
     "soft_max_pool2d",
     "soft_pool_backward",
     "soft_relu",
+    "soft_relu_of_batch_norm",
     "soft_silu",
+    "torch_pool_backward",
 ]
 
 
 _SIGMOID_ONE = {torch.float64: 40.0, torch.float32: 20.0}
 
 
-def _gated_grad(grad: Tensor, z: Tensor, gate: Gate, channel_dim: int) -> Tensor:
-    """grad * gate(z) for a resolved, soft gate."""
+def _gated_grad(grad: Tensor, z: Tensor, gate: Gate, channel_dim: int, out: Tensor | None = None) -> Tensor:
+    """grad * gate(z) for a resolved, soft gate (written into ``out`` when given)."""
     t = gate.temperature
     if gate.shape == "sigmoid" and not isinstance(t, Tensor) and 0 < t < math.inf:
         # grad * sigmoid(z / T) in one fused pass: the derivative of T * softplus(z / T). Above the
         # threshold sigmoid is 1 to the dtype's precision (and exp would overflow half precision).
         threshold = _SIGMOID_ONE.get(z.dtype, 10.0)
-        return torch.ops.aten.softplus_backward(grad, z, 1.0 / t, threshold)
-    return gate(z, channel_dim).mul_(grad)
+        if out is None:
+            return torch.ops.aten.softplus_backward(grad, z, 1.0 / t, threshold)
+        return torch.ops.aten.softplus_backward.grad_input(grad, z, 1.0 / t, threshold, grad_input=out)
+    g = gate(z, channel_dim)
+    return g.mul_(grad) if out is None else torch.mul(g, grad, out=out)
 
 
 class _SoftReLU(torch.autograd.Function):
@@ -84,6 +92,54 @@ def soft_relu(z: Tensor, gate: Gate, channel_dim: int = 1) -> Tensor:
     if gate.is_hard:
         return torch.relu(z)
     return _SoftReLU.apply(z, gate, channel_dim)
+
+
+#: Elements per batch chunk when a backward recomputes an activation: the recomputed part stays in cache
+#: and in the allocator's reused memory instead of a fresh full-size buffer.
+RECOMPUTE_CHUNK = 1 << 18
+
+
+class _SoftReLUOfBatchNorm(torch.autograd.Function):
+    """relu_(z) in place for z = batch_norm(x, ...) + sum(addends), the forward's own values; the backward
+    recomputes z from x and the addends (the same ops, so bit for bit the forward's z)."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, gate: Gate, channel_dim: int, eps: float, x, mean, var, weight, bias, *addends):
+        ctx.gate, ctx.channel_dim, ctx.eps = gate, channel_dim, eps
+        ctx.save_for_backward(x, mean, var, weight, bias, *addends)
+        ctx.mark_dirty(z)
+        return z.relu_()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        x, mean, var, weight, bias, *addends = ctx.saved_tensors
+        result = torch.empty_like(grad)
+        step = max(1, RECOMPUTE_CHUNK // max(1, x[0].numel()))
+        for i in range(0, x.shape[0], step):
+            part = slice(i, i + step)
+            z = F.batch_norm(x[part], mean, var, weight, bias, False, 0.0, ctx.eps)
+            for a in addends:
+                z.add_(a[part])
+            _gated_grad(grad[part], z, ctx.gate, ctx.channel_dim, out=result[part])
+        return (result,) + (None,) * (8 + len(addends))
+
+
+def soft_relu_of_batch_norm(
+    z: Tensor, gate: Gate, x: Tensor, mean, var, weight, bias, eps: float, addends=(), channel_dim: int = 1
+) -> Tensor:
+    """``soft_relu(z, gate)`` in place, for z the output of eval-mode ``F.batch_norm(x, mean, var, weight,
+    bias, eps=eps)`` (x: (N, C, ...)) with ``addends`` of z's shape then added in place (a residual sum), unchanged
+    since. Returns z.
+
+    It keeps x and the addends (which the network keeps anyway) instead of z, so the forward allocates
+    nothing, as the model's in-place ReLU does; the backward recomputes z in batch chunks. A hard or absent
+    gate falls back to ``soft_relu`` (out of place).
+    """
+    gate = gate.resolve("relu")
+    if gate.is_none or gate.is_hard:
+        return soft_relu(z, gate, channel_dim)
+    return _SoftReLUOfBatchNorm.apply(z, gate, channel_dim, eps, x, mean, var, weight, bias, *addends)
 
 
 def _smooth_forward(z: Tensor, approximate: str | None) -> Tensor:
@@ -188,6 +244,21 @@ def soft_pool_backward(x: Tensor, out: Tensor, grad: Tensor, gate: Gate, k, s, p
     With r_j = (x_j - m) / T, e_j = exp(r_j), Z = sum e_j: w_j = e_j / Z and
     ds/dx_j = w_j (r_j + a) with a = 1 - sum_j(e_j r_j) / Z. With ``gate.padding == "zero"`` the explicit
     padding enters the sums as x_j = 0 (and m is the window max including those zeros).
+
+    On CPU in float32/float64 this runs the compiled kernel of :mod:`~excitation_pullbacks.pool_kernel`
+    where it is available, else :func:`torch_pool_backward`.
+    """
+    if not gate.is_none:
+        fast = pool_kernel.pool_backward(
+            x, grad, gate.temperature, k, s, p, d, zero=gate.padding == "zero", detach=gate.detach
+        )
+        if fast is not None:
+            return fast
+    return torch_pool_backward(x, out, grad, gate, k, s, p, d)
+
+
+def torch_pool_backward(x: Tensor, out: Tensor, grad: Tensor, gate: Gate, k, s, p, d) -> Tensor:
+    """soft_pool_backward in torch ops (any device and dtype; same arguments and result).
 
     Every (n, c) plane is independent: overlapping windows are processed in chunks of about ``POOL_CHUNK``
     input elements, which bounds the memory of the per-offset terms kept between the two passes.
