@@ -205,15 +205,35 @@ def time_grid(arch, device, n, k, size, repeats, warmup=1):
 
 
 def gate_exp_cost(arch, device, batch, size, repeats) -> float:
-    """Seconds the soft ReLU gate's backward adds at least: over every gated ReLU input z of one forward pass,
+    """Seconds the soft gates' backward adds at least: over every gated ReLU input z of one forward pass,
     the median time of the one-pass sigmoid gate (softplus_backward, an exp per element) minus that of the hard
-    gate (threshold_backward). vanilla + this is the floor of a pullback whose only extra work is the gate."""
+    gate (threshold_backward); plus, per soft max-pool, one exp over its window terms (N, C, Ho, Wo, kh * kw).
+    vanilla + this is the floor of a pullback whose only extra work is the gates' exponentials."""
     model = build(arch, device)
     x, _ = _inputs(batch, size, device)
     shapes = []
+
+    def pool_terms(module, args, out):
+        k = module.kernel_size
+        shapes.append(("pool", (out.numel() * (k * k if isinstance(k, int) else k[0] * k[1]),)))
+
+    hooks = [m.register_forward_hook(pool_terms) for m in model.modules() if isinstance(m, nn.MaxPool2d)]
     with torch.no_grad(), excitation(model, observer=lambda site, z, gate: shapes.append((site.kind, z.shape))):
         model(x)
+    for h in hooks:
+        h.remove()
     total = 0.0
+    for kind, shape in shapes:
+        if kind != "pool":
+            continue
+        terms, times = torch.randn(shape, device=device), []
+        for _ in range(repeats + 1):
+            _sync(device)
+            start = time.perf_counter()
+            torch.exp(terms)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        total += statistics.median(times[1:])
     for kind, shape in shapes:
         if kind != "relu":
             continue
@@ -301,7 +321,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", action="store_true", help="skip the compiled methods")
     p.add_argument("--grid", default="", help="N x K for the grid comparison, e.g. 5x6 ('' skips it)")
     p.add_argument("--no-memory", action="store_true")
-    p.add_argument("--no-floor", action="store_true", help="skip timing the gate's exp alone (the floor column)")
+    p.add_argument("--no-floor", action="store_true", help="skip timing the gates' exps alone (the floor column)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--memory-child", nargs=2, metavar=("ARCH", "METHOD"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -324,7 +344,8 @@ def main(argv=None) -> int:
     head = "| model | batch | vanilla s | " + " | ".join(f"{m} s (x)" for m in others) + " |"
     rows, mem_rows, compile_rows = [], [], []
     print(
-        "\ntime: median seconds per call (ratio to vanilla); floor: vanilla + the soft ReLU gate's exp alone"
+        "\ntime: median seconds per call (ratio to vanilla); floor: vanilla + the gates' exps alone (the soft ReLU's"
+        " sigmoid, one exp per soft-pool window term)"
         "\n" + head + floor
     )
     print("|---" * (3 + len(others) + bool(floor)) + "|")

@@ -152,6 +152,14 @@ _pool: ThreadPoolExecutor | None = None
 PARALLEL_MIN = 1 << 16
 
 
+def _forget_pool() -> None:
+    global _pool
+    _pool = None  # a forked child has none of the parent's worker threads
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "excitation_pullbacks"
