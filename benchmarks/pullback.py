@@ -13,7 +13,7 @@ For each architecture (random weights; timings do not depend on them) at batch N
   compiled-pullback  pullback on torch.compile(model)
 Compile time (the first call of each compiled method) is reported apart from the steady-state times.
 And the N x K grid: one pullback call with (N, K) targets vs N*K independent (image, target) pairs in one
-batch. Times are medians over repeats, methods interleaved; peak memory is the growth of the process's peak
+batch. Times are medians over repeats, methods interleaved (order reversed every other round); peak memory is the growth of the process's peak
 RSS after a reset (CPU, Linux) or torch.cuda.max_memory_allocated (GPU), each method in a fresh subprocess
 (compiled methods: after a warm-up call in that process). ``uptime`` is printed before and after.
 
@@ -159,7 +159,8 @@ def _inputs(batch, size, device):
 
 def time_methods(arch, device, batch, size, repeats, methods, warmup=1):
     """({method: [seconds per call]}, {compiled method: seconds of its first call}), the methods interleaved
-    round-robin after a warm-up call each (for a compiled method that call compiles it)."""
+    round-robin after a warm-up call each (for a compiled method that call compiles it), in reverse order every
+    other round: on CPU the memory a method leaves to the allocator changes the page faults of the next one."""
     model = build(arch, device)
     x, t = _inputs(batch, size, device)
     calls = {m: make_call(m, model) for m in methods}
@@ -171,7 +172,7 @@ def time_methods(arch, device, batch, size, repeats, methods, warmup=1):
         _sync(device)
         first[m] = time.perf_counter() - start
     for r in range(warmup - 1 + repeats):
-        for m, call in calls.items():
+        for m, call in list(calls.items())[:: 1 if r % 2 == 0 else -1]:
             _sync(device)
             start = time.perf_counter()
             call(x, t)

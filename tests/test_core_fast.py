@@ -13,7 +13,7 @@ from excitation_pullbacks import (
     ImageNetInput,
     excitation,
     gating,
-    pool_kernel,
+    kernels,
     pullback,
     soft_max_pool2d,
     soft_relu,
@@ -95,18 +95,18 @@ POOL_GEOMETRIES = [  # kernel, stride, padding, dilation, ceil_mode
 ]
 
 
-def test_pool_kernel_builds_where_a_c_compiler_exists():
+def test_kernels_builds_where_a_c_compiler_exists():
     if shutil.which("cc") or shutil.which("gcc"):
-        assert pool_kernel.available(), pool_kernel._failed
+        assert kernels.available(), kernels._failed
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("geometry", POOL_GEOMETRIES, ids=str)
-def test_pool_kernel_equals_torch_path(geometry, dtype):
+def test_kernels_equals_torch_path(geometry, dtype):
     """The compiled soft-pool backward == the pure-torch one: float64 to 1e-13, float32 to 1e-5 (relative to
     the largest entry), for every padding mode, detach flag and per-channel temperatures."""
-    if not pool_kernel.available():
-        pytest.skip(f"no soft-pool kernel here: {pool_kernel._failed}")
+    if not kernels.available():
+        pytest.skip(f"no soft-pool kernel here: {kernels._failed}")
     k, s, p, d = surrogates.pool_geometry(*geometry[:4])
     x = _x((2, 3, 11, 9)).to(dtype)
     out = F.max_pool2d(x, k, s, p, d, ceil_mode=geometry[4])
@@ -122,7 +122,7 @@ def test_pool_kernel_equals_torch_path(geometry, dtype):
         assert (fast - ref).abs().max() <= tol * ref.abs().max(), (t, padding, detach)
 
 
-def test_pullback_with_and_without_pool_kernel(monkeypatch):
+def test_pullback_with_and_without_kernels(monkeypatch):
     """A whole pullback through ResNet's 3x3/2 padded soft pool: the same map with the kernel switched off."""
     torch.manual_seed(0)
     model = ImageNetInput(tvm.resnet18(weights=None)).eval().double()
@@ -149,8 +149,9 @@ def _graph_nodes(root) -> list:
 )
 def test_relu_after_batch_norm_runs_in_place(arch, in_place, dtype, monkeypatch):
     """Every in-place ReLU of a BatchNorm output (after ResNet's residual add too) runs in place and
-    recomputes z in the backward: the logits are bit for bit the model's, every ReLU is still counted, and
-    the gradient is bit for bit the out-of-place path's (which keeps z)."""
+    recomputes z in the backward: the logits are bit for bit the model's and every ReLU is still counted.
+    The gradient is bit for bit the out-of-place path's (which keeps z) with torch's recompute, and within
+    rounding of it (float64 1e-13, float32 1e-5 relative to the largest entry) with the compiled kernels."""
     torch.manual_seed(0)
     model = tvm.get_model(arch, weights=None).eval().to(dtype)
     for m in model.modules():
@@ -172,11 +173,44 @@ def test_relu_after_batch_norm_runs_in_place(arch, in_place, dtype, monkeypatch)
         (g,) = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), xr)
         return logits, report.relu_calls, nodes, g
 
-    logits, calls, nodes, fused = run()
+    logits, calls, nodes, compiled = run()
     assert torch.equal(logits, plain)
     assert nodes.count("_SoftReLUOfBatchNormBackward") == in_place
+    monkeypatch.setenv("EXCITATION_PULLBACKS_KERNELS", "0")  # torch ops only: the pool too
+    fused = run()[3]
     monkeypatch.setattr(gating.Excitation, "_made_by_batch_norm", lambda self, z: None)
     logits_kept, calls_kept, nodes_kept, kept = run()
     assert "_SoftReLUOfBatchNormBackward" not in nodes_kept
     assert calls == calls_kept and torch.equal(logits_kept, plain)
     assert torch.equal(fused, kept)
+    tol = 1e-13 if dtype == torch.float64 else 1e-5
+    assert (compiled - kept).abs().max() <= tol * kept.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("residual", [False, True], ids=["bn", "bn+residual"])
+@pytest.mark.parametrize("t", [0.3, "per-channel"], ids=str)
+def test_gate_kernel_equals_torch_recompute(t, residual, dtype):
+    """kernels.sigmoid_gate_of_batch_norm == softplus_backward on F.batch_norm(x) (+ addend), also past
+    the threshold where the gate is 1; None for what it does not take (a second addend, another layout)."""
+    if not kernels.available():
+        pytest.skip(f"no compiled kernels here: {kernels._failed}")
+    x = (_x((3, 4, 7, 5), seed=7) * 10).to(dtype)
+    grad, add = _x(x.shape, seed=8).to(dtype), _x(x.shape, seed=9).to(dtype)
+    mean, var = _x((4,), seed=10).to(dtype), _x((4,), seed=11).to(dtype).abs() + 0.5
+    weight, bias = _x((4,), seed=12).to(dtype), _x((4,), seed=13).to(dtype)
+    temps = 0.3 if t == 0.3 else torch.tensor([0.1, 0.3, 1.0, 2.0], dtype=dtype)
+    addends = (add,) if residual else ()
+    threshold = surrogates._SIGMOID_ONE[dtype]
+    fast = kernels.sigmoid_gate_of_batch_norm(grad, x, mean, var, weight, bias, 1e-5, addends, temps, threshold)
+    z = F.batch_norm(x, mean, var, weight, bias, False, 0.0, 1e-5) + (add if residual else 0)
+    if t == 0.3:
+        ref = torch.ops.aten.softplus_backward(grad, z, 1 / 0.3, threshold)
+    else:
+        ref = grad * torch.sigmoid(z / temps.view(1, -1, 1, 1))
+    tol = 1e-13 if dtype == torch.float64 else 1e-5
+    assert (fast - ref).abs().max() <= tol * ref.abs().max()
+    args = (grad, x, mean, var, weight, bias, 1e-5)
+    assert kernels.sigmoid_gate_of_batch_norm(*args, (add, add), temps, threshold) is None
+    strided = x.transpose(2, 3).contiguous().transpose(2, 3)  # the same values in another layout
+    assert kernels.sigmoid_gate_of_batch_norm(*args[:1], strided, *args[2:], (), temps, threshold) is None

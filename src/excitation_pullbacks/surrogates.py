@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import pool_kernel
+from . import kernels
 from .gates import Gate
 
 __all__ = [
@@ -94,8 +94,8 @@ def soft_relu(z: Tensor, gate: Gate, channel_dim: int = 1) -> Tensor:
     return _SoftReLU.apply(z, gate, channel_dim)
 
 
-#: Elements per batch chunk when a backward recomputes an activation: the recomputed part stays in cache
-#: and in the allocator's reused memory instead of a fresh full-size buffer.
+#: Elements per batch chunk when a backward recomputes an activation on CPU: the recomputed part stays in
+#: cache and in the allocator's reused memory instead of a fresh full-size buffer.
 RECOMPUTE_CHUNK = 1 << 18
 
 
@@ -114,8 +114,17 @@ class _SoftReLUOfBatchNorm(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor):
         x, mean, var, weight, bias, *addends = ctx.saved_tensors
+        gate = ctx.gate
+        if gate.shape == "sigmoid" and ctx.channel_dim == 1:
+            threshold = _SIGMOID_ONE.get(x.dtype, 10.0)
+            fast = kernels.sigmoid_gate_of_batch_norm(
+                grad, x, mean, var, weight, bias, ctx.eps, addends, gate.temperature, threshold
+            )
+            if fast is not None:
+                return (fast,) + (None,) * (8 + len(addends))
         result = torch.empty_like(grad)
-        step = max(1, RECOMPUTE_CHUNK // max(1, x[0].numel()))
+        # CPU: batch chunks; elsewhere one pass (a kernel launch per chunk would cost more than it saves)
+        step = max(1, RECOMPUTE_CHUNK // max(1, x[0].numel())) if x.device.type == "cpu" else x.shape[0]
         for i in range(0, x.shape[0], step):
             part = slice(i, i + step)
             z = F.batch_norm(x[part], mean, var, weight, bias, False, 0.0, ctx.eps)
@@ -245,11 +254,11 @@ def soft_pool_backward(x: Tensor, out: Tensor, grad: Tensor, gate: Gate, k, s, p
     ds/dx_j = w_j (r_j + a) with a = 1 - sum_j(e_j r_j) / Z. With ``gate.padding == "zero"`` the explicit
     padding enters the sums as x_j = 0 (and m is the window max including those zeros).
 
-    On CPU in float32/float64 this runs the compiled kernel of :mod:`~excitation_pullbacks.pool_kernel`
+    On CPU in float32/float64 this runs the compiled kernel of :mod:`~excitation_pullbacks.kernels`
     where it is available, else :func:`torch_pool_backward`.
     """
     if not gate.is_none:
-        fast = pool_kernel.pool_backward(
+        fast = kernels.pool_backward(
             x, grad, gate.temperature, k, s, p, d, zero=gate.padding == "zero", detach=gate.detach
         )
         if fast is not None:

@@ -1,13 +1,18 @@
-"""A compiled CPU kernel for the softmax-pool backward (the fast path of ``surrogates.soft_pool_backward``).
+"""Compiled CPU kernels for two surrogate backwards (the fast paths of ``surrogates``).
 
-One pass over each output row's windows: the window max, the exponentials e_j = exp((x_j - m) / T) and
-their sums are kept in row buffers (in cache), and the input gradient is accumulated directly, so the
-k_h * k_w-fold per-offset terms of the pure-torch path never reach memory. It is plain C (no torch headers),
-compiled on first use with the system C compiler into a per-user cache (about a second) and called through
-ctypes, which releases the GIL: planes are split over torch's intra-op thread count.
+``pool_backward``: the softmax-pool input gradient in one pass over each output row's windows: the window
+max, the exponentials e_j = exp((x_j - m) / T) and their sums stay in row buffers (in cache) and the input
+gradient is accumulated directly, so the k_h * k_w-fold per-offset terms of the torch path never reach memory.
+``sigmoid_gate_of_batch_norm``: grad * sigmoid(z / T) with z = batch_norm(x) (+ a residual addend)
+recomputed on the fly, one pass instead of the recompute, the add and the gate as separate torch ops.
 
-Unavailable (no C compiler, another device or dtype, ``EXCITATION_PULLBACKS_KERNELS=0``): ``pool_backward``
-returns None and the caller uses the pure-torch path, which computes the same values (tests compare them).
+Plain C (no torch headers), compiled on first use with the system C compiler into a per-user cache (about a
+second) and called through ctypes. The planes are split by OpenMP: the library needs ``libgomp.so.1``, which
+is torch's own already loaded one, so the kernels share torch's intra-op threads instead of competing with
+them; where OpenMP cannot be linked the kernels run on one thread.
+Where a kernel does not apply (no C compiler, another device, dtype, layout or gate, or
+``EXCITATION_PULLBACKS_KERNELS=0``) it returns None and the caller computes the same values in torch (tests
+compare them).
 """
 
 from __future__ import annotations
@@ -22,13 +27,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-__all__ = ["available", "pool_backward"]
+__all__ = ["available", "pool_backward", "sigmoid_gate_of_batch_norm"]
 
 log = logging.getLogger(__name__)
 
@@ -38,39 +42,48 @@ _SOURCE = r"""
 #include <stdlib.h>
 #include <string.h>
 
-/* glibc's vector exp (libmvec) for the loops over a row's windows. */
+/* glibc's vector exp (libmvec) for the loops along a row. */
 #pragma omp declare simd notinbranch
 extern float expf(float);
 #pragma omp declare simd notinbranch
 extern double exp(double);
 #define SIMD _Pragma("omp simd")
+/* Elements below which a kernel runs on the calling thread alone. */
+#define PARALLEL_MIN 65536
 
-/* Input gradient of the softmax pool on planes [0, planes) of x (planes x H x W, contiguous), for
-   grad (planes x Ho x Wo); writes gin (planes x H x W). Plane p has temperature temps[(plane0 + p) % nt].
-   Positions outside the input are excluded, or (zero != 0) enter as x = 0 while within the explicit
-   padding. detach: gradient = weights; else the full gradient w_j (r_j + 1 - sum(e r) / Z). */
+/* Input gradient of the softmax pool of x (planes x H x W, contiguous) for grad (planes x Ho x Wo); writes
+   gin (planes x H x W). Plane p has temperature temps[p % nt]. Positions outside the input are excluded, or
+   (zero != 0) enter as x = 0 while within the explicit padding. detach: gradient = weights; else the full
+   gradient w_j (r_j + 1 - sum(e r) / Z). Returns nonzero when its row buffers could not be allocated. */
 #define SOFT_POOL(NAME, T, EXP)                                                                          \
-int NAME(const T *x, const T *grad, T *gin, const T *temps, int64_t nt, int64_t plane0, int64_t planes,  \
-         int64_t H, int64_t W, int64_t Ho, int64_t Wo, int64_t kh, int64_t kw, int64_t sh, int64_t sw,  \
-         int64_t ph, int64_t pw, int64_t dh, int64_t dw, int zero, int detach) {                         \
+int NAME(const T *x, const T *grad, T *gin, const T *temps, int64_t nt, int64_t planes, int64_t H,      \
+         int64_t W, int64_t Ho, int64_t Wo, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,  \
+         int64_t pw, int64_t dh, int64_t dw, int zero, int detach) {                                     \
     int64_t K = kh * kw;                                                                                 \
+    int failed = 0;                                                                                      \
+    _Pragma("omp parallel if (planes * H * W >= PARALLEL_MIN) reduction(| : failed)")                    \
+    {                                                                                                    \
     T *buf = (T *)malloc(sizeof(T) * (size_t)Wo * (size_t)(2 * K + 4));                                  \
     int64_t *lo = (int64_t *)malloc(sizeof(int64_t) * (size_t)(4 * kw));                                \
-    if (!buf || !lo) { free(buf); free(lo); return 1; }                                                  \
-    T *m = buf, *Z = buf + Wo, *S = buf + 2 * Wo, *C = buf + 3 * Wo, *E = buf + 4 * Wo, *R = E + K * Wo; \
-    int64_t *hi = lo + kw, *zlo = lo + 2 * kw, *zhi = lo + 3 * kw;                                       \
-    for (int64_t j = 0; j < kw; j++) { /* ow ranges whose column is inside the input / the padding */    \
+    int ok = buf != NULL && lo != NULL;                                                                  \
+    failed |= !ok;                                                                                       \
+    for (int64_t j = 0; ok && j < kw; j++) { /* ow ranges whose column is in the input / the padding */  \
         int64_t off = j * dw - pw, a = 0, b = 0, za = 0, zb = 0;                                         \
         while (a < Wo && a * sw + off < 0) a++;                                                          \
         b = a; while (b < Wo && b * sw + off < W) b++;                                                   \
         while (za < Wo && za * sw + off < -pw) za++;                                                     \
         zb = za; while (zb < Wo && zb * sw + off < W + pw) zb++;                                         \
-        lo[j] = a; hi[j] = b; zlo[j] = za; zhi[j] = zb;                                                  \
+        lo[j] = a; lo[kw + j] = b; lo[2 * kw + j] = za; lo[3 * kw + j] = zb;                             \
     }                                                                                                    \
+    _Pragma("omp for schedule(static)")                                                                  \
     for (int64_t p = 0; p < planes; p++) {                                                               \
+        if (!ok) continue;                                                                               \
+        T *m = buf, *Z = buf + Wo, *S = buf + 2 * Wo, *C = buf + 3 * Wo, *E = buf + 4 * Wo;              \
+        T *R = E + K * Wo;                                                                               \
+        int64_t *hi = lo + kw, *zlo = lo + 2 * kw, *zhi = lo + 3 * kw;                                   \
         const T *xp = x + p * H * W, *gp = grad + p * Ho * Wo;                                           \
         T *op = gin + p * H * W;                                                                         \
-        T inv = (T)1 / temps[(plane0 + p) % nt];                                                         \
+        T inv = (T)1 / temps[p % nt];                                                                    \
         memset(op, 0, sizeof(T) * (size_t)(H * W));                                                      \
         for (int64_t oh = 0; oh < Ho; oh++) {                                                            \
             for (int64_t ow = 0; ow < Wo; ow++) { m[ow] = -INFINITY; Z[ow] = 0; S[ow] = 0; }             \
@@ -78,9 +91,8 @@ int NAME(const T *x, const T *grad, T *gin, const T *temps, int64_t nt, int64_t 
                 int64_t r = oh * sh - ph + i * dh;                                                       \
                 int inside = r >= 0 && r < H, padrow = zero && r >= -ph && r < H + ph;                   \
                 for (int64_t j = 0; j < kw; j++) {                                                       \
-                    int64_t off = j * dw - pw;                                                           \
                     if (inside) {                                                                        \
-                        const T *row = xp + r * W + off;                                                 \
+                        const T *row = xp + r * W + j * dw - pw;                                         \
                         SIMD for (int64_t ow = lo[j]; ow < hi[j]; ow++) {                                \
                             T v = row[ow * sw]; m[ow] = v > m[ow] ? v : m[ow];                           \
                         }                                                                                \
@@ -95,10 +107,9 @@ int NAME(const T *x, const T *grad, T *gin, const T *temps, int64_t nt, int64_t 
                 int64_t r = oh * sh - ph + i * dh;                                                       \
                 int inside = r >= 0 && r < H, padrow = zero && r >= -ph && r < H + ph;                   \
                 for (int64_t j = 0; j < kw; j++) {                                                       \
-                    int64_t off = j * dw - pw;                                                           \
                     T *e = E + (i * kw + j) * Wo, *q = R + (i * kw + j) * Wo;                            \
                     if (inside) {                                                                        \
-                        const T *row = xp + r * W + off;                                                 \
+                        const T *row = xp + r * W + j * dw - pw;                                         \
                         SIMD for (int64_t ow = lo[j]; ow < hi[j]; ow++) {                                \
                             T u = (row[ow * sw] - m[ow]) * inv, v = EXP(u);                              \
                             q[ow] = u; e[ow] = v; Z[ow] += v; S[ow] += v * u;                            \
@@ -134,30 +145,58 @@ int NAME(const T *x, const T *grad, T *gin, const T *temps, int64_t nt, int64_t 
         }                                                                                                \
     }                                                                                                    \
     free(buf); free(lo);                                                                                 \
-    return 0;                                                                                            \
+    }                                                                                                    \
+    return failed;                                                                                       \
 }
 
 SOFT_POOL(soft_pool_f32, float, expf)
 SOFT_POOL(soft_pool_f64, double, exp)
+
+/* out = grad * sigmoid(z / T) on planes (planes x HW, contiguous) with z = x * alpha[c] + beta[c] (+ add),
+   c = p % C; the temperature's inverse is inv[c % nt]. As softplus_backward: where z / T > threshold the
+   gate is 1. */
+#define GATED_BN(NAME, T, EXP)                                                                           \
+void NAME(const T *x, const T *add, const T *grad, T *out, const T *alpha, const T *beta, const T *inv,  \
+          int64_t nt, int64_t C, int64_t planes, int64_t HW, double threshold) {                         \
+    T th = (T)threshold;                                                                                 \
+    _Pragma("omp parallel for schedule(static) if (planes * HW >= PARALLEL_MIN)")                        \
+    for (int64_t p = 0; p < planes; p++) {                                                               \
+        int64_t c = p % C;                                                                               \
+        T a = alpha[c], b = beta[c], iv = inv[c % nt];                                                   \
+        const T *xp = x + p * HW, *gp = grad + p * HW;                                                   \
+        T *op = out + p * HW;                                                                            \
+        if (add) {                                                                                       \
+            const T *ap = add + p * HW;                                                                  \
+            SIMD for (int64_t i = 0; i < HW; i++) {                                                      \
+                T u = (xp[i] * a + b + ap[i]) * iv, e = EXP(u);                                          \
+                op[i] = u > th ? gp[i] : gp[i] * e / (e + 1);                                            \
+            }                                                                                            \
+        } else {                                                                                         \
+            SIMD for (int64_t i = 0; i < HW; i++) {                                                      \
+                T u = (xp[i] * a + b) * iv, e = EXP(u);                                                  \
+                op[i] = u > th ? gp[i] : gp[i] * e / (e + 1);                                            \
+            }                                                                                            \
+        }                                                                                                \
+    }                                                                                                    \
+}
+
+GATED_BN(gated_bn_f32, float, expf)
+GATED_BN(gated_bn_f64, double, exp)
 """
 
-_FLAGS = ("-O3", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd")  # simd: last
-_ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 15 + [ctypes.c_int] * 2
+_FLAGS = ("-O3", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math")
+#: Builds tried in turn: OpenMP threads and glibc's vector exp; the vector exp alone; plain C.
+_BUILDS = (
+    (("-fopenmp",), ("-lmvec", "-lm")),
+    (("-fopenmp-simd",), ("-lmvec", "-lm")),
+    ((), ("-lm",)),
+)
+_ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 14 + [ctypes.c_int] * 2
+_GATED_ARGS = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 4 + [ctypes.c_double]
 _FUNCS = {torch.float32: "soft_pool_f32", torch.float64: "soft_pool_f64"}
+_GATED = {torch.float32: "gated_bn_f32", torch.float64: "gated_bn_f64"}
 _lib: ctypes.CDLL | None = None
 _failed: str | None = None
-_pool: ThreadPoolExecutor | None = None
-
-#: Input elements below which the kernel runs on the calling thread alone.
-PARALLEL_MIN = 1 << 16
-
-
-def _forget_pool() -> None:
-    global _pool
-    _pool = None  # a forked child has none of the parent's worker threads
-
-
-os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _cache_dir() -> Path:
@@ -174,16 +213,17 @@ def _build() -> ctypes.CDLL:
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
-    key = hashlib.sha256("\0".join((_SOURCE, cc, *_FLAGS, platform.machine(), sys.platform)).encode()).hexdigest()
-    path = _cache_dir() / f"soft_pool_{key[:16]}.so"
+    key = hashlib.sha256("\0".join((_SOURCE, cc, *_FLAGS, repr(_BUILDS), platform.machine(), sys.platform)).encode())
+    key = key.hexdigest()
+    path = _cache_dir() / f"kernels_{key[:16]}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            src, lib = Path(tmp) / "soft_pool.c", Path(tmp) / "soft_pool.so"
+            src, lib = Path(tmp) / "kernels.c", Path(tmp) / "kernels.so"
             src.write_text(_SOURCE)
-            for flags, libs in ((_FLAGS, ("-lmvec", "-lm")), (_FLAGS[:-1], ("-lm",))):  # scalar exp without libmvec
+            for flags, libs in _BUILDS:
                 done = subprocess.run(
-                    [cc, *flags, str(src), "-o", str(lib), *libs],
+                    [cc, *_FLAGS, *flags, str(src), "-o", str(lib), *libs],
                     check=False,
                     capture_output=True,
                     text=True,
@@ -198,11 +238,14 @@ def _build() -> ctypes.CDLL:
     for name in _FUNCS.values():
         getattr(lib, name).argtypes = _ARGS
         getattr(lib, name).restype = ctypes.c_int
+    for name in _GATED.values():
+        getattr(lib, name).argtypes = _GATED_ARGS
+        getattr(lib, name).restype = None
     return lib
 
 
 def available() -> bool:
-    """True when the kernel is built and loaded (builds it on the first call); False when it is switched
+    """True when the kernels are built and loaded (builds it on the first call); False when it is switched
     off (``EXCITATION_PULLBACKS_KERNELS=0``) or cannot be built (the reason is logged once)."""
     global _lib, _failed
     if os.environ.get("EXCITATION_PULLBACKS_KERNELS", "1") == "0":
@@ -212,7 +255,7 @@ def available() -> bool:
             _lib = _build()
         except (OSError, RuntimeError, subprocess.SubprocessError) as err:
             _failed = str(err)
-            log.info("soft-pool kernel unavailable, using the pure-torch path: %s", err)
+            log.info("compiled kernels unavailable, using the torch paths: %s", err)
     return _lib is not None
 
 
@@ -247,30 +290,58 @@ def pool_backward(x: Tensor, grad: Tensor, t, k, s, p, d, zero: bool, detach: bo
     x, grad = x.contiguous(), grad.contiguous()
     result = torch.empty((n, c, h, w), dtype=x.dtype)
     fn = getattr(_lib, _FUNCS[x.dtype])
-    planes = n * c
     geometry = (h, w, ho, wo, *k, *s, *p, *d, int(zero), int(detach))
-
-    def run(first: int, count: int) -> int:
-        return fn(
-            x.data_ptr() + first * h * w * x.element_size(),
-            grad.data_ptr() + first * ho * wo * x.element_size(),
-            result.data_ptr() + first * h * w * x.element_size(),
-            temps.data_ptr(),
-            temps.numel() if temps.numel() == 1 else c,
-            first,
-            count,
-            *geometry,
-        )
-
-    workers = min(torch.get_num_threads(), planes) if x.numel() >= PARALLEL_MIN else 1
-    if workers <= 1:
-        codes = [run(0, planes)]
-    else:
-        global _pool
-        if _pool is None or _pool._max_workers < workers:
-            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="soft-pool")
-        step = -(-planes // workers)
-        codes = list(_pool.map(lambda i: run(i, min(step, planes - i)), range(0, planes, step)))
-    if any(codes):
+    code = fn(x.data_ptr(), grad.data_ptr(), result.data_ptr(), temps.data_ptr(), temps.numel(), n * c, *geometry)
+    if code:
         raise MemoryError("soft-pool kernel: out of memory for its row buffers")
     return result
+
+
+def sigmoid_gate_of_batch_norm(
+    grad: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight, bias, eps: float, addends, t, threshold: float
+) -> Tensor | None:
+    """grad * sigmoid(z / T) for z = F.batch_norm(x, mean, var, weight, bias, eps=eps) (eval) + sum(addends),
+    with softplus_backward's threshold; or None where the kernel does not apply.
+
+    grad, x, addends: (N, C, ...) contiguous, same dtype; mean, var, weight, bias: (C,) (weight, bias may be
+    None); t: float, or (C,) tensor. Returns (N, C, ...). z differs from the forward's by rounding only (the
+    BatchNorm's scale and shift are formed here, not by ATen).
+    """
+    tensors = (grad, x, *addends)
+    if (
+        x.device.type != "cpu"
+        or x.dtype not in _GATED
+        or x.dim() < 2
+        or len(addends) > 1
+        or torch.compiler.is_compiling()
+        or any(v.dtype != x.dtype or v.shape != x.shape or not v.is_contiguous() for v in tensors)
+    ):
+        return None
+    c = x.shape[1]
+    temps = _temperatures(t, c, x.dtype)
+    if temps is None or x.numel() == 0 or not available():
+        return None
+    alpha = torch.rsqrt(var.detach().to(x.dtype) + eps)
+    if weight is not None:
+        alpha = alpha * weight.detach().to(x.dtype)
+    beta = -mean.detach().to(x.dtype) * alpha
+    if bias is not None:
+        beta = beta + bias.detach().to(x.dtype)
+    alpha, beta, inv = alpha.contiguous(), beta.contiguous(), temps.reciprocal().contiguous()
+    out = torch.empty_like(x)
+    add = addends[0].data_ptr() if addends else None
+    getattr(_lib, _GATED[x.dtype])(
+        x.data_ptr(),
+        add,
+        grad.data_ptr(),
+        out.data_ptr(),
+        alpha.data_ptr(),
+        beta.data_ptr(),
+        inv.data_ptr(),
+        inv.numel(),
+        c,
+        x.shape[0] * c,
+        x[0, 0].numel(),
+        threshold,
+    )
+    return out
