@@ -1,18 +1,15 @@
-"""Compiled CPU kernels for two surrogate backwards (the fast paths of ``surrogates``).
+"""A compiled CPU kernel for the softmax-pool backward (the fast path of ``surrogates.soft_pool_backward``).
 
-``pool_backward``: the softmax-pool input gradient in one pass over each output row's windows: the window
-max, the exponentials e_j = exp((x_j - m) / T) and their sums stay in row buffers (in cache) and the input
+``pool_backward`` computes the input gradient in one pass over each output row's windows: the window max,
+the exponentials e_j = exp((x_j - m) / T) and their sums stay in row buffers (in cache) and the input
 gradient is accumulated directly, so the k_h * k_w-fold per-offset terms of the torch path never reach memory.
-``sigmoid_gate_of_batch_norm``: grad * sigmoid(z / T) with z = batch_norm(x) (+ a residual addend)
-recomputed on the fly, one pass instead of the recompute, the add and the gate as separate torch ops.
 
 Plain C (no torch headers), compiled on first use with the system C compiler into a per-user cache (about a
 second) and called through ctypes. The planes are split by OpenMP: the library needs ``libgomp.so.1``, which
-is torch's own already loaded one, so the kernels share torch's intra-op threads instead of competing with
-them; where OpenMP cannot be linked the kernels run on one thread.
-Where a kernel does not apply (no C compiler, another device, dtype, layout or gate, or
-``EXCITATION_PULLBACKS_KERNELS=0``) it returns None and the caller computes the same values in torch (tests
-compare them).
+is torch's own already loaded one, so the kernel shares torch's intra-op threads instead of competing with
+them; where OpenMP cannot be linked the kernel runs on one thread.
+Where it does not apply (no C compiler, another device or dtype, or ``EXCITATION_PULLBACKS_KERNELS=0``) it
+returns None and the caller computes the same values in torch (tests compare them).
 """
 
 from __future__ import annotations
@@ -32,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "pool_backward", "sigmoid_gate_of_batch_norm"]
+__all__ = ["available", "pool_backward"]
 
 log = logging.getLogger(__name__)
 
@@ -151,50 +148,19 @@ int NAME(const T *x, const T *grad, T *gin, const T *temps, int64_t nt, int64_t 
 
 SOFT_POOL(soft_pool_f32, float, expf)
 SOFT_POOL(soft_pool_f64, double, exp)
-
-/* out = grad * sigmoid(z / T) on planes (planes x HW, contiguous) with z = x * alpha[c] + beta[c] (+ add),
-   c = p % C; the temperature's inverse is inv[c % nt]. As softplus_backward: where z / T > threshold the
-   gate is 1. */
-#define GATED_BN(NAME, T, EXP)                                                                           \
-void NAME(const T *x, const T *add, const T *grad, T *out, const T *alpha, const T *beta, const T *inv,  \
-          int64_t nt, int64_t C, int64_t planes, int64_t HW, double threshold) {                         \
-    T th = (T)threshold;                                                                                 \
-    _Pragma("omp parallel for schedule(static) if (planes * HW >= PARALLEL_MIN)")                        \
-    for (int64_t p = 0; p < planes; p++) {                                                               \
-        int64_t c = p % C;                                                                               \
-        T a = alpha[c], b = beta[c], iv = inv[c % nt];                                                   \
-        const T *xp = x + p * HW, *gp = grad + p * HW;                                                   \
-        T *op = out + p * HW;                                                                            \
-        if (add) {                                                                                       \
-            const T *ap = add + p * HW;                                                                  \
-            SIMD for (int64_t i = 0; i < HW; i++) {                                                      \
-                T u = (xp[i] * a + b + ap[i]) * iv, e = EXP(u);                                          \
-                op[i] = u > th ? gp[i] : gp[i] * e / (e + 1);                                            \
-            }                                                                                            \
-        } else {                                                                                         \
-            SIMD for (int64_t i = 0; i < HW; i++) {                                                      \
-                T u = (xp[i] * a + b) * iv, e = EXP(u);                                                  \
-                op[i] = u > th ? gp[i] : gp[i] * e / (e + 1);                                            \
-            }                                                                                            \
-        }                                                                                                \
-    }                                                                                                    \
-}
-
-GATED_BN(gated_bn_f32, float, expf)
-GATED_BN(gated_bn_f64, double, exp)
 """
 
 _FLAGS = ("-O3", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math")
-#: Builds tried in turn: OpenMP threads and glibc's vector exp; the vector exp alone; plain C.
+#: Builds tried in turn: for this machine's CPU (e.g. 8-wide AVX2 exp), with OpenMP threads and glibc's
+#: vector exp; the same for any CPU of the architecture; the vector exp alone; plain C.
 _BUILDS = (
+    (("-march=native", "-fopenmp"), ("-lmvec", "-lm")),
     (("-fopenmp",), ("-lmvec", "-lm")),
     (("-fopenmp-simd",), ("-lmvec", "-lm")),
     ((), ("-lm",)),
 )
 _ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 14 + [ctypes.c_int] * 2
-_GATED_ARGS = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 4 + [ctypes.c_double]
 _FUNCS = {torch.float32: "soft_pool_f32", torch.float64: "soft_pool_f64"}
-_GATED = {torch.float32: "gated_bn_f32", torch.float64: "gated_bn_f64"}
 _lib: ctypes.CDLL | None = None
 _failed: str | None = None
 
@@ -208,12 +174,23 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
+def _cpu() -> str:
+    """The CPU's model and feature flags (part of the cache key: the library is built for this CPU)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor()
+
+
 def _build() -> ctypes.CDLL:
     """Compile (once per source, compiler and machine) and load the shared library."""
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
-    key = hashlib.sha256("\0".join((_SOURCE, cc, *_FLAGS, repr(_BUILDS), platform.machine(), sys.platform)).encode())
+    key = "\0".join((_SOURCE, cc, *_FLAGS, repr(_BUILDS), platform.machine(), sys.platform, _cpu()))
+    key = hashlib.sha256(key.encode())
     key = key.hexdigest()
     path = _cache_dir() / f"kernels_{key[:16]}.so"
     if not path.exists():
@@ -238,9 +215,6 @@ def _build() -> ctypes.CDLL:
     for name in _FUNCS.values():
         getattr(lib, name).argtypes = _ARGS
         getattr(lib, name).restype = ctypes.c_int
-    for name in _GATED.values():
-        getattr(lib, name).argtypes = _GATED_ARGS
-        getattr(lib, name).restype = None
     return lib
 
 
@@ -295,53 +269,3 @@ def pool_backward(x: Tensor, grad: Tensor, t, k, s, p, d, zero: bool, detach: bo
     if code:
         raise MemoryError("soft-pool kernel: out of memory for its row buffers")
     return result
-
-
-def sigmoid_gate_of_batch_norm(
-    grad: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight, bias, eps: float, addends, t, threshold: float
-) -> Tensor | None:
-    """grad * sigmoid(z / T) for z = F.batch_norm(x, mean, var, weight, bias, eps=eps) (eval) + sum(addends),
-    with softplus_backward's threshold; or None where the kernel does not apply.
-
-    grad, x, addends: (N, C, ...) contiguous, same dtype; mean, var, weight, bias: (C,) (weight, bias may be
-    None); t: float, or (C,) tensor. Returns (N, C, ...). z differs from the forward's by rounding only (the
-    BatchNorm's scale and shift are formed here, not by ATen).
-    """
-    tensors = (grad, x, *addends)
-    if (
-        x.device.type != "cpu"
-        or x.dtype not in _GATED
-        or x.dim() < 2
-        or len(addends) > 1
-        or torch.compiler.is_compiling()
-        or any(v.dtype != x.dtype or v.shape != x.shape or not v.is_contiguous() for v in tensors)
-    ):
-        return None
-    c = x.shape[1]
-    temps = _temperatures(t, c, x.dtype)
-    if temps is None or x.numel() == 0 or not available():
-        return None
-    alpha = torch.rsqrt(var.detach().to(x.dtype) + eps)
-    if weight is not None:
-        alpha = alpha * weight.detach().to(x.dtype)
-    beta = -mean.detach().to(x.dtype) * alpha
-    if bias is not None:
-        beta = beta + bias.detach().to(x.dtype)
-    alpha, beta, inv = alpha.contiguous(), beta.contiguous(), temps.reciprocal().contiguous()
-    out = torch.empty_like(x)
-    add = addends[0].data_ptr() if addends else None
-    getattr(_lib, _GATED[x.dtype])(
-        x.data_ptr(),
-        add,
-        grad.data_ptr(),
-        out.data_ptr(),
-        alpha.data_ptr(),
-        beta.data_ptr(),
-        inv.data_ptr(),
-        inv.numel(),
-        c,
-        x.shape[0] * c,
-        x[0, 0].numel(),
-        threshold,
-    )
-    return out

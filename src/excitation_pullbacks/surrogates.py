@@ -101,7 +101,8 @@ RECOMPUTE_CHUNK = 1 << 18
 
 class _SoftReLUOfBatchNorm(torch.autograd.Function):
     """relu_(z) in place for z = batch_norm(x, ...) + sum(addends), the forward's own values; the backward
-    recomputes z from x and the addends (the same ops, so bit for bit the forward's z)."""
+    recomputes z from x and the addends with the same ops, so bit for bit the forward's z. (A C kernel fusing
+    the recompute with the sigmoid gate measured slower than these ops wherever the tensors fit in cache.)"""
 
     @staticmethod
     def forward(ctx, z: Tensor, gate: Gate, channel_dim: int, eps: float, x, mean, var, weight, bias, *addends):
@@ -114,14 +115,6 @@ class _SoftReLUOfBatchNorm(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor):
         x, mean, var, weight, bias, *addends = ctx.saved_tensors
-        gate = ctx.gate
-        if gate.shape == "sigmoid" and ctx.channel_dim == 1:
-            threshold = _SIGMOID_ONE.get(x.dtype, 10.0)
-            fast = kernels.sigmoid_gate_of_batch_norm(
-                grad, x, mean, var, weight, bias, ctx.eps, addends, gate.temperature, threshold
-            )
-            if fast is not None:
-                return (fast,) + (None,) * (8 + len(addends))
         result = torch.empty_like(grad)
         # CPU: batch chunks; elsewhere one pass (a kernel launch per chunk would cost more than it saves)
         step = max(1, RECOMPUTE_CHUNK // max(1, x[0].numel())) if x.device.type == "cpu" else x.shape[0]
@@ -142,8 +135,9 @@ def soft_relu_of_batch_norm(
     since. Returns z.
 
     It keeps x and the addends (which the network keeps anyway) instead of z, so the forward allocates
-    nothing, as the model's in-place ReLU does; the backward recomputes z in batch chunks. A hard or absent
-    gate falls back to ``soft_relu`` (out of place).
+    nothing, as the model's in-place ReLU does; the backward recomputes z. x and the addends must not be
+    changed in place before the backward (autograd reports it if they are; the native BatchNorm keeps x too).
+    A hard or absent gate falls back to ``soft_relu`` (out of place).
     """
     gate = gate.resolve("relu")
     if gate.is_none or gate.is_hard:
