@@ -190,8 +190,7 @@ def _build() -> ctypes.CDLL:
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
     key = "\0".join((_SOURCE, cc, *_FLAGS, repr(_BUILDS), platform.machine(), sys.platform, _cpu()))
-    key = hashlib.sha256(key.encode())
-    key = key.hexdigest()
+    key = hashlib.sha256(key.encode()).hexdigest()
     path = _cache_dir() / f"kernels_{key[:16]}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -219,7 +218,7 @@ def _build() -> ctypes.CDLL:
 
 
 def available() -> bool:
-    """True when the kernels are built and loaded (builds it on the first call); False when it is switched
+    """True when the kernel is built and loaded (builds it on the first call); False when it is switched
     off (``EXCITATION_PULLBACKS_KERNELS=0``) or cannot be built (the reason is logged once)."""
     global _lib, _failed
     if os.environ.get("EXCITATION_PULLBACKS_KERNELS", "1") == "0":
@@ -229,7 +228,7 @@ def available() -> bool:
             _lib = _build()
         except (OSError, RuntimeError, subprocess.SubprocessError) as err:
             _failed = str(err)
-            log.info("compiled kernels unavailable, using the torch paths: %s", err)
+            log.info("soft-pool kernel unavailable, using the torch path: %s", err)
     return _lib is not None
 
 
@@ -258,7 +257,7 @@ def pool_backward(x: Tensor, grad: Tensor, t, k, s, p, d, zero: bool, detach: bo
         return None
     n, c, h, w = x.shape
     temps = _temperatures(t, c, x.dtype)
-    if temps is None or x.numel() == 0 or not available():
+    if temps is None or x.numel() == 0 or grad.numel() == 0 or not available():
         return None
     ho, wo = grad.shape[-2:]
     x, grad = x.contiguous(), grad.contiguous()
