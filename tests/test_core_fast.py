@@ -1,7 +1,10 @@
 """The engine's fast paths against their plain-torch fallbacks: the same gradients (float64 where it matters)."""
 
 import itertools
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -95,14 +98,22 @@ POOL_GEOMETRIES = [  # kernel, stride, padding, dilation, ceil_mode
 ]
 
 
-def test_kernels_builds_where_a_c_compiler_exists():
-    if shutil.which("cc") or shutil.which("gcc"):
-        assert kernels.available(), kernels._failed
+def test_pool_kernel_builds_where_a_c_compiler_exists(tmp_path):
+    """Where a C compiler exists the kernel must build, from an empty cache, in a fresh process (a broken build
+    would otherwise pass silently as the torch fallback); the cache then holds the library and nothing else."""
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler")
+    code = "from excitation_pullbacks import kernels; print(kernels.available(), kernels._failed)"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["True", "None"], done.stdout + done.stderr
+    assert [p.name[:8] for p in (tmp_path / "excitation_pullbacks").iterdir()] == ["kernels_"]
+    assert kernels.available(), kernels._failed
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("geometry", POOL_GEOMETRIES, ids=str)
-def test_kernels_equals_torch_path(geometry, dtype):
+def test_pool_kernel_equals_torch_path(geometry, dtype):
     """The compiled soft-pool backward == the pure-torch one: float64 to 1e-13, float32 to 1e-5 (relative to
     the largest entry), for every padding mode, detach flag and per-channel temperatures."""
     if not kernels.available():
@@ -122,7 +133,7 @@ def test_kernels_equals_torch_path(geometry, dtype):
         assert (fast - ref).abs().max() <= tol * ref.abs().max(), (t, padding, detach)
 
 
-def test_pullback_with_and_without_kernels(monkeypatch):
+def test_pullback_with_and_without_pool_kernel(monkeypatch):
     """A whole pullback through ResNet's 3x3/2 padded soft pool: the same map with the kernel switched off."""
     torch.manual_seed(0)
     model = ImageNetInput(tvm.resnet18(weights=None)).eval().double()
