@@ -13,9 +13,9 @@ For each architecture (random weights; timings do not depend on them) at batch N
   compiled-pullback  pullback on torch.compile(model)
 Compile time (the first call of each compiled method) is reported apart from the steady-state times.
 And the N x K grid: one pullback call with (N, K) targets vs N*K independent (image, target) pairs in one
-batch. Times are medians over repeats, methods interleaved (order reversed every other round); peak memory is the growth of the process's peak
-RSS after a reset (CPU, Linux) or torch.cuda.max_memory_allocated (GPU), each method in a fresh subprocess
-(compiled methods: after a warm-up call in that process). ``uptime`` is printed before and after.
+batch. Times are medians over repeats, methods interleaved (order reversed every other round); peak memory
+is the growth of the process's peak RSS after a reset (CPU, Linux) or torch.cuda.max_memory_allocated (GPU),
+each method in a fresh subprocess (compiled methods: after a warm-up call in that process). ``uptime`` is printed before and after.
 
 Run: ``.venv/bin/python benchmarks/pullback.py``; ``--help`` for options (e.g. ``--batch 2 --size 64
 --repeats 3`` for a quick check, ``--archs resnet50`` for one model, ``--no-compile`` to skip compiling).
