@@ -27,6 +27,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +88,21 @@ class PoolArgs:
 #: ``substitute(site, z, pool)`` at each ReLU (pool None) and max-pool call (pool its :class:`PoolArgs`):
 #: a returned tensor replaces the call's output (gating-induced networks), None keeps the call as it is.
 Substitute = Callable[[Site, Tensor, "PoolArgs | None"], "Tensor | None"]
+
+
+class _BatchNormOutput(NamedTuple):
+    """z = F.batch_norm(x, mean, var, weight, bias, eps=eps) (eval) with ``addends`` added in place since, as
+    of z's ``version``: what an in-place ReLU of z needs to recompute z in its backward."""
+
+    z: Tensor
+    version: int
+    x: Tensor
+    mean: Tensor
+    var: Tensor
+    weight: Tensor | None
+    bias: Tensor | None
+    eps: float
+    addends: tuple = ()
 
 
 class UngatedActivationWarning(UserWarning):
@@ -209,10 +225,10 @@ class Excitation:
         self._counts: Counter = Counter()
         self._depth: Counter = Counter()
         self._linear_out: Tensor | None = None  # the latest nn.Linear output: its features are in the last dim
-        # The latest lean BatchNorm outputs, each as (z, z's version, x, mean, var, weight, bias, eps, addends):
-        # an in-place ReLU of one runs in place, recomputing z from x (soft_relu_of_batch_norm). Two, for a
-        # residual block whose shortcut BatchNorm runs between the main branch's and its ReLU.
-        self._made: list[tuple] = []
+        # The latest lean BatchNorm outputs: an in-place ReLU of one runs in place, recomputing z from x
+        # (soft_relu_of_batch_norm). Two, for a residual block whose shortcut BatchNorm runs between the main
+        # branch's and its ReLU.
+        self._made: list[_BatchNormOutput] = []
         self._open = False
         self._forward = None  # the compiled wrapper's own forward while the context routes it (see compiled.py)
         self.compiled_tag = ""  # "neuron" while a neuron hook is added: separate compiled graphs
@@ -331,8 +347,9 @@ class Excitation:
         made = self._made_by_batch_norm(z)
         inplace = func in _RELU_INPLACE or kwargs.get("inplace", False) or (func is F.relu and args[1:2] == (True,))
         if inplace and made is not None and z.requires_grad:
-            x, mean, var, weight, bias, eps, addends = made[2:]
-            return soft_relu_of_batch_norm(z, gate, x, mean, var, weight, bias, eps, addends, site.channel_dim)
+            return soft_relu_of_batch_norm(
+                z, gate, made.x, made.mean, made.var, made.weight, made.bias, made.eps, made.addends, site.channel_dim
+            )
         return soft_relu(z, gate, site.channel_dim)  # soft gates need z intact: out of place
 
     def _smooth(self, func, args, kwargs):
@@ -394,15 +411,15 @@ class Excitation:
         x, mean, var, eps = a["input"], a["running_mean"], a["running_var"], a.get("eps", 1e-5)
         out = frozen_batch_norm(x, mean, var, w, b, eps)
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            self._made = [*self._made[-1:], (out, out._version, x, mean, var, w, b, eps, ())]
+            self._made = [*self._made[-1:], _BatchNormOutput(out, out._version, x, mean, var, w, b, eps)]
         return out
 
-    def _made_by_batch_norm(self, z: Tensor) -> tuple | None:
+    def _made_by_batch_norm(self, z: Tensor) -> _BatchNormOutput | None:
         """The record of z if z is a recent lean BatchNorm output unchanged since (then taken off the list)."""
         for i, made in enumerate(self._made):
-            if z is made[0]:
+            if z is made.z:
                 del self._made[i]
-                return made if z._version == made[1] else None
+                return made if z._version == made.version else None
         return None
 
     def _add_(self, func, args, kwargs):
@@ -412,7 +429,7 @@ class Excitation:
         out = func(*args, **kwargs)
         other = args[1] if len(args) == 2 else None
         if made and not kwargs and isinstance(other, Tensor) and other.shape == z.shape and other.dtype == z.dtype:
-            self._made.append((z, z._version, *made[2:8], made[8] + (other,)))
+            self._made.append(made._replace(version=z._version, addends=(*made.addends, other)))
         return out
 
     def _note_ungated(self, func_name: str) -> None:
