@@ -1,7 +1,6 @@
 """The public surface: the one schedule argument, ascent bounds, checkpoint errors, and the former import paths."""
 
 import importlib
-import sys
 import warnings
 
 import pytest
@@ -150,15 +149,10 @@ def test_checkpoint_errors(tmp_path):
 
 
 def test_former_import_paths():
-    from excitation_pullbacks import digits, gating, metrics
+    from excitation_pullbacks import metrics
     from excitation_pullbacks.ascent import ascent as moved
 
-    sys.modules.pop("excitation_pullbacks.patching", None)
-    with pytest.warns(DeprecationWarning, match="patching is deprecated"):
-        patching = importlib.import_module("excitation_pullbacks.patching")
-    assert patching.Excitation is gating.Excitation and patching.excitation is gating.excitation
     assert importlib.import_module("excitation_pullbacks").ascent is moved
-    assert digits.DigitsCNN is DigitsCNN and digits.CHECKPOINT.is_file()
     for name in (
         "deletion",
         "insertion",

@@ -74,7 +74,7 @@ def test_model_without_relu_or_maxpool():
     model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 8 * 8, 3)).eval()
     x = torch.rand(2, 3, 10, 10)
     for call in (lambda: pullback(model, x, 0), lambda: ascent(model, x, 0, steps=1), lambda: path_kernel(model, x)):
-        with pytest.raises(ValueError, match="no ReLU"):
+        with pytest.raises(ValueError, match="no call that a rule covers|no ReLU, SiLU or GELU call"):
             call()
 
 
@@ -113,7 +113,7 @@ def test_ungated_functional_call_warns():
 
 
 def test_schedule_argument_types():
-    with pytest.raises(TypeError, match="Schedule"):
+    with pytest.raises(TypeError, match="schedule"):  # the former make_schedule(schedule=) is gone (0.x)
         make_schedule(schedule=lambda site: Gate())
     with pytest.raises(ValueError, match="max-pool gate"):
         make_schedule(gate="softmax")

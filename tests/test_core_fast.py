@@ -11,17 +11,9 @@ import torch
 import torch.nn.functional as F
 import torchvision.models as tvm
 
-from excitation_pullbacks import (
-    Gate,
-    ImageNetInput,
-    excitation,
-    gating,
-    kernels,
-    pullback,
-    soft_max_pool2d,
-    soft_relu,
-    surrogates,
-)
+from excitation_pullbacks import Gate, ImageNetInput, excitation, pullback, soft_max_pool2d, soft_relu
+from excitation_pullbacks.canonizers import LeanBatchNorm
+from excitation_pullbacks.rules import pool, pool_kernel
 
 
 @pytest.fixture
@@ -61,7 +53,7 @@ def test_chunked_pool_backward_equals_one_chunk(gate, geometry, monkeypatch, no_
     k, s, p, d, ceil = geometry
     x = _x((3, 3, 9, 8))
     whole = _pool_grad(x, gate, k, s, p, d, ceil)
-    monkeypatch.setattr(surrogates, "POOL_CHUNK", 100)
+    monkeypatch.setattr(pool, "POOL_CHUNK", 100)
     assert torch.equal(_pool_grad(x, gate, k, s, p, d, ceil), whole)
 
 
@@ -103,12 +95,12 @@ def test_pool_kernel_builds_where_a_c_compiler_exists(tmp_path):
     would otherwise pass silently as the torch fallback); the cache then holds the library and nothing else."""
     if not (shutil.which("cc") or shutil.which("gcc")):
         pytest.skip("no C compiler")
-    code = "from excitation_pullbacks import kernels; print(kernels.available(), kernels._failed)"
+    code = "from excitation_pullbacks.rules import pool_kernel as k; print(k.available(), k._failed)"
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["True", "None"], done.stdout + done.stderr
-    assert [p.name[:8] for p in (tmp_path / "excitation_pullbacks").iterdir()] == ["kernels_"]
-    assert kernels.available(), kernels._failed
+    assert [p.name[:12] for p in (tmp_path / "excitation_pullbacks").iterdir()] == ["pool_kernel_"]
+    assert pool_kernel.available(), pool_kernel._failed
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
@@ -116,9 +108,9 @@ def test_pool_kernel_builds_where_a_c_compiler_exists(tmp_path):
 def test_pool_kernel_equals_torch_path(geometry, dtype):
     """The compiled soft-pool backward == the pure-torch one: float64 to 1e-13, float32 to 1e-5 (relative to
     the largest entry), for every padding mode, detach flag and per-channel temperatures."""
-    if not kernels.available():
-        pytest.skip(f"no soft-pool kernel here: {kernels._failed}")
-    k, s, p, d = surrogates.pool_geometry(*geometry[:4])
+    if not pool_kernel.available():
+        pytest.skip(f"no soft-pool kernel here: {pool_kernel._failed}")
+    k, s, p, d = pool.pool_geometry(*geometry[:4])
     x = _x((2, 3, 11, 9)).to(dtype)
     out = F.max_pool2d(x, k, s, p, d, ceil_mode=geometry[4])
     grad = _x(out.shape, seed=1).to(dtype)
@@ -127,8 +119,8 @@ def test_pool_kernel_equals_torch_path(geometry, dtype):
         (0.3, torch.tensor([0.2, 0.5, 1.0], dtype=dtype)), ("exclude", "zero"), (False, True)
     ):
         gate = Gate("softmax", t, detach=detach, padding=padding)
-        fast = surrogates.soft_pool_backward(x, out, grad, gate, k, s, p, d)
-        ref = surrogates.torch_pool_backward(x, out, grad, gate, k, s, p, d)
+        fast = pool.soft_pool_backward(x, out, grad, gate, k, s, p, d)
+        ref = pool.torch_pool_backward(x, out, grad, gate, k, s, p, d)
         assert fast.dtype == dtype and fast.shape == x.shape
         assert (fast - ref).abs().max() <= tol * ref.abs().max(), (t, padding, detach)
 
@@ -189,7 +181,7 @@ def test_relu_after_batch_norm_runs_in_place(arch, in_place, dtype, monkeypatch)
     assert nodes.count("_SoftReLUOfBatchNormBackward") == in_place
     monkeypatch.setenv("EXCITATION_PULLBACKS_KERNELS", "0")  # the pools in torch too
     fused = run()[3]
-    monkeypatch.setattr(gating.Excitation, "_made_by_batch_norm", lambda self, z: None)
+    monkeypatch.setattr(LeanBatchNorm, "take", lambda self, z: None)
     logits_kept, calls_kept, nodes_kept, kept = run()
     assert "_SoftReLUOfBatchNormBackward" not in nodes_kept
     assert calls == calls_kept and torch.equal(logits_kept, plain)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from excitation_pullbacks import Gate, soft_max_pool2d
-from excitation_pullbacks.surrogates import pool_geometry, soft_pool_backward
+from excitation_pullbacks.rules.pool import pool_geometry, soft_pool_backward
 
 from reference import soft_pool_reference
 

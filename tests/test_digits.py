@@ -12,7 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from excitation_pullbacks import ImageNetInput, build_model, excitation, pullback
-from excitation_pullbacks.digits import CHECKPOINT, DigitsCNN, digits_images, load_digits_cnn
+from excitation_pullbacks.models.digits import CHECKPOINT, DigitsCNN, digits_images, load_digits_cnn
 from excitation_pullbacks.pipeline import PipelineError
 from excitation_pullbacks.pipeline.classes import class_names, resolve_class, resolve_classes
 from excitation_pullbacks.pipeline.cli import CONFIG_DIR

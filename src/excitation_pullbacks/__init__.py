@@ -3,36 +3,30 @@
 The core (this package's top level) needs only torch; the experiment pipeline lives in
 ``excitation_pullbacks.pipeline`` modules that import Hydra, Lightning and W&B.
 
-Modules, each importing only those above it: ``gates`` (gate shapes, sites, schedules) -> ``surrogates``
-(exact forward, soft backward) -> ``gating`` (the reversible ``excitation(model)`` context) -> ``checks``,
-``state`` (the model left as it was), ``stopping`` (``should_stop``) -> ``pullback`` -> ``ascent``, ``kernel``,
-``calibration`` -> ``explain``, ``attribution`` (Captum), ``baselines`` (Captum) -> ``metrics/``; ``models/``
-(ImageNet wrapper, digits CNN, checkpoints) and ``images`` (image files -> inputs) stand apart.
+Modules, each importing only those above it: ``gates`` (gate shapes), ``sites`` -> ``schedules`` (which gate
+where) -> ``options`` (``GateOptions`` and the presets) and ``rules/`` (one module per family of surrogate rules
+and the registry) -> ``canonizers`` (the lean BatchNorm) -> ``gating`` (the reversible ``excitation(model)``
+context) -> ``checks``, ``state`` (the model left as it was), ``stopping`` (``should_stop``) -> ``pullback`` ->
+``ascent``, ``path_kernel``, ``calibration`` -> ``explain``, ``attribution`` (Captum), ``baselines`` (Captum)
+-> ``metrics/``; ``models/`` (ImageNet wrapper, digits CNN, checkpoints, class names) and ``images`` (image
+files -> inputs) stand apart. See docs/architecture.md.
 """
 
 from .ascent import ascent
 from .calibration import calibrate
-from .gates import (
-    POOL_SHAPES,
-    RELU_SHAPES,
-    ByDepth,
-    ByName,
-    ByType,
-    Gate,
-    PerChannel,
-    Schedule,
-    Site,
-    as_schedule,
-    make_schedule,
-)
+from .gates import POOL_SHAPES, RELU_SHAPES, Gate
 from .gating import Excitation, Report, UngatedActivationWarning, excitation
-from .kernel import path_kernel
 from .models import ImageNetInput, build_model
+from .options import PRESETS, GateOptions, as_schedule, make_schedule, preset
+from .path_kernel import path_kernel
 from .pullback import Neuron, pullback
-from .surrogates import soft_gelu, soft_max_pool2d, soft_relu, soft_silu
+from .rules import Rule, register, soft_attention, soft_gelu, soft_max_pool2d, soft_relu, soft_silu
+from .schedules import ByDepth, ByName, ByType, PerChannel, Schedule
+from .sites import Site
 
 __all__ = [
     "POOL_SHAPES",
+    "PRESETS",
     "RELU_SHAPES",
     "ByDepth",
     "ByName",
@@ -40,10 +34,12 @@ __all__ = [
     "Excitation",
     "ExcitationPullback",
     "Gate",
+    "GateOptions",
     "ImageNetInput",
     "Neuron",
     "PerChannel",
     "Report",
+    "Rule",
     "Schedule",
     "Site",
     "UngatedActivationWarning",
@@ -54,7 +50,10 @@ __all__ = [
     "excitation",
     "make_schedule",
     "path_kernel",
+    "preset",
     "pullback",
+    "register",
+    "soft_attention",
     "soft_gelu",
     "soft_max_pool2d",
     "soft_relu",

@@ -8,8 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from .checks import check_class_range, check_images, class_targets, warn_if_training
-from .gates import Schedule, as_schedule, resolve_schedule
+from .options import as_schedule, resolve_schedule
 from .pullback import Neuron, Targets, engine_for, frozen_parameters, gated_forward
+from .schedules import Schedule
 from .state import preserved_model
 from .stopping import ShouldStop, check_stop
 

@@ -14,8 +14,9 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 from .checks import captum_targets
-from .gates import GATE_OPTIONS, Schedule, resolve_schedule
+from .options import GATE_OPTIONS, resolve_schedule
 from .pullback import pullback
+from .schedules import Schedule
 
 __all__ = ["ExcitationPullback", "quantus_explain"]
 

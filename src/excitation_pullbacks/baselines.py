@@ -16,8 +16,9 @@ from torch import Tensor, nn
 
 from .attribution import ExcitationPullback
 from .explain import Explain
-from .gates import Schedule, resolve_schedule
+from .options import resolve_schedule
 from .pullback import frozen_parameters
+from .schedules import Schedule
 from .state import preserved_model
 
 __all__ = ["BASELINES", "METHODS", "Explain", "as_direction", "explainer"]

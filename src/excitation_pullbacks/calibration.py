@@ -13,8 +13,12 @@ import torch
 from torch import Tensor, nn
 
 from .checks import check_images
-from .gates import ByType, Gate, PerChannel, Schedule, Site
+from .gates import Gate
 from .gating import Excitation
+from .schedules import ByType, PerChannel, Schedule
+from .sites import Site
+
+_CALIBRATED = frozenset({"relu", "maxpool", "silu", "gelu"})
 
 __all__ = ["calibrate"]
 
@@ -45,16 +49,15 @@ def calibrate(
     sums: dict[str, Tensor] = {}
 
     def observe(site: Site, z: Tensor, gate: Gate) -> None:
-        if site.kind == "maxpool" and not include_maxpool:
-            return
+        if site.kind not in _CALIBRATED or (site.kind == "maxpool" and not include_maxpool):
+            return  # norm and attention sites have no per-channel temperatures
         if z.dim() < 2:
             raise ValueError(f"cannot calibrate per channel at {site.key}: pre-activation of shape {tuple(z.shape)}")
         zc = z.detach().transpose(0, site.channel_dim).reshape(z.shape[site.channel_dim], -1).double()
         stats = torch.stack([torch.full_like(zc[:, 0], zc.shape[1]), zc.sum(1), (zc * zc).sum(1)])
         sums[site.key] = sums[site.key] + stats if site.key in sums else stats
 
-    hard = Gate("hard", 0.0)
-    engine = Excitation(model, ByType(hard, hard, hard, hard), observer=observe)
+    engine = Excitation(model, ByType(*(Gate("hard", 0.0),) * 4), observer=observe)
     seen = 0
     for batch in batches:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch

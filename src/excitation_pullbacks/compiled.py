@@ -11,16 +11,22 @@ guard on module hooks) is never replayed inside it, nor one traced with the engi
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-__all__ = ["gated_call", "is_compiled", "unwrap_compiled"]
+__all__ = ["CompiledRoute", "gated_call", "is_compiled", "unwrap_compiled"]
+
+try:  # the wrapper type torch.compile returns for a module
+    from torch._dynamo.eval_frame import OptimizedModule as _Wrapper
+except ImportError:  # pragma: no cover - torch builds without dynamo
+    _Wrapper = ()
 
 
 def is_compiled(model: nn.Module) -> bool:
     """True for the module ``torch.compile(model)`` returns."""
-    return isinstance(getattr(model, "_orig_mod", None), nn.Module) and type(model).__name__ == "OptimizedModule"
+    return isinstance(model, _Wrapper) and isinstance(getattr(model, "_orig_mod", None), nn.Module)
 
 
 def unwrap_compiled(model: nn.Module) -> nn.Module:
@@ -46,3 +52,39 @@ def gated_call(model: nn.Module, tag: str = "") -> Callable:
     fn = neuron_call if tag == "neuron" else call
     options = getattr(model, "dynamo_ctx", None)
     return options(fn) if callable(options) else torch.compile(fn)
+
+
+class CompiledRoute:
+    """While open, routes a compiled wrapper's calls through :func:`gated_call` (nothing for other models).
+
+    tag: "" or a name for calls that differ in what they trace (e.g. "neuron" while a forward hook reads one
+    layer): each tag gets its own compiled function, so its graphs are cached apart (see :meth:`tagged`).
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.compiled = is_compiled(model)
+        self.tag = ""
+        self._forward = None
+
+    def open(self) -> None:
+        if self.compiled:
+            self._forward = self.model.__dict__.get("forward")
+            self.model.forward = gated_call(self.model, self.tag)
+
+    def close(self) -> None:
+        if self.compiled and "forward" in self.model.__dict__:
+            if self._forward is None:
+                del self.model.forward
+            else:
+                self.model.forward = self._forward
+            self._forward = None
+
+    @contextmanager
+    def tagged(self, tag: str):
+        """Calls inside the block use the graphs of ``tag``."""
+        previous, self.tag = self.tag, tag
+        try:
+            yield
+        finally:
+            self.tag = previous

@@ -22,8 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .gates import Schedule, Site, as_schedule
 from .gating import Excitation, PoolArgs
+from .options import as_schedule
+from .schedules import Schedule
+from .sites import Site
 
 __all__ = [
     "Gating",

@@ -21,8 +21,9 @@ from torch import Tensor, nn
 
 from .checks import check_class_range, check_images, class_targets, warn_if_training
 from .compiled import unwrap_compiled
-from .gates import ByType, Schedule, resolve_schedule
 from .gating import Excitation, Report
+from .options import resolve_schedule
+from .schedules import ByType, Schedule
 from .state import preserved_model
 from .stopping import ShouldStop, check_stop
 
@@ -96,7 +97,7 @@ def engine_for(model: nn.Module, schedule: Schedule) -> Excitation:
 
 def _check_gated(report: Report) -> None:
     if report.total == 0:
-        raise ValueError("the model made no ReLU, SiLU, GELU or max-pool call: there is nothing to gate")
+        raise ValueError("the model made no call that a rule covers (ReLU, SiLU, GELU, max-pool, norm, attention): there is nothing to gate")
 
 
 def gated_forward(engine: Excitation, x: Tensor, neuron: Neuron | None = None) -> Tensor:
@@ -115,13 +116,11 @@ def gated_forward(engine: Excitation, x: Tensor, neuron: Neuron | None = None) -
     outs: list = []
     # clone: the forward may modify the layer's output in place later (e.g. an in-place ReLU)
     handle = module.register_forward_hook(lambda m, a, o: outs.append(o.clone() if isinstance(o, Tensor) else o))
-    engine.compiled_tag = "neuron"
     try:
-        with engine as report:
+        with engine.route.tagged("neuron"), engine as report:
             engine.model(x)
     finally:
         handle.remove()
-        engine.compiled_tag = ""
     _check_gated(report)
     if not outs:
         raise ValueError(f"layer {neuron.layer!r} was not called in the forward pass")

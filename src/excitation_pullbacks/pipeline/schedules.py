@@ -17,7 +17,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from excitation_pullbacks import calibrate, excitation
-from excitation_pullbacks.gates import ByDepth, Gate, PerChannel, Schedule, make_schedule
+from excitation_pullbacks.gates import Gate
+from excitation_pullbacks.options import make_schedule
+from excitation_pullbacks.schedules import ByDepth, PerChannel, Schedule
 
 from .config import GateKind
 from .errors import PipelineError

@@ -1,206 +1,50 @@
-"""Autograd functions with an exact forward and a surrogate backward.
+"""The max-pool rule: forward F.max_pool2d bit for bit, backward the gradient of a softmax pool.
 
-``soft_relu(z, gate)``: forward relu(z) bit for bit; backward grad * gate(z).
-``soft_silu(z, gate)``, ``soft_gelu(z, gate, approximate)``: forward F.silu / F.gelu bit for bit; backward
-    grad * gate(z) in place of the exact derivative (a hard gate keeps the native backward).
-``soft_relu_of_batch_norm(z, gate, x, ...)``: the same gate for z = batch_norm(x) (+ addends) applied in place,
-    as the model's in-place ReLU is: it keeps x instead of z and recomputes z in the backward.
-``soft_max_pool2d(x, ...)``: forward F.max_pool2d bit for bit; backward the gradient of the softmax pool
-    s = sum_j x_j w_j, w = softmax(x / T) over each window (padding excluded, as in the max, or taken as
-    zeros with ``Gate.padding="zero"``), i.e. ds/dx_j = w_j (1 + (x_j - s) / T), or w_j alone with detached
-    weights.
+``soft_max_pool2d(x, ...)``: the backward is the gradient of s = sum_j x_j w_j, w = softmax(x / T) over each
+window (padding excluded, as in the max, or taken as zeros with ``Gate.padding="zero"``), i.e.
+ds/dx_j = w_j (1 + (x_j - s) / T), or w_j alone with detached weights.
 
-The pool backward loops over the k_h * k_w window offsets, each an output-sized slice of one stride phase
-of the input, so it never materialises the k_h * k_w-fold unfolded input that an unfold-based soft pool
-needs; windows that tile the input (stride == kernel) take a direct path.
+The torch path loops over the k_h * k_w window offsets, each an output-sized slice of one stride phase of the
+input, so it never materialises the k_h * k_w-fold unfolded input that an unfold-based soft pool needs;
+windows that tile the input (stride == kernel) take a direct path. On CPU the compiled kernel op
+(:mod:`~excitation_pullbacks.rules.pool_kernel`) computes the same values in one pass.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from . import kernels
-from .gates import Gate
+from ..gates import Gate
+from . import pool_kernel
+from .base import Call, Rule
 
 __all__ = [
-    "frozen_batch_norm",
+    "MaxPool2d",
+    "PoolArgs",
     "pool_geometry",
-    "soft_gelu",
     "soft_max_pool2d",
     "soft_pool_backward",
-    "soft_relu",
-    "soft_relu_of_batch_norm",
-    "soft_silu",
     "torch_pool_backward",
 ]
 
 
-_SIGMOID_ONE = {torch.float64: 40.0, torch.float32: 20.0}
+@dataclass(frozen=True)
+class PoolArgs:
+    """The geometry of one max-pool call (as ``F.max_pool2d`` takes it), handed to a substitute."""
 
-
-def _gated_grad(grad: Tensor, z: Tensor, gate: Gate, channel_dim: int, out: Tensor | None = None) -> Tensor:
-    """grad * gate(z) for a resolved, soft gate (written into ``out`` when given)."""
-    t = gate.temperature
-    if gate.shape == "sigmoid" and not isinstance(t, Tensor) and 0 < t < math.inf:
-        # grad * sigmoid(z / T) in one fused pass: the derivative of T * softplus(z / T). Above the
-        # threshold sigmoid is 1 to the dtype's precision (and exp would overflow half precision).
-        threshold = _SIGMOID_ONE.get(z.dtype, 10.0)
-        if out is None:
-            return torch.ops.aten.softplus_backward(grad, z, 1.0 / t, threshold)
-        return torch.ops.aten.softplus_backward.grad_input(grad, z, 1.0 / t, threshold, grad_input=out)
-    g = gate(z, channel_dim)
-    return g.mul_(grad) if out is None else torch.mul(g, grad, out=out)
-
-
-class _SoftReLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z: Tensor, gate: Gate, channel_dim: int) -> Tensor:
-        ctx.gate, ctx.channel_dim = gate, channel_dim
-        ctx.save_for_backward(z)
-        return torch.relu(z)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor):
-        (z,) = ctx.saved_tensors
-        return _gated_grad(grad, z, ctx.gate, ctx.channel_dim), None, None
-
-
-class _NoGate(torch.autograd.Function):
-    """Forward fn(z), backward the identity (the gate fixed at 1)."""
-
-    @staticmethod
-    def forward(ctx, z: Tensor, fn) -> Tensor:
-        return fn(z)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return grad, None
-
-
-def soft_relu(z: Tensor, gate: Gate, channel_dim: int = 1) -> Tensor:
-    """relu(z) with backward grad * gate(z). z: any shape; per-channel gates index ``channel_dim``."""
-    gate = gate.resolve("relu")
-    if gate.is_none:
-        return _NoGate.apply(z, torch.relu)
-    if gate.is_hard:
-        return torch.relu(z)
-    return _SoftReLU.apply(z, gate, channel_dim)
-
-
-#: Elements per batch chunk when a backward recomputes an activation on CPU: the recomputed part stays in
-#: cache and in the allocator's reused memory instead of a fresh full-size buffer.
-RECOMPUTE_CHUNK = 1 << 18
-
-
-class _SoftReLUOfBatchNorm(torch.autograd.Function):
-    """relu_(z) in place for z = batch_norm(x, ...) + sum(addends), the forward's own values; the backward
-    recomputes z from x and the addends with the same ops, so bit for bit the forward's z. (A C kernel fusing
-    the recompute with the sigmoid gate measured slower than these ops wherever the tensors fit in cache.)"""
-
-    @staticmethod
-    def forward(ctx, z: Tensor, gate: Gate, channel_dim: int, eps: float, x, mean, var, weight, bias, *addends):
-        ctx.gate, ctx.channel_dim, ctx.eps = gate, channel_dim, eps
-        ctx.save_for_backward(x, mean, var, weight, bias, *addends)
-        ctx.mark_dirty(z)
-        return z.relu_()
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor):
-        x, mean, var, weight, bias, *addends = ctx.saved_tensors
-        result = torch.empty_like(grad)
-        # CPU: batch chunks; elsewhere one pass (a kernel launch per chunk would cost more than it saves)
-        step = max(1, RECOMPUTE_CHUNK // max(1, x[0].numel())) if x.device.type == "cpu" else x.shape[0]
-        for i in range(0, x.shape[0], step):
-            part = slice(i, i + step)
-            z = F.batch_norm(x[part], mean, var, weight, bias, False, 0.0, ctx.eps)
-            for a in addends:
-                z.add_(a[part])
-            _gated_grad(grad[part], z, ctx.gate, ctx.channel_dim, out=result[part])
-        return (result,) + (None,) * (8 + len(addends))
-
-
-def soft_relu_of_batch_norm(
-    z: Tensor, gate: Gate, x: Tensor, mean, var, weight, bias, eps: float, addends=(), channel_dim: int = 1
-) -> Tensor:
-    """``soft_relu(z, gate)`` in place, for z the output of eval-mode ``F.batch_norm(x, mean, var, weight,
-    bias, eps=eps)`` (x: (N, C, ...)) with ``addends`` of z's shape then added in place (a residual sum), unchanged
-    since. Returns z.
-
-    It keeps x and the addends (which the network keeps anyway) instead of z, so the forward allocates
-    nothing, as the model's in-place ReLU does; the backward recomputes z. x and the addends must not be
-    changed in place before the backward (autograd reports it if they are; the native BatchNorm keeps x too).
-    A hard or absent gate falls back to ``soft_relu`` (out of place).
-    """
-    gate = gate.resolve("relu")
-    if gate.is_none or gate.is_hard:
-        return soft_relu(z, gate, channel_dim)
-    return _SoftReLUOfBatchNorm.apply(z, gate, channel_dim, eps, x, mean, var, weight, bias, *addends)
-
-
-def _smooth_forward(z: Tensor, approximate: str | None) -> Tensor:
-    return F.silu(z) if approximate is None else F.gelu(z, approximate=approximate)
-
-
-def _smooth_native_backward(grad: Tensor, z: Tensor, approximate: str | None) -> Tensor:
-    if approximate is None:
-        return torch.ops.aten.silu_backward(grad, z)
-    return torch.ops.aten.gelu_backward(grad, z, approximate=approximate)
-
-
-class _SoftSmooth(torch.autograd.Function):
-    """Forward F.silu (approximate None) or F.gelu; backward grad * gate(z), the native backward on
-    channels whose temperature is 0."""
-
-    @staticmethod
-    def forward(ctx, z: Tensor, gate: Gate, channel_dim: int, approximate: str | None) -> Tensor:
-        ctx.gate, ctx.channel_dim, ctx.approximate = gate, channel_dim, approximate
-        ctx.save_for_backward(z)
-        return _smooth_forward(z, approximate)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor):
-        (z,) = ctx.saved_tensors
-        gate, dim = ctx.gate, ctx.channel_dim
-        g = _gated_grad(grad, z, gate, dim)
-        t = gate.temperature
-        if isinstance(t, Tensor) and t.numel() > 1 and (t == 0).any():  # hard channels: exact derivative
-            hard = gate.temperature_like(z, dim) == 0
-            g = torch.where(hard, _smooth_native_backward(grad, z, ctx.approximate), g)
-        return g, None, None, None
-
-
-def _soft_smooth(z: Tensor, gate: Gate, channel_dim: int, approximate: str | None) -> Tensor:
-    gate = gate.resolve("silu" if approximate is None else "gelu_tanh" if approximate == "tanh" else "gelu")
-    if gate.is_hard:
-        return _smooth_forward(z, approximate)  # the native op and its exact derivative
-    if gate.is_none:
-        return _NoGate.apply(z, lambda v: _smooth_forward(v, approximate))
-    return _SoftSmooth.apply(z, gate, channel_dim, approximate)
-
-
-def soft_silu(z: Tensor, gate: Gate, channel_dim: int = 1) -> Tensor:
-    """F.silu(z) = z * sigmoid(z) with backward grad * gate(z) (``own``: sigmoid(z / T), exact at T = 1 for
-    the detached gate); a hard gate keeps the exact derivative. z: any shape; per-channel gates index
-    ``channel_dim``."""
-    return _soft_smooth(z, gate, channel_dim, None)
-
-
-def soft_gelu(z: Tensor, gate: Gate, approximate: str = "none", channel_dim: int = 1) -> Tensor:
-    """F.gelu(z, approximate=approximate) = z * Phi(z) (or its tanh approximation) with backward
-    grad * gate(z) (``own``: Phi(z / T), or the tanh approximation of Phi at z / T for ``approximate="tanh"``,
-    so that T = 1 is the detached gate of either form); a hard gate keeps the exact derivative."""
-    if approximate not in ("none", "tanh"):
-        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
-    return _soft_smooth(z, gate, channel_dim, approximate)
+    kernel_size: object
+    stride: object = None
+    padding: object = 0
+    dilation: object = 1
+    ceil_mode: bool = False
 
 
 def _pair(v) -> tuple:
@@ -248,11 +92,11 @@ def soft_pool_backward(x: Tensor, out: Tensor, grad: Tensor, gate: Gate, k, s, p
     ds/dx_j = w_j (r_j + a) with a = 1 - sum_j(e_j r_j) / Z. With ``gate.padding == "zero"`` the explicit
     padding enters the sums as x_j = 0 (and m is the window max including those zeros).
 
-    On CPU in float32/float64 this runs the compiled kernel of :mod:`~excitation_pullbacks.kernels`
+    On CPU in float32/float64 this runs the compiled kernel op of :mod:`~excitation_pullbacks.rules.pool_kernel`
     where it is available, else :func:`torch_pool_backward`.
     """
     if not gate.is_none:
-        fast = kernels.pool_backward(
+        fast = pool_kernel.pool_backward(
             x, grad, gate.temperature, k, s, p, d, zero=gate.padding == "zero", detach=gate.detach
         )
         if fast is not None:
@@ -449,27 +293,31 @@ def soft_max_pool2d(
     return _SoftMaxPool2d.apply(x, gate, k, s, p, d, bool(ceil_mode), bool(return_indices))
 
 
-class _FrozenBatchNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, mean: Tensor, var: Tensor, weight, bias, eps: float) -> Tensor:
-        scale = torch.rsqrt(var + eps)
-        if weight is not None:
-            scale = scale * weight
-        ctx.save_for_backward(scale)
-        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor):
-        (scale,) = ctx.saved_tensors
-        shape = (1, -1) + (1,) * (grad.dim() - 2)
-        return grad * scale.view(shape), None, None, None, None, None
+def _pool_stub(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    pass  # F.max_pool2d (a dispatcher) and torch.max_pool2d (a builtin without return_indices)
 
 
-def frozen_batch_norm(x: Tensor, running_mean: Tensor, running_var: Tensor, weight, bias, eps: float) -> Tensor:
-    """Eval-mode F.batch_norm, bit for bit, whose backward keeps only the (C,) scale weight/sqrt(var+eps).
+class MaxPool2d(Rule):
+    """Max-pool calls: ``nn.MaxPool2d``, ``F.max_pool2d``, ``F.max_pool2d_with_indices``, ``torch.max_pool2d``."""
 
-    The native op saves its whole input for the weight gradient; with frozen parameters only the input
-    gradient grad * scale is needed, so this frees one activation per BatchNorm during a pullback.
-    """
-    return _FrozenBatchNorm.apply(x, running_mean, running_var, weight, bias, eps)
+    kind = "maxpool"
+    name = "max_pool2d"
+    modules = (nn.MaxPool2d,)
+    functions: ClassVar[dict] = {
+        F.max_pool2d: _pool_stub,
+        F.max_pool2d_with_indices: None,
+        torch.max_pool2d: _pool_stub,
+    }
+
+    def geometry(self, call: Call) -> PoolArgs:
+        return PoolArgs(call["kernel_size"], call["stride"], call["padding"], call["dilation"], bool(call["ceil_mode"]))
+
+    def returns_indices(self, call: Call) -> bool:
+        return call.func is F.max_pool2d_with_indices or bool(call.get("return_indices", False))
+
+    def apply(self, call, site, gate, canonizers):
+        g = self.geometry(call)
+        return soft_max_pool2d(
+            self.input(call), gate, g.kernel_size, g.stride, g.padding, g.dilation, ceil_mode=g.ceil_mode,
+            return_indices=self.returns_indices(call),
+        )  # fmt: skip

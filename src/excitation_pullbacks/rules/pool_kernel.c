@@ -1,39 +1,10 @@
-"""A compiled CPU kernel for the softmax-pool backward (the fast path of ``surrogates.soft_pool_backward``).
+/* Input gradient of the softmax pool (the CPU kernel of excitation_pullbacks.rules.pool_kernel).
 
-``pool_backward`` computes the input gradient in one pass over each output row's windows: the window max,
-the exponentials e_j = exp((x_j - m) / T) and their sums stay in row buffers (in cache) and the input
-gradient is accumulated directly, so the k_h * k_w-fold per-offset terms of the torch path never reach memory.
-
-Plain C (no torch headers), compiled on first use with the system C compiler into a per-user cache (about a
-second) and called through ctypes. The planes are split by OpenMP: the library needs ``libgomp.so.1``, which
-is torch's own already loaded one, so the kernel shares torch's intra-op threads instead of competing with
-them; where OpenMP cannot be linked the kernel runs on one thread.
-Where it does not apply (no C compiler, another device or dtype, or ``EXCITATION_PULLBACKS_KERNELS=0``) it
-returns None and the caller computes the same values in torch (tests compare them).
-"""
-
-from __future__ import annotations
-
-import ctypes
-import hashlib
-import logging
-import math
-import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
-
-import torch
-from torch import Tensor
-
-__all__ = ["available", "pool_backward"]
-
-log = logging.getLogger(__name__)
-
-_SOURCE = r"""
+   One pass over each output row's windows: the window max, the exponentials e_j = exp((x_j - m) / T) and
+   their sums stay in row buffers (in cache) and the input gradient is accumulated directly, so the
+   k_h * k_w-fold per-offset terms of the torch path never reach memory. Planes are split by OpenMP; the
+   library is linked against the OpenMP runtime torch itself has loaded, so torch.set_num_threads governs it.
+   Plain C (no torch headers), built on first use by the system C compiler. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -148,123 +119,20 @@ int NAME(const T *x, const T *grad, T *gin, const T *temps, int64_t nt, int64_t 
 
 SOFT_POOL(soft_pool_f32, float, expf)
 SOFT_POOL(soft_pool_f64, double, exp)
-"""
 
-_FLAGS = ("-O3", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math")
-#: Builds tried in turn: for this machine's CPU (e.g. 8-wide AVX2 exp), with OpenMP threads and glibc's
-#: vector exp; the same for any CPU of the architecture; the vector exp alone; plain C.
-_BUILDS = (
-    (("-march=native", "-fopenmp"), ("-lmvec", "-lm")),
-    (("-fopenmp",), ("-lmvec", "-lm")),
-    (("-fopenmp-simd",), ("-lmvec", "-lm")),
-    ((), ("-lm",)),
-)
-_ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 14 + [ctypes.c_int] * 2
-_FUNCS = {torch.float32: "soft_pool_f32", torch.float64: "soft_pool_f64"}
-_lib: ctypes.CDLL | None = None
-_failed: str | None = None
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "excitation_pullbacks"
-
-
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-
-
-def _cpu() -> str:
-    """The CPU's model and feature flags (part of the cache key: the library is built for this CPU)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = [line for line in f if line.startswith(("model name", "flags", "Features", "CPU part"))]
-        return "".join(sorted(set(lines)))
-    except OSError:
-        return platform.processor()
-
-
-def _build() -> ctypes.CDLL:
-    """Compile (once per source, compiler and machine) and load the shared library."""
-    cc = _compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler found (set CC, or install gcc)")
-    key = "\0".join((_SOURCE, cc, *_FLAGS, repr(_BUILDS), platform.machine(), sys.platform, _cpu()))
-    key = hashlib.sha256(key.encode()).hexdigest()
-    path = _cache_dir() / f"kernels_{key[:16]}.so"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            src, lib = Path(tmp) / "kernels.c", Path(tmp) / "kernels.so"
-            src.write_text(_SOURCE)
-            for flags, libs in _BUILDS:
-                done = subprocess.run(
-                    [cc, *_FLAGS, *flags, str(src), "-o", str(lib), *libs],
-                    check=False,
-                    capture_output=True,
-                    text=True,
-                    timeout=120,
-                )
-                if done.returncode == 0:
-                    break
-            else:
-                raise RuntimeError(f"{cc} failed: {done.stderr.strip()[:500]}")
-            os.replace(lib, path)  # atomic: concurrent builders never load a half-written file
-    lib = ctypes.CDLL(str(path))
-    for name in _FUNCS.values():
-        getattr(lib, name).argtypes = _ARGS
-        getattr(lib, name).restype = ctypes.c_int
-    return lib
-
-
-def available() -> bool:
-    """True when the kernel is built and loaded (builds it on the first call); False when it is switched
-    off (``EXCITATION_PULLBACKS_KERNELS=0``) or cannot be built (the reason is logged once)."""
-    global _lib, _failed
-    if os.environ.get("EXCITATION_PULLBACKS_KERNELS", "1") == "0":
-        return False
-    if _lib is None and _failed is None:
-        try:
-            _lib = _build()
-        except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-            _failed = str(err)
-            log.info("soft-pool kernel unavailable, using the torch path: %s", err)
-    return _lib is not None
-
-
-def _temperatures(t, channels: int, dtype) -> Tensor | None:
-    """The per-plane-channel temperatures as a contiguous CPU tensor, or None where the kernel does not
-    apply (a temperature of 0 or inf, or not one per channel)."""
-    if isinstance(t, Tensor):
-        t = t.detach().reshape(-1)
-        if t.numel() not in (1, channels) or not bool(((t > 0) & torch.isfinite(t)).all()):
-            return None
-        return t.to(device="cpu", dtype=dtype).contiguous()
-    if not (0 < t < math.inf):
-        return None
-    return torch.tensor([t], dtype=dtype)
-
-
-def pool_backward(x: Tensor, grad: Tensor, t, k, s, p, d, zero: bool, detach: bool) -> Tensor | None:
-    """The softmax-pool input gradient (see ``surrogates.soft_pool_backward``), or None where the kernel
-    does not apply (then the caller computes it in torch).
-
-    x: (N, C, H, W) pool input; grad: (N, C, Ho, Wo); t: temperature (float, or (C,) tensor); k, s, p, d:
-    2-tuples of kernel, stride, padding, dilation; zero: padding enters as zeros (else excluded).
-    Returns (N, C, H, W).
-    """
-    if x.device.type != "cpu" or x.dtype not in _FUNCS or grad.dtype != x.dtype or torch.compiler.is_compiling():
-        return None
-    n, c, h, w = x.shape
-    temps = _temperatures(t, c, x.dtype)
-    if temps is None or x.numel() == 0 or grad.numel() == 0 or not available():
-        return None
-    ho, wo = grad.shape[-2:]
-    x, grad = x.contiguous(), grad.contiguous()
-    result = torch.empty((n, c, h, w), dtype=x.dtype)
-    fn = getattr(_lib, _FUNCS[x.dtype])
-    geometry = (h, w, ho, wo, *k, *s, *p, *d, int(zero), int(detach))
-    code = fn(x.data_ptr(), grad.data_ptr(), result.data_ptr(), temps.data_ptr(), temps.numel(), n * c, *geometry)
-    if code:
-        raise MemoryError("soft-pool kernel: out of memory for its row buffers")
-    return result
+/* The number of threads a parallel region of this library runs on (1 without OpenMP): tests read it to show
+   that torch.set_num_threads governs the kernel. */
+#ifdef _OPENMP
+#include <omp.h>
+int soft_pool_threads(void) {
+    int n = 1;
+    _Pragma("omp parallel")
+    {
+        _Pragma("omp single")
+        n = omp_get_num_threads();
+    }
+    return n;
+}
+#else
+int soft_pool_threads(void) { return 1; }
+#endif

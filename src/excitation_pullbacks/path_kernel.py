@@ -13,8 +13,11 @@ import torch
 from torch import Tensor, nn
 
 from .checks import check_images
-from .gates import Gate, Schedule, Site, resolve_schedule
+from .gates import Gate
 from .gating import Excitation
+from .options import resolve_schedule
+from .schedules import Schedule
+from .sites import Site
 
 __all__ = ["path_kernel"]
 
@@ -54,8 +57,8 @@ def path_kernel(
         sign = sign * torch.sign(dots)
 
     def observe(site: Site, z: Tensor, g: Gate) -> None:
-        if site.kind == "maxpool":
-            return
+        if site.kind not in ("relu", "silu", "gelu"):
+            return  # max-pool is a spatial selection, norms and attention no gating: no factor
         if site.kind != "relu" and g.is_hard:
             raise ValueError(
                 f"path_kernel: the hard gate at {site.kind} site {site.key!r} is the activation's "

@@ -1,0 +1,190 @@
+"""Attention rules: the forward exact, the backward through a softened attention softmax(q k^T * scale / T).
+
+``soft_attention(q, k, v, gate, ...)``: ``F.scaled_dot_product_attention`` bit for bit; the backward uses
+A_T = softmax(S / T), S = q k^T * scale (+ mask), in place of the exact weights A: dv = A_T^T g, and, unless
+``gate.detach``, dq = dS k * scale, dk = dS^T q * scale with dS = A_T * (g v^T - rowsum(A_T * g v^T)) - the
+gradient of softmax(S / T) v with the 1/T scaling itself passed through as the identity, as the deep-network
+paper's code does for ``nn.MultiheadAttention``. ``gate.detach``: the weights are constants, the gradient
+flows through v only (the paper's code for PVT). At T = 1 without detach the backward is the exact gradient;
+the hard gate (T = 0, or shape ``hard``) is the native op. The backward costs one q k^T product and softmax
+more than the native one, and no second attention forward.
+
+Where attention is computed explicitly (torchvision's Swin and MaxViT, timm without fused attention), the
+rule sits at the softmax over the last dim of a score tensor of 3 or more dims: ``soft_softmax`` is the
+exact softmax whose backward is that of softmax(x / T) (identity through the scaling), or zero with
+``detach``. The weights then reach the values through the model's own matmul, so there dv uses the exact A;
+at T = 1 both forms agree with the fused one.
+
+Calls through ``nn.MultiheadAttention`` (``F.multi_head_attention_forward``, which calls either form inside)
+are named by the module's path.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from ..gates import Gate
+from .base import Call, Rule
+
+__all__ = ["ExplicitAttention", "FusedAttention", "soft_attention", "soft_softmax"]
+
+
+def _scores(q: Tensor, k: Tensor, mask: Tensor | None, is_causal: bool, scale: float) -> Tensor:
+    """S = q k^T * scale + mask: (..., L, S), -inf where a boolean mask or causality excludes a key."""
+    s = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)
+    if is_causal:
+        causal = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril_()
+        s = s.masked_fill(~causal, float("-inf"))
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+    return s
+
+
+def _reduce_to(grad: Tensor, shape: torch.Size) -> Tensor:
+    """Sum a broadcast gradient back to ``shape``."""
+    while grad.dim() > len(shape):
+        grad = grad.sum(0)
+    dims = [i for i, (g, s) in enumerate(zip(grad.shape, shape)) if s == 1 and g != 1]
+    return grad.sum(dims, keepdim=True) if dims else grad
+
+
+class _SoftAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask, is_causal: bool, scale, enable_gqa: bool, gate: Gate):
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
+        )
+        ctx.is_causal, ctx.scale, ctx.gate = is_causal, scale, gate
+        ctx.mask_shape = None if mask is None else mask.shape
+        ctx.save_for_backward(q, k, v, mask)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        q, k, v, mask = ctx.saved_tensors
+        gate = ctx.gate
+        scale = ctx.scale if ctx.scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        groups = q.shape[-3] // k.shape[-3] if q.dim() >= 3 and k.shape[-3] != q.shape[-3] else 1
+        if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
+            k, v = k.repeat_interleave(groups, -3), v.repeat_interleave(groups, -3)
+        a = torch.softmax(_scores(q, k, mask, ctx.is_causal, scale).div_(float(gate.temperature)), dim=-1)
+        dv = torch.matmul(a.transpose(-2, -1), grad)
+        dq = dk = dmask = None
+        if not gate.detach:
+            da = torch.matmul(grad, v.transpose(-2, -1))
+            ds = a.mul_(da.sub_((da * a).sum(-1, keepdim=True)))  # A_T * (dA - rowsum(dA * A_T))
+            dq = torch.matmul(ds, k).mul_(scale)
+            dk = torch.matmul(ds.transpose(-2, -1), q).mul_(scale)
+            if mask is not None and ctx.needs_input_grad[3]:
+                dmask = _reduce_to(ds, ctx.mask_shape)
+        if groups > 1:
+            dv = dv.unflatten(-3, (-1, groups)).sum(-3)
+            dk = None if dk is None else dk.unflatten(-3, (-1, groups)).sum(-3)
+        return dq, dk, dv, dmask, None, None, None, None
+
+
+def soft_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gate: Gate,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """``F.scaled_dot_product_attention`` (no dropout) with the softened backward of ``gate`` (see the module).
+
+    q: (..., L, E); k: (..., S, E); v: (..., S, Ev); attn_mask: broadcastable to (..., L, S), boolean (True:
+    attend) or additive. Returns (..., L, Ev).
+    """
+    if gate.is_hard:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
+        )
+    return _SoftAttention.apply(q, k, v, attn_mask, is_causal, scale, enable_gqa, gate)
+
+
+class _SoftSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, dim: int, dtype, gate: Gate) -> Tensor:
+        out = torch.softmax(x, dim, dtype=dtype)
+        ctx.dim, ctx.gate = dim, gate
+        ctx.save_for_backward(x)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        if ctx.gate.detach:
+            return None, None, None, None
+        (x,) = ctx.saved_tensors
+        a = torch.softmax(x.to(grad.dtype) / float(ctx.gate.temperature), ctx.dim)
+        dx = a.mul_(grad - (grad * a).sum(ctx.dim, keepdim=True))
+        return dx.to(x.dtype), None, None, None
+
+
+def soft_softmax(x: Tensor, dim: int, gate: Gate, dtype=None) -> Tensor:
+    """``torch.softmax(x, dim, dtype=dtype)`` bit for bit with the backward of softmax(x / T) (identity through
+    the scaling), or no gradient with ``gate.detach``. x: attention scores (..., L, S), dim -1."""
+    if gate.is_hard:
+        return torch.softmax(x, dim, dtype=dtype)
+    return _SoftSoftmax.apply(x, dim, dtype, gate)
+
+
+def _sdpa_stub(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    pass  # F.scaled_dot_product_attention (a builtin)
+
+
+def _softmax_stub(input, dim, dtype=None):
+    pass  # torch.softmax and Tensor.softmax (builtins)
+
+
+class FusedAttention(Rule):
+    """``F.scaled_dot_product_attention`` calls, also inside ``nn.MultiheadAttention``."""
+
+    kind = "attention"
+    name = "scaled_dot_product_attention"
+    modules = (nn.MultiheadAttention,)
+    functions: ClassVar[dict] = {F.scaled_dot_product_attention: _sdpa_stub}
+    composites = (F.multi_head_attention_forward,)
+
+    def input(self, call: Call) -> Tensor:
+        return call["query"]
+
+    def apply(self, call: Call, site, gate, canonizers):
+        if call["dropout_p"]:
+            warnings.warn(
+                f"excitation: attention {site.key} runs with dropout; its exact gradient is kept",
+                stacklevel=2,
+            )
+            return call.run()
+        return soft_attention(
+            call["query"], call["key"], call["value"], gate, call["attn_mask"], bool(call["is_causal"]),
+            call["scale"], bool(call["enable_gqa"]),
+        )  # fmt: skip
+
+
+class ExplicitAttention(Rule):
+    """Softmax calls over the last dim of attention scores (3 or more dims): ``F.softmax``, ``torch.softmax``,
+    ``Tensor.softmax``. A softmax of 2-dim logits (a classifier's) is left alone."""
+
+    kind = "attention"
+    name = "softmax"
+    modules = (nn.MultiheadAttention,)
+    functions: ClassVar[dict] = {F.softmax: None, torch.softmax: _softmax_stub, Tensor.softmax: _softmax_stub}
+
+    def handles(self, call: Call) -> bool:
+        x, dim = call["input"], call["dim"]
+        return isinstance(x, Tensor) and x.dim() >= 3 and dim is not None and dim % x.dim() == x.dim() - 1
+
+    def apply(self, call: Call, site, gate, canonizers):
+        return soft_softmax(call["input"], call["dim"], gate, call["dtype"])

@@ -1,0 +1,116 @@
+"""``Rule``: what to do at one kind of call site, and ``Call``: one intercepted torch call, bound by name.
+
+A rule names the torch callables it handles (``F.relu``, ``Tensor.relu_``, ...), the module types whose calls
+are named by the module's path, and gives the forward-exact, backward-soft replacement of a call. The gating
+context (:mod:`~excitation_pullbacks.gating`) knows no op by name: it looks the callable up in the registry
+(:mod:`~excitation_pullbacks.rules.registry`) and hands the rule the call, its site and its gate.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from torch import Tensor, nn
+
+from ..gates import Gate
+from ..sites import Site
+
+if TYPE_CHECKING:
+    from ..canonizers import Canonizer
+
+__all__ = ["Call", "Rule", "signature"]
+
+_SIGNATURES: dict[Callable, inspect.Signature] = {}
+
+
+def signature(func: Callable, stub: Callable | None = None) -> inspect.Signature:
+    """The call signature of ``func``: its own where Python knows it, else ``stub``'s (a plain function with
+    the documented parameters of a builtin such as ``torch.relu(input)``). Cached per callable."""
+    sig = _SIGNATURES.get(func)
+    if sig is None:
+        try:
+            sig = inspect.signature(func)
+            params = list(sig.parameters.values())
+            if stub is not None and any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+                sig = inspect.signature(stub)  # a dispatcher (*args, **kwargs): the stub says more
+        except (TypeError, ValueError):
+            if stub is None:
+                raise
+            sig = inspect.signature(stub)
+        _SIGNATURES[func] = sig
+    return sig
+
+
+@dataclass
+class Call:
+    """One call of ``func`` with ``args`` / ``kwargs`` as the model made it; ``bound`` maps each parameter
+    name of ``func``'s signature to its value (defaults included)."""
+
+    func: Callable
+    args: tuple
+    kwargs: Mapping[str, Any]
+    bound: Mapping[str, Any]
+
+    @classmethod
+    def bind(cls, func: Callable, args: tuple, kwargs: Mapping[str, Any], stub: Callable | None = None) -> Call:
+        bound = signature(func, stub).bind(*args, **kwargs)
+        bound.apply_defaults()
+        return cls(func, args, kwargs, dict(bound.arguments))
+
+    def __getitem__(self, name: str) -> Any:
+        return self.bound[name]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.bound.get(name, default)
+
+    def run(self) -> Any:
+        """The call exactly as the model made it (the native op, in place if it was)."""
+        return self.func(*self.args, **self.kwargs)
+
+
+class Rule:
+    """One kind of call site. Subclasses set the class attributes and implement :meth:`apply`.
+
+    kind: the site kind schedules choose gates by (``relu``, ``layer_norm``, ...).
+    functions: {torch callable: signature stub or None}: the calls this rule handles.
+    modules: module types whose calls are named by the module path (else ``<path>:<name>``).
+    name: the function name in site names of functional calls.
+    composites: Python functions whose inner calls this rule handles and that the context therefore runs
+        with the interception on (``F.multi_head_attention_forward`` calls ``F.scaled_dot_product_attention``).
+    """
+
+    kind: ClassVar[str] = ""
+    functions: ClassVar[Mapping[Callable, Callable | None]] = {}
+    modules: ClassVar[tuple[type[nn.Module], ...]] = ()
+    name: ClassVar[str] = ""
+    composites: ClassVar[tuple[Callable, ...]] = ()
+
+    def bind(self, func: Callable, args: tuple, kwargs: Mapping[str, Any]) -> Call:
+        return Call.bind(func, args, kwargs, self.functions.get(func))
+
+    def handles(self, call: Call) -> bool:
+        """False for calls this rule leaves alone (they run natively and make no site)."""
+        return True
+
+    def input(self, call: Call) -> Tensor:
+        """The tensor the gate reads (z): what observers and substitutes see."""
+        return call.bound["input"]
+
+    def details(self, call: Call) -> dict[str, Any]:
+        """Extra :class:`~excitation_pullbacks.sites.Site` fields of this call (e.g. GELU's ``approximate``)."""
+        return {}
+
+    def geometry(self, call: Call) -> Any:
+        """What a substitute needs besides z (max-pool: its window geometry); None for most rules."""
+        return None
+
+    def apply(self, call: Call, site: Site, gate: Gate, canonizers: tuple[Canonizer, ...]) -> Any:
+        """The call's output, bit for bit, with the surrogate backward of ``gate`` (a resolved gate that is not
+        hard). ``canonizers``: the context's, for rules that reuse what a canonizer recorded."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(kind={self.kind!r})"
