@@ -12,9 +12,13 @@ from toy_rule import LeakyReLU
 
 def _model():
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3), nn.LeakyReLU(0.1), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)
-    ).double().eval()
+    return (
+        nn.Sequential(
+            nn.Conv2d(3, 4, 3), nn.LeakyReLU(0.1), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)
+        )
+        .double()
+        .eval()
+    )
 
 
 class _Reference(nn.Module):

@@ -97,7 +97,9 @@ def engine_for(model: nn.Module, schedule: Schedule) -> Excitation:
 
 def _check_gated(report: Report) -> None:
     if report.total == 0:
-        raise ValueError("the model made no call that a rule covers (ReLU, SiLU, GELU, max-pool, norm, attention): there is nothing to gate")
+        raise ValueError(
+            "the model made no call that a rule covers (ReLU, SiLU, GELU, max-pool, norm, attention): there is nothing to gate"
+        )
 
 
 def gated_forward(engine: Excitation, x: Tensor, neuron: Neuron | None = None) -> Tensor:

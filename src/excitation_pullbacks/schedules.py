@@ -31,8 +31,6 @@ class Schedule:
         return self.rule(site)
 
 
-
-
 _HARD = Gate("hard", 0.0)
 
 
