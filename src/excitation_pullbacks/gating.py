@@ -158,9 +158,6 @@ class _Mode(TorchFunctionMode):
         canonizer = owner._canonizers.get(func)
         if canonizer is not None:
             return canonizer.handle(func, args, kwargs)
-        if func in owner._composites:  # a Python function whose inner calls rules handle: look inside
-            with _Mode(owner):
-                return func(*args, **kwargs)
         name = _UNGATED_FUNCS.get(func)
         if name is not None:
             owner._note_ungated(name)
@@ -209,9 +206,9 @@ class Excitation:
         self._counts: Counter = Counter()
         self._depth: Counter = Counter()
         self._linear_out: Tensor | None = None  # the latest nn.Linear output: its features are in the last dim
+        self._ungated: dict[str, list[str]] = {}
         self._rules: dict[Callable, Rule] = {}
         self._canonizers: dict[Callable, Canonizer] = {}
-        self._composites: frozenset = frozenset()
         self._open = False
 
     @property
@@ -225,7 +222,6 @@ class Excitation:
         registered = rules()
         self._rules = {func: rule for rule in registered for func in rule.functions}
         self._canonizers = {func: c for c in self.canonizers for func in c.functions}
-        self._composites = frozenset(f for rule in registered for f in rule.composites)
         try:
             # always_call: the stack stays right when a forward raises; not under torch.compile, whose graphs
             # guard on the (new each time) hook ids that always_call records (__exit__ closes the pass anyway).
@@ -256,6 +252,8 @@ class Excitation:
         self._handles.clear()
 
     def _end_pass(self) -> None:
+        if self._ungated:
+            self._warn_ungated()
         self._linear_out = None
         for canonizer in self.canonizers:
             canonizer.reset()
@@ -340,14 +338,20 @@ class Excitation:
         kind = type(inner).__name__
         same = kind.lower() == func_name.replace("_", "")
         what = f"{path} ({kind})" if same else f"{path}:{func_name}"
-        first = what not in self.report.ungated
         self.report.ungated[what] = self.report.ungated.get(what, 0) + 1
-        if first:
+        self._ungated.setdefault(func_name, []).append(what)
+
+    def _warn_ungated(self) -> None:
+        """One warning per op no rule covers in the pass just ended: the op, its calls, its first sites."""
+        for func_name, sites in self._ungated.items():
+            names = list(dict.fromkeys(sites))
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
             warnings.warn(
-                f"excitation: {what} keeps its own gradient (no rule covers {func_name})",
+                f"excitation: no rule covers {func_name} ({len(sites)} calls: {shown}); its own gradient is kept",
                 UngatedActivationWarning,
-                stacklevel=2,
+                stacklevel=4,
             )
+        self._ungated = {}
 
 
 def excitation(model: nn.Module, schedule: Schedule | GateOptions | float | None = None, **gate) -> Excitation:

@@ -17,6 +17,9 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from excitation_pullbacks.gates import NORM_SHAPES, RELU_SHAPES
+from excitation_pullbacks.options import COMPAT
+
 __all__ = [
     "CONFIG_DIR",
     "AscentConfig",
@@ -27,6 +30,7 @@ __all__ = [
     "GateShape",
     "LoggerConfig",
     "LoggerMode",
+    "NormShape",
     "TrainerConfig",
     "job_folder",
     "register_schemas",
@@ -44,24 +48,12 @@ class GateKind(str, Enum):
     by_depth = "by_depth"
 
 
-class GateShape(str, Enum):
-    """The ReLU gate shape (:data:`excitation_pullbacks.gates.RELU_SHAPES`)."""
-
-    sigmoid = "sigmoid"
-    normal_cdf = "normal_cdf"
-    normal_cdf_tanh = "normal_cdf_tanh"
-    softsign = "softsign"
-    own = "own"
-    hard = "hard"
-    none = "none"
-
-
-class Compat(str, Enum):
-    """``default``: this project's gates; ``author``: the published reference code's (zero padding inside the
-    soft max-pool window, functional ReLU calls left hard)."""
-
-    default = "default"
-    author = "author"
+#: The ReLU gate shape: the core's :data:`~excitation_pullbacks.gates.RELU_SHAPES`, one member each.
+GateShape = Enum("GateShape", [(s, s) for s in RELU_SHAPES], type=str)
+#: Normalisation sites: the core's :data:`~excitation_pullbacks.gates.NORM_SHAPES`.
+NormShape = Enum("NormShape", [(s, s) for s in NORM_SHAPES], type=str)
+#: ``default``, or the quirks of one published code (:data:`~excitation_pullbacks.options.COMPAT`).
+Compat = Enum("Compat", [(s, s) for s in COMPAT], type=str)
 
 
 class LoggerMode(str, Enum):
@@ -80,10 +72,12 @@ class GateConfig:
         calibrated on ``calibration_batches`` batches of the data; ``temperature`` for sites the file lacks.
     by_depth: the ReLU calls split into len(depth_temperatures) equal groups by depth, group g at
         depth_temperatures[g]; max-pool (and SiLU/GELU) sites follow each row's T.
-    pool_temperature: max-pool softmax temperature (null: follow the ReLU gate); pool_detach: detach the
-        softmax weights instead of the paper's full gradient (null: no, except with compat=author, whose code
-        detaches them).
-    compat: ``author`` reproduces the published reference code bit for bit (see ``make_schedule``).
+    The gate fields are those of the core's :class:`~excitation_pullbacks.options.GateOptions` (``shape`` is
+    its ``gate``; a test checks that they stay the same): pool_temperature (null: follow the ReLU gate),
+    pool_detach, smooth_temperature / silu_temperature / gelu_temperature (SiLU and GELU sites), norm
+    (LayerNorm / GroupNorm: hard | frozen), attention_temperature (null: exact attention) and
+    attention_detach, compat (``author``: the ReLU paper's code; ``semantic_author``: the deep-network
+    paper's code). The presets ``gate=author``, ``gate=semantic``, ``gate=semantic_author`` set them.
     """
 
     kind: GateKind = GateKind.uniform
@@ -91,6 +85,13 @@ class GateConfig:
     temperature: float = 0.3
     pool_temperature: Optional[float] = None
     pool_detach: Optional[bool] = None
+    smooth_temperature: Optional[float] = None
+    smooth_gate: GateShape = GateShape.own
+    silu_temperature: Optional[float] = None
+    gelu_temperature: Optional[float] = None
+    norm: NormShape = NormShape.hard
+    attention_temperature: Optional[float] = None
+    attention_detach: bool = False
     compat: Compat = Compat.default
     calibration: Optional[str] = None
     calibration_scale: float = 0.3

@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from enum import Enum
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from excitation_pullbacks import calibrate, excitation
 from excitation_pullbacks.gates import Gate
-from excitation_pullbacks.options import make_schedule
+from excitation_pullbacks.options import GateOptions, make_schedule
 from excitation_pullbacks.schedules import ByDepth, PerChannel, Schedule
 
 from .config import GateKind
@@ -29,6 +30,7 @@ __all__ = [
     "GateSetting",
     "check_main_temperature",
     "check_temperatures",
+    "gate_options",
     "gate_settings",
     "main_setting",
     "run_gate_settings",
@@ -60,14 +62,17 @@ def check_temperatures(temperatures: Sequence) -> list[float]:
     return [float(t) for t in temps]
 
 
+def gate_options(gate, temperature: float) -> GateOptions:
+    """The core's :class:`~excitation_pullbacks.options.GateOptions` of a ``gate`` config node at ``temperature``
+    (the config's fields are GateOptions' own, ``shape`` for ``gate``)."""
+    names = {f.name for f in fields(GateOptions)} - {"gate", "temperature"}
+    values = {name: getattr(gate, name) for name in names if name in gate}
+    values = {k: v.value if isinstance(v, Enum) else v for k, v in values.items()}
+    return GateOptions(temperature=temperature, gate=gate.shape.value, **values)
+
+
 def _uniform(gate, temperature: float) -> Schedule:
-    return make_schedule(
-        temperature=temperature,
-        gate=gate.shape.value,
-        pool_temperature=gate.pool_temperature,
-        pool_detach=gate.pool_detach,
-        compat=gate.compat.value,
-    )
+    return gate_options(gate, temperature).schedule()
 
 
 def _by_depth(gate, temperature: float, relu_calls: int) -> Schedule:

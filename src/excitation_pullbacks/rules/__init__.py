@@ -7,7 +7,7 @@ GroupNorm), ``attention`` (fused and explicit attention). A new layer type is on
 """
 
 from .activations import GELU, ReLU, SiLU, soft_gelu, soft_relu, soft_silu
-from .attention import ExplicitAttention, FusedAttention, soft_attention, soft_softmax
+from .attention import ExplicitAttention, FusedAttention, MultiheadAttention, soft_attention, soft_softmax
 from .base import Call, Rule
 from .layer_norm import GroupNorm, LayerNorm, frozen_group_norm, frozen_layer_norm
 from .pool import MaxPool2d, PoolArgs, soft_max_pool2d
@@ -31,5 +31,15 @@ __all__ = [
     "unregister",
 ]
 
-for _rule in (ReLU(), MaxPool2d(), SiLU(), GELU(), LayerNorm(), GroupNorm(), FusedAttention(), ExplicitAttention()):
+for _rule in (
+    ReLU(),
+    MaxPool2d(),
+    SiLU(),
+    GELU(),
+    LayerNorm(),
+    GroupNorm(),
+    FusedAttention(),
+    ExplicitAttention(),
+    MultiheadAttention(),
+):
     register(_rule)

@@ -15,8 +15,10 @@ exact softmax whose backward is that of softmax(x / T) (identity through the sca
 ``detach``. The weights then reach the values through the model's own matmul, so there dv uses the exact A;
 at T = 1 both forms agree with the fused one.
 
-Calls through ``nn.MultiheadAttention`` (``F.multi_head_attention_forward``, which calls either form inside)
-are named by the module's path.
+``nn.MultiheadAttention`` (``F.multi_head_attention_forward``) is handled as one call, named by the module's
+path: for self-attention without masks or extra key/value biases and without attention weights requested
+(torchvision's ViT), the rule runs the function's own sequence of ops with the fused attention above, so the
+forward stays bit for bit; other configurations keep their exact gradient, with a warning.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from torch.autograd.function import once_differentiable
 from ..gates import Gate
 from .base import Call, Rule
 
-__all__ = ["ExplicitAttention", "FusedAttention", "soft_attention", "soft_softmax"]
+__all__ = ["ExplicitAttention", "FusedAttention", "MultiheadAttention", "soft_attention", "soft_softmax"]
 
 
 def _scores(q: Tensor, k: Tensor, mask: Tensor | None, is_causal: bool, scale: float) -> Tensor:
@@ -149,13 +151,11 @@ def _softmax_stub(input, dim, dtype=None):
 
 
 class FusedAttention(Rule):
-    """``F.scaled_dot_product_attention`` calls, also inside ``nn.MultiheadAttention``."""
+    """``F.scaled_dot_product_attention`` calls."""
 
     kind = "attention"
     name = "scaled_dot_product_attention"
-    modules = (nn.MultiheadAttention,)
     functions: ClassVar[dict] = {F.scaled_dot_product_attention: _sdpa_stub}
-    composites = (F.multi_head_attention_forward,)
 
     def input(self, call: Call) -> Tensor:
         return call["query"]
@@ -179,7 +179,6 @@ class ExplicitAttention(Rule):
 
     kind = "attention"
     name = "softmax"
-    modules = (nn.MultiheadAttention,)
     functions: ClassVar[dict] = {F.softmax: None, torch.softmax: _softmax_stub, Tensor.softmax: _softmax_stub}
 
     def handles(self, call: Call) -> bool:
@@ -188,3 +187,63 @@ class ExplicitAttention(Rule):
 
     def apply(self, call: Call, site, gate, canonizers):
         return soft_softmax(call["input"], call["dim"], gate, call["dtype"])
+
+
+def _self_attention(call: Call, gate: Gate) -> Tensor:
+    """``F.multi_head_attention_forward`` for self-attention (query is key is value, packed in-projection, no
+    masks, no bias_k / bias_v / zero attention / static keys, no weights returned, no dropout): the function's
+    own sequence of ops, with :func:`soft_attention` in place of its fused attention. Returns (L, N, E) or
+    (L, E) as the function does."""
+    x = call["query"]
+    batched = x.dim() == 3
+    if not batched:
+        x = x.unsqueeze(1)
+    length, n, e = x.shape
+    heads = call["num_heads"]
+    hd = e // heads
+    proj = F.linear(x, call["in_proj_weight"], call["in_proj_bias"])
+    proj = proj.unflatten(-1, (3, e)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
+    q, k, v = (t.view(length, n * heads, hd).transpose(0, 1) for t in (proj[0], proj[1], proj[2]))
+    q, k, v = (t.view(n, heads, length, hd) for t in (q, k, v))
+    out = soft_attention(q, k, v, gate).permute(2, 0, 1, 3).reshape(n * length, e)
+    out = F.linear(out, call["out_proj_weight"], call["out_proj_bias"]).view(length, n, -1)
+    return out if batched else out.squeeze(1)
+
+
+def _mha_stub(query, key, value, embed_dim_to_check, num_heads, in_proj_weight, in_proj_bias, bias_k, bias_v,
+              add_zero_attn, dropout_p, out_proj_weight, out_proj_bias, training=True, key_padding_mask=None,
+              need_weights=True, attn_mask=None, use_separate_proj_weight=False, q_proj_weight=None,
+              k_proj_weight=None, v_proj_weight=None, static_k=None, static_v=None, average_attn_weights=True,
+              is_causal=False):  # fmt: skip
+    pass  # F.multi_head_attention_forward's signature, for torch versions where it cannot be read
+
+
+class MultiheadAttention(Rule):
+    """``nn.MultiheadAttention`` calls (``F.multi_head_attention_forward``); see the module docstring."""
+
+    kind = "attention"
+    name = "multi_head_attention_forward"
+    modules = (nn.MultiheadAttention,)
+    functions: ClassVar[dict] = {F.multi_head_attention_forward: _mha_stub}
+
+    def input(self, call: Call) -> Tensor:
+        return call["query"]
+
+    @staticmethod
+    def supported(call: Call) -> bool:
+        b = call.bound
+        same = b["query"] is b["key"] and b["key"] is b["value"]
+        extras = ("bias_k", "bias_v", "key_padding_mask", "attn_mask", "static_k", "static_v")
+        dropout = b["training"] and b["dropout_p"] > 0
+        plain = not (b["add_zero_attn"] or b["need_weights"] or b["use_separate_proj_weight"] or b["is_causal"])
+        return same and plain and not dropout and all(b[name] is None for name in extras)
+
+    def apply(self, call: Call, site, gate, canonizers):
+        if not self.supported(call):
+            warnings.warn(
+                f"excitation: attention {site.key} keeps its exact gradient (nn.MultiheadAttention with masks, "
+                "cross-attention, dropout or attention weights requested)",
+                stacklevel=2,
+            )
+            return call.run()
+        return _self_attention(call, gate), None

@@ -78,15 +78,12 @@ class Rule:
     functions: {torch callable: signature stub or None}: the calls this rule handles.
     modules: module types whose calls are named by the module path (else ``<path>:<name>``).
     name: the function name in site names of functional calls.
-    composites: Python functions whose inner calls this rule handles and that the context therefore runs
-        with the interception on (``F.multi_head_attention_forward`` calls ``F.scaled_dot_product_attention``).
     """
 
     kind: ClassVar[str] = ""
     functions: ClassVar[Mapping[Callable, Callable | None]] = {}
     modules: ClassVar[tuple[type[nn.Module], ...]] = ()
     name: ClassVar[str] = ""
-    composites: ClassVar[tuple[Callable, ...]] = ()
 
     def bind(self, func: Callable, args: tuple, kwargs: Mapping[str, Any]) -> Call:
         return Call.bind(func, args, kwargs, self.functions.get(func))
