@@ -32,3 +32,22 @@ def images():
     """Two seeded float64 images in [-1, 1], 64 x 64 (VGG's 5 pools need >= 32)."""
     g = torch.Generator().manual_seed(1)
     return torch.rand(2, 3, 64, 64, generator=g, dtype=torch.float64) * 2 - 1
+
+
+@pytest.fixture(scope="module")
+def served_app(tmp_path_factory):
+    """The explorer with the shipped digits CNN on the CPU and a gallery of one test image per digit, served on a
+    free local port: ``(url, the gallery's image files in digit order)``."""
+    pytest.importorskip("gradio")
+    from excitation_pullbacks.app.images import digits_folder, list_images
+    from excitation_pullbacks.app.models import ModelSpec
+    from excitation_pullbacks.app.page import build_demo
+
+    from helpers import serving
+
+    folder = digits_folder(tmp_path_factory.mktemp("digits"), per_class=1)
+    demo = build_demo(
+        ModelSpec("digits_cnn", "DEFAULT"), device="cpu", images=folder, work_dir=tmp_path_factory.mktemp("work")
+    )
+    with serving(demo) as url:
+        yield url, list_images(folder)

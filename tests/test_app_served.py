@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -13,28 +12,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
     pytest.mark.filterwarnings("ignore:The copy keyword is deprecated"),
 ]
-
-from excitation_pullbacks.app.images import digits_folder, list_images
-from excitation_pullbacks.app.models import ModelSpec
-from excitation_pullbacks.app.page import build_demo
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    folder = digits_folder(tmp_path_factory.mktemp("digits"), per_class=1)
-    demo = build_demo(
-        ModelSpec("digits_cnn", "DEFAULT"), device="cpu", images=folder, work_dir=tmp_path_factory.mktemp("work")
-    )
-    port = free_port()
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, show_error=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/", list_images(folder)
-    demo.close()
 
 
 def run_args(path, temperature=0.3, target="digit 3 (3)", mode="class"):
@@ -58,8 +35,8 @@ def run_args(path, temperature=0.3, target="digit 3 (3)", mode="class"):
     )
 
 
-def test_named_endpoints_run_step_export(served):
-    url, files = served
+def test_named_endpoints_run_step_export(served_app):
+    url, files = served_app
     client = gradio_client.Client(url, verbose=False)
     assert {"/run", "/step", "/export", "/load_model", "/stop"} <= set(
         client.view_api(print_info=False, return_format="dict")["named_endpoints"]
@@ -84,13 +61,13 @@ def test_named_endpoints_run_step_export(served):
     assert Path(neuron[2]).is_file() and neuron[8] is None  # no ascent for a hidden neuron
 
 
-def test_bad_upload_is_a_clear_error(served, tmp_path):
-    url, _ = served
+def test_bad_upload_is_a_clear_error(served_app, tmp_path):
+    url, files = served_app
     client = gradio_client.Client(url, verbose=False)
     bad = tmp_path / "photo.png"
     bad.write_bytes(b"this is not an image")
     with pytest.raises(gradio_client.exceptions.AppError, match="not an image file"):
         client.predict(*run_args(bad), api_name="/run")
-    good = list_images(served[1][0].parent)[0]
+    good = files[0]
     with pytest.raises(gradio_client.exceptions.AppError, match="not in the list of choices"):
         client.predict(*run_args(good, target="zebra"), api_name="/run")
