@@ -71,3 +71,45 @@ def test_bad_upload_is_a_clear_error(served_app, tmp_path):
     good = files[0]
     with pytest.raises(gradio_client.exceptions.AppError, match="not in the list of choices"):
         client.predict(*run_args(good, target="zebra"), api_name="/run")
+
+
+RUN_PARAMETERS = [
+    "Model",
+    "Local checkpoint (state dict; optional)",
+    "Image",
+    "Target",
+    "Class (type to filter)",
+    "Layer (gated site)",
+    "Channel",
+    "Position h, w (blank: sum)",
+    "Gate shape",
+    "Temperature T",
+    "Max-pool T (blank: same as T)",
+    "Detach max-pool softmax weights",
+    "Steps",
+    "Step size (L2)",
+    "Radius eps (L2)",
+    "Temperature strip (T values; 0 = vanilla)",
+]
+
+
+def test_endpoint_parameters_keep_their_order(served_app):
+    """API clients pass /run's values by position: the order is the page's, whatever the handlers read."""
+    url, _ = served_app
+    api = gradio_client.Client(url, verbose=False).view_api(print_info=False, return_format="dict")
+    endpoints = api["named_endpoints"]
+    assert [p["label"] for p in endpoints["/run"]["parameters"]] == RUN_PARAMETERS
+    assert [p["label"] for p in endpoints["/pick_image"]["parameters"]] == RUN_PARAMETERS[:3]
+    assert [p["label"] for p in endpoints["/step"]["parameters"]] == ["Ascent step"]
+
+
+def test_load_model_and_pick_image(served_app):
+    url, files = served_app
+    client = gradio_client.Client(url, verbose=False)
+    status, _, layer, step_size, eps = client.predict("digits_cnn|null", "", api_name="/load_model")
+    assert status.startswith("**digits_cnn: random weights** on cpu: 10 classes, input 32 x 32, 6 gated calls")
+    assert layer["value"] == "features.2" and (step_size, eps) == (2.857, 14.29)
+    target = client.predict("digits_cnn|DEFAULT", "", gradio_client.handle_file(str(files[7])), api_name="/pick_image")
+    assert target["value"] == "digit 7 (7)"
+    with pytest.raises(gradio_client.exceptions.AppError, match="does not exist"):
+        client.predict("digits_cnn|DEFAULT", "/no/such/weights.pt", api_name="/load_model")
