@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torchvision.models as tvm
+from torch import nn
 
 from excitation_pullbacks import ImageNetInput
 
@@ -25,6 +26,28 @@ def tv_models():
         return cache[name]
 
     return get
+
+
+@pytest.fixture
+def tiny_net():
+    """A small conv net with BatchNorm (one with a cumulative average), ReLU (one in-place) and max-pool, a
+    shifted running mean and one frozen weight: a model whose every state a call could change."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.BatchNorm2d(4, momentum=None),  # cumulative average: also counts batches
+        nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    )
+    net[1].running_mean.uniform_(-0.5, 0.5)
+    net[0].weight.requires_grad_(False)  # a mixed set of flags must come back as it was
+    return net
 
 
 @pytest.fixture

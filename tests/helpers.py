@@ -74,6 +74,10 @@ DDP_SPAWN = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "tra
 CLI = [sys.executable, "-m", "excitation_pullbacks.pipeline.cli"]
 
 
+#: The quickest figures run (Fig. 2, no logger) for tests of the run skeleton.
+FAST = ("experiment=fig2", "logger=none")
+
+
 def tiny_overrides(*overrides: str) -> list[str]:
     """TINY followed by ``overrides``; another data source replaces the synthetic one."""
     base = TINY
