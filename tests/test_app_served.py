@@ -111,5 +111,5 @@ def test_load_model_and_pick_image(served_app):
     assert layer["value"] == "features.2" and (step_size, eps) == (2.857, 14.29)
     target = client.predict("digits_cnn|DEFAULT", "", gradio_client.handle_file(str(files[7])), api_name="/pick_image")
     assert target["value"] == "digit 7 (7)"
-    with pytest.raises(gradio_client.exceptions.AppError, match="does not exist"):
+    with pytest.raises(gradio_client.exceptions.AppError, match="is not offered by this explorer"):
         client.predict("digits_cnn|DEFAULT", "/no/such/weights.pt", api_name="/load_model")

@@ -11,9 +11,10 @@ order the components are created (:func:`.build_layout`), their results in the o
 from __future__ import annotations
 
 import re
+import shutil
 import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import gradio as gr
@@ -21,6 +22,7 @@ import torch
 
 from excitation_pullbacks import Neuron
 
+from .checkpoints import Checkpoints
 from .command import command_line
 from .images import ImageError, open_image, preprocess
 from .inputs import (
@@ -51,7 +53,7 @@ __all__ = ["Events", "ImageInputs", "ModelInputs", "RunInputs", "StepInputs"]
 
 @dataclass(frozen=True)
 class ModelInputs:
-    """The model picker: ``name|weights`` key and a local checkpoint path (blank: none)."""
+    """The model picker: ``name|weights`` key and a local checkpoint's name on the page (blank: none)."""
 
     model_key: str
     checkpoint: str | None
@@ -114,18 +116,26 @@ def _message(err: BaseException) -> str:
 
 class Events:
     """The handlers of the page ``ui``: models are built for ``device`` (``initial`` as given, others from the
-    picker), runs save their input image and exports under ``work``; one computation runs at a time (the
-    excitation context hooks the shared model)."""
+    picker, local checkpoints only those ``checkpoints`` offers), runs save their input image and exports under
+    ``work``; one computation runs at a time (the excitation context hooks the shared model)."""
 
-    def __init__(self, ui: Layout, initial: ModelSpec, device: str, work: Path):
+    def __init__(self, ui: Layout, initial: ModelSpec, device: str, work: Path, checkpoints: Checkpoints):
         self.ui, self.initial, self.device, self.work = ui, initial, device, Path(work)
+        self.checkpoints = checkpoints
         self.stops = _Stops()
         self.compute = threading.Lock()
 
     def model(self, key: str, checkpoint: str | None) -> LoadedModel:
-        """The (cached) model the picker names."""
-        spec = self.initial if key == self.initial.key and not checkpoint else spec_from_key(key, checkpoint)
-        return load_model(spec, self.device)
+        """The (cached) model the picker names. Raises ModelError (also for a checkpoint not offered), whose
+        message names a checkpoint as the page does."""
+        path = self.checkpoints.resolve(checkpoint)
+        spec = self.initial if key == self.initial.key and path == self.initial.checkpoint else spec_from_key(key, path)
+        try:
+            return load_model(spec, self.device)
+        except ModelError as err:
+            if not path:
+                raise
+            raise ModelError(str(err).replace(path, self.checkpoints.shown(path))) from None
 
     # -- handlers -------------------------------------------------------------------------------------
     def on_model(self, values: dict, progress=gr.Progress()) -> dict:  # noqa: B008 - Gradio injects the tracker by this default
@@ -208,16 +218,17 @@ class Events:
             (
                 f"# image class (row): {loaded.classes[row]} ({row}), from {where}; target column: "
                 f"{loaded.classes[column]} ({column})"
-            )
+            ),
+            "# run it in the folder of the exported files: their input/ holds the image",
         ]
         if isinstance(target, Neuron):
             lines.append("# hidden-neuron targets are no pipeline option: this command targets the image's class")
         lines.append(
             command_line(
-                loaded.spec,
+                replace(loaded.spec, checkpoint=self.checkpoints.public(loaded.spec.checkpoint)),
                 gate=gate,
                 ascent=settings,
-                data_root=str(folder),
+                data_root="input",
                 resize=loaded.resize,
                 crop=loaded.crop,
                 image_class=row,
@@ -276,7 +287,9 @@ class Events:
             out / "tensors.pt",
         )
         (out / "command.txt").write_text(v.state["command"] + "\n")
-        return {self.ui.files: files + [str(out / "tensors.pt"), str(out / "command.txt")]}
+        inputs = shutil.copytree(v.state["input_dir"], out / "input")
+        files += [str(out / "tensors.pt"), str(out / "command.txt"), *(str(p) for p in sorted(inputs.iterdir()))]
+        return {self.ui.files: files}
 
     def request_stop(self, request: gr.Request) -> None:
         """Stop this session's running computation (at its next tick)."""
@@ -314,7 +327,7 @@ class Events:
         ui = self.ui
         model_outputs = [ui.status, ui.target_class, ui.layer, ui.step_size, ui.eps]
         ui.model_key.change(self.on_model, ui.inputs(ModelInputs), model_outputs, api_name="load_model")
-        ui.checkpoint.submit(self.on_model, ui.inputs(ModelInputs), model_outputs, api_name=False)
+        ui.checkpoint.input(self.on_model, ui.inputs(ModelInputs), model_outputs, api_name=False)
         ui.image.change(
             self.on_image, ui.inputs(ImageInputs), [ui.target_class], api_name="pick_image", concurrency_limit=None
         )

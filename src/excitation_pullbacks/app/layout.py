@@ -56,7 +56,7 @@ class Layout:
 
     state: gr.State
     model_key: gr.Dropdown
-    checkpoint: gr.Textbox
+    checkpoint: gr.Dropdown
     status: gr.Markdown
     image: ImageFile
     mode: gr.Radio
@@ -101,9 +101,17 @@ class Layout:
         return values_type(**{f.name: values[getattr(self, f.name)] for f in fields(values_type)})
 
 
-def build_layout(initial: ModelSpec, options: Sequence[ModelSpec], loaded: LoadedModel, gallery: list[str]) -> Layout:
+def build_layout(
+    initial: ModelSpec,
+    options: Sequence[ModelSpec],
+    loaded: LoadedModel,
+    gallery: list[str],
+    checkpoints: Sequence[str] = (),
+    checkpoint0: str = "",
+) -> Layout:
     """Create the page's components inside the open ``gr.Blocks``, with the ``initial`` model (``loaded``)
-    selected among ``options`` and the image files ``gallery`` as examples.
+    selected among ``options``, the image files ``gallery`` as examples, and the checkpoint names
+    ``checkpoints`` offered (``checkpoint0`` selected: the initial model's, or "" for none).
 
     Components are created in the order of their API parameters: an event's set of inputs reaches API clients
     (gradio_client) in creation order.
@@ -118,10 +126,14 @@ def build_layout(initial: ModelSpec, options: Sequence[ModelSpec], loaded: Loade
     with gr.Row():
         with gr.Column(scale=1, min_width=320):
             model_key = gr.Dropdown([(s.label, s.key) for s in options], value=initial.key, label="Model")
-            checkpoint = gr.Textbox(
-                value=initial.checkpoint or "",
+            checkpoint = gr.Dropdown(
+                [("none", ""), *((c, c) for c in checkpoints)],
+                value=checkpoint0,
                 label="Local checkpoint (state dict; optional)",
-                placeholder="/path/to/weights.pt",
+                info=None if checkpoints else "none offered: start with pullbacks-app --checkpoint-dir DIR",
+                allow_custom_value=True,
+                interactive=bool(checkpoints),
+                elem_id="checkpoint",
             )
             status = gr.Markdown(model_status(loaded))
             image = ImageFile(

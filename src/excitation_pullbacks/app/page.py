@@ -12,6 +12,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from .checkpoints import Checkpoints
 from .events import Events
 from .images import list_images
 from .layout import build_layout
@@ -26,12 +27,16 @@ def build_demo(
     device: str = "auto",
     images: str | os.PathLike | None = None,
     work_dir: str | os.PathLike | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> gr.Blocks:
     """The explorer page, with ``initial`` loaded (and cached) and the folder ``images`` in the gallery.
 
     device: where models run (auto: cuda when available). work_dir: where runs save their input image and
-    exports (default: a new temporary folder).
+    exports (default: a new temporary folder). checkpoint_dir: the folder whose checkpoint files the page
+    offers (None: none; ``initial``'s own checkpoint is offered either way). Raises ModelError for a model
+    that cannot be loaded or a checkpoint_dir that is no folder.
     """
+    checkpoints = Checkpoints.offered(checkpoint_dir, initial.checkpoint)
     loaded = load_model(initial, device)
     options = list(MODEL_OPTIONS)
     if initial not in options:
@@ -40,7 +45,9 @@ def build_demo(
     work.mkdir(parents=True, exist_ok=True)
     gallery = [str(p) for p in list_images(images)]
     with gr.Blocks(title="Excitation pullbacks explorer") as demo:
-        ui = build_layout(initial, options, loaded, gallery)
-        Events(ui, initial, device, work).connect()
+        ui = build_layout(
+            initial, options, loaded, gallery, checkpoints.choices(), checkpoints.shown(initial.checkpoint)
+        )
+        Events(ui, initial, device, work, checkpoints).connect()
     demo.queue(max_size=32, default_concurrency_limit=1)
     return demo
