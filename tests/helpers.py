@@ -1,5 +1,5 @@
 """Helpers shared by the test modules: the torchvision architectures and their call counts, one check that a
-model is left exactly as it was, tiny pipeline configs, running the CLI, output checks."""
+model is left exactly as it was, tiny pipeline configs, running the CLI, output checks, serving the explorer."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ import csv
 import io
 import json
 import os
+import socket
 import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,6 +72,10 @@ TINY = [
 #: Two CPU processes in one pytest process (plain ddp would relaunch the command line, i.e. pytest).
 DDP_SPAWN = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp_spawn"]
 CLI = [sys.executable, "-m", "excitation_pullbacks.pipeline.cli"]
+
+
+#: The quickest figures run (Fig. 2, no logger) for tests of the run skeleton.
+FAST = ("experiment=fig2", "logger=none")
 
 
 def tiny_overrides(*overrides: str) -> list[str]:
@@ -265,3 +272,24 @@ def read_wandb_run(folder: Path, timeout: float = 60.0) -> WandbRun:
         elif kind == "config":
             got.config.update({u.key: json.loads(u.value_json) for u in r.config.update})
     return got
+
+
+# --- the explorer served on a local port ---------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serving(demo) -> Iterator[str]:
+    """Serve the Gradio Blocks ``demo`` on a free local port; yields its URL, closes it after."""
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, show_error=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()

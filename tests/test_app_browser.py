@@ -4,7 +4,6 @@ see the panels, change T, run again, see the pullback change; a screenshot is sa
 from __future__ import annotations
 
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -16,9 +15,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:The copy keyword is deprecated"),
 ]
 
-from excitation_pullbacks.app.images import digits_folder
-from excitation_pullbacks.app.models import ModelSpec
-from excitation_pullbacks.app.page import build_demo
 
 CHROMIUM = next(
     (
@@ -46,30 +42,13 @@ FLAGS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def url(tmp_path_factory):
-    folder = digits_folder(tmp_path_factory.mktemp("digits"), per_class=1)
-    demo = build_demo(
-        ModelSpec("digits_cnn", "DEFAULT"), device="cpu", images=folder, work_dir=tmp_path_factory.mktemp("work")
-    )
-    port = free_port()
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, show_error=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
-
-
 def image_src(page, elem_id: str) -> str:
     return page.locator(f"#{elem_id} img").first.get_attribute("src")
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on this machine (apt-get install chromium)")
-def test_page_runs_and_follows_temperature(url, tmp_path):
+def test_page_runs_and_follows_temperature(served_app, tmp_path):
+    url, _ = served_app
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         try:

@@ -12,8 +12,8 @@ pytest.importorskip("gradio")
 from excitation_pullbacks import Neuron, ascent, pullback
 from excitation_pullbacks.app import images, panels
 from excitation_pullbacks.app.command import command_line
+from excitation_pullbacks.app.inputs import parse_pool_temperature, parse_position, parse_temperatures
 from excitation_pullbacks.app.models import ModelError, ModelSpec, load_model, spec_from_key
-from excitation_pullbacks.app.page import parse_pool_temperature, parse_position, parse_temperatures
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -13,28 +12,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
     pytest.mark.filterwarnings("ignore:The copy keyword is deprecated"),
 ]
-
-from excitation_pullbacks.app.images import digits_folder, list_images
-from excitation_pullbacks.app.models import ModelSpec
-from excitation_pullbacks.app.page import build_demo
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    folder = digits_folder(tmp_path_factory.mktemp("digits"), per_class=1)
-    demo = build_demo(
-        ModelSpec("digits_cnn", "DEFAULT"), device="cpu", images=folder, work_dir=tmp_path_factory.mktemp("work")
-    )
-    port = free_port()
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, show_error=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/", list_images(folder)
-    demo.close()
 
 
 def run_args(path, temperature=0.3, target="digit 3 (3)", mode="class"):
@@ -58,8 +35,8 @@ def run_args(path, temperature=0.3, target="digit 3 (3)", mode="class"):
     )
 
 
-def test_named_endpoints_run_step_export(served):
-    url, files = served
+def test_named_endpoints_run_step_export(served_app):
+    url, files = served_app
     client = gradio_client.Client(url, verbose=False)
     assert {"/run", "/step", "/export", "/load_model", "/stop"} <= set(
         client.view_api(print_info=False, return_format="dict")["named_endpoints"]
@@ -84,13 +61,55 @@ def test_named_endpoints_run_step_export(served):
     assert Path(neuron[2]).is_file() and neuron[8] is None  # no ascent for a hidden neuron
 
 
-def test_bad_upload_is_a_clear_error(served, tmp_path):
-    url, _ = served
+def test_bad_upload_is_a_clear_error(served_app, tmp_path):
+    url, files = served_app
     client = gradio_client.Client(url, verbose=False)
     bad = tmp_path / "photo.png"
     bad.write_bytes(b"this is not an image")
     with pytest.raises(gradio_client.exceptions.AppError, match="not an image file"):
         client.predict(*run_args(bad), api_name="/run")
-    good = list_images(served[1][0].parent)[0]
+    good = files[0]
     with pytest.raises(gradio_client.exceptions.AppError, match="not in the list of choices"):
         client.predict(*run_args(good, target="zebra"), api_name="/run")
+
+
+RUN_PARAMETERS = [
+    "Model",
+    "Local checkpoint (state dict; optional)",
+    "Image",
+    "Target",
+    "Class (type to filter)",
+    "Layer (gated site)",
+    "Channel",
+    "Position h, w (blank: sum)",
+    "Gate shape",
+    "Temperature T",
+    "Max-pool T (blank: same as T)",
+    "Detach max-pool softmax weights",
+    "Steps",
+    "Step size (L2)",
+    "Radius eps (L2)",
+    "Temperature strip (T values; 0 = vanilla)",
+]
+
+
+def test_endpoint_parameters_keep_their_order(served_app):
+    """API clients pass /run's values by position: the order is the page's, whatever the handlers read."""
+    url, _ = served_app
+    api = gradio_client.Client(url, verbose=False).view_api(print_info=False, return_format="dict")
+    endpoints = api["named_endpoints"]
+    assert [p["label"] for p in endpoints["/run"]["parameters"]] == RUN_PARAMETERS
+    assert [p["label"] for p in endpoints["/pick_image"]["parameters"]] == RUN_PARAMETERS[:3]
+    assert [p["label"] for p in endpoints["/step"]["parameters"]] == ["Ascent step"]
+
+
+def test_load_model_and_pick_image(served_app):
+    url, files = served_app
+    client = gradio_client.Client(url, verbose=False)
+    status, _, layer, step_size, eps = client.predict("digits_cnn|null", "", api_name="/load_model")
+    assert status.startswith("**digits_cnn: random weights** on cpu: 10 classes, input 32 x 32, 6 gated calls")
+    assert layer["value"] == "features.2" and (step_size, eps) == (2.857, 14.29)
+    target = client.predict("digits_cnn|DEFAULT", "", gradio_client.handle_file(str(files[7])), api_name="/pick_image")
+    assert target["value"] == "digit 7 (7)"
+    with pytest.raises(gradio_client.exceptions.AppError, match="is not offered by this explorer"):
+        client.predict("digits_cnn|DEFAULT", "/no/such/weights.pt", api_name="/load_model")

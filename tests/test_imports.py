@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "excitation_pullbacks"
 
@@ -130,6 +132,20 @@ def test_the_core_imports_without_the_frameworks():
         "heavy = {'hydra', 'omegaconf', 'lightning', 'pytorch_lightning', 'wandb', 'gradio', 'datasets'}; "
         f"print(sorted(heavy & {{m.split('.')[0] for m in sys.modules}}), "
         f"sorted(m for m in sys.modules if m.startswith(('{PACKAGE}.pipeline', '{PACKAGE}.app'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[] []"
+
+
+def test_the_app_imports_without_the_pipeline():
+    """In a fresh interpreter, the explorer's modules pull in neither Hydra, OmegaConf nor Lightning, nor the
+    pipeline: the app stands on the core (class spaces included) and Gradio only."""
+    pytest.importorskip("gradio")
+    code = (
+        f"import sys, {PACKAGE}.app.page, {PACKAGE}.app.cli, {PACKAGE}.app.models; "
+        "heavy = {'hydra', 'omegaconf', 'lightning', 'pytorch_lightning'}; "
+        f"print(sorted(heavy & {{m.split('.')[0] for m in sys.modules}}), "
+        f"sorted(m for m in sys.modules if m.startswith('{PACKAGE}.pipeline')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[] []"

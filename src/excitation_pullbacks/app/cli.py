@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import sys
 
-__all__ = ["main", "parse_args"]
+__all__ = ["exposure_warning", "main", "parse_args"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -22,6 +23,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "weights; default: the trained digits CNN, IMAGENET1K_V1 otherwise",
     )
     p.add_argument("--checkpoint", default=None, help="a local state-dict file loaded into the model")
+    p.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        help="a folder whose checkpoint files (.pt, .pth, .ckpt) the page offers; without it the page loads no "
+        "local checkpoint but --checkpoint",
+    )
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument(
         "--images", default=None, help="image folder for the gallery (default: digits test images for digits_cnn)"
@@ -29,6 +36,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
     p.add_argument("--port", type=int, default=7860)
     return p.parse_args(argv)
+
+
+def exposure_warning(host: str, port: int, checkpoint_dir: str | None = None) -> str | None:
+    """The start-up warning for an explorer that listens beyond this machine (None for a loopback address)."""
+    name = str(host).strip().strip("[]")
+    if name.lower() == "localhost":
+        return None
+    try:
+        if ipaddress.ip_address(name).is_loopback:
+            return None
+    except ValueError:
+        pass  # a host name: assume it is reachable from elsewhere
+    reach = f" and load the checkpoint files in {checkpoint_dir}" if checkpoint_dir else ""
+    return (
+        f"warning: the explorer listens on {host}:{port}, beyond this machine: whoever reaches it can run its "
+        f"models on this machine{reach}; use --host 127.0.0.1 to keep it local"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -54,9 +78,12 @@ def main(argv: list[str] | None = None) -> None:
     if images is None and args.model == "digits_cnn":
         images = str(digits_folder())
     try:
-        demo = build_demo(spec, device=args.device, images=images)
+        demo = build_demo(spec, device=args.device, images=images, checkpoint_dir=args.checkpoint_dir)
     except ModelError as err:
         sys.exit(f"error: {err}")
+    warning = exposure_warning(args.host, args.port, args.checkpoint_dir)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     demo.launch(server_name=args.host, server_port=args.port, show_error=True, max_file_size="50mb")
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from excitation_pullbacks import build_model, excitation
 from excitation_pullbacks.models import WeightsUnavailableError
-from excitation_pullbacks.pipeline.classes import class_names
+from excitation_pullbacks.models.classes import class_names
 
 __all__ = [
     "MODEL_OPTIONS",
@@ -107,7 +107,7 @@ class LoadedModel:
 
 
 def class_names_for(space: str, num_classes: int) -> tuple[str, ...]:
-    """Names of ``num_classes`` logits in ``space`` (the pipeline's lists); ``class i`` where they do not fit."""
+    """Names of ``num_classes`` logits in ``space`` (the core's class spaces); ``class i`` where they do not fit."""
     names = class_names(space)
     return names if len(names) == num_classes else tuple(f"class {i}" for i in range(num_classes))
 

@@ -1,0 +1,235 @@
+"""The explorer's widgets (Gradio components) and their arrangement on the page, named in one :class:`Layout`.
+
+Event handlers read their inputs by component (:meth:`Layout.read`), never by position in a list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import gradio as gr
+
+from .inputs import ascent_defaults, class_choices
+from .models import LoadedModel, ModelSpec
+
+__all__ = ["DEFAULT_TEMPERATURES", "GATE_SHAPES", "ImageFile", "Layout", "build_layout", "model_status"]
+
+GATE_SHAPES = ("sigmoid", "normal_cdf", "normal_cdf_tanh", "softsign", "hard", "none")
+DEFAULT_TEMPERATURES = "0, 0.1, 0.3, 1, 3"
+
+
+class ImageFile(gr.Image):
+    """An image upload/paste/example widget that hands the raw file path to the function unopened, so that
+    :func:`~excitation_pullbacks.app.images.open_image` checks it (non-images, bombs, odd modes) and the page
+    shows a clear message instead of a decoding error inside Gradio."""
+
+    def get_block_name(self) -> str:
+        return "image"  # the front end of gr.Image
+
+    def preprocess(self, payload):
+        if payload is None:
+            return None
+        if payload.path is None:  # a data: URL (pasted content): let Gradio decode it
+            return super().preprocess(payload)
+        return str(payload.path)
+
+
+def model_status(loaded: LoadedModel) -> str:
+    """The line under the model picker: label, device, classes, input size, gated calls."""
+    return (
+        f"**{loaded.spec.label}** on {loaded.device}: {len(loaded.classes)} classes, input "
+        f"{loaded.crop} x {loaded.crop}, {sum(n for _, n in loaded.sites)} gated calls"
+    )
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Every component of the page that an event reads or writes, by name.
+
+    Inputs (left column): model_key, checkpoint, image, mode, target_class, layer, channel, position, shape,
+    temperature, pool_temperature, pool_detach, steps, step_size, eps, temperatures. Outputs (right column):
+    shown, vanilla, excitation (panels), before, after_ex, after_va (top-5 labels), strip, step (slider),
+    ex_img, ex_diff, va_img, va_diff (ascent step views), report, command, files. ``state`` holds the last
+    run (its Exploration, command and input folder) per session.
+    """
+
+    state: gr.State
+    model_key: gr.Dropdown
+    checkpoint: gr.Dropdown
+    status: gr.Markdown
+    image: ImageFile
+    mode: gr.Radio
+    target_class: gr.Dropdown
+    layer: gr.Dropdown
+    channel: gr.Number
+    position: gr.Textbox
+    run_btn: gr.Button
+    stop_btn: gr.Button
+    shape: gr.Dropdown
+    temperature: gr.Slider
+    pool_temperature: gr.Textbox
+    pool_detach: gr.Checkbox
+    steps: gr.Slider
+    step_size: gr.Number
+    eps: gr.Number
+    temperatures: gr.Textbox
+    shown: gr.Image
+    vanilla: gr.Image
+    excitation: gr.Image
+    before: gr.Label
+    after_ex: gr.Label
+    after_va: gr.Label
+    strip: gr.Image
+    step: gr.Slider
+    ex_img: gr.Image
+    ex_diff: gr.Image
+    va_img: gr.Image
+    va_diff: gr.Image
+    report: gr.Code
+    command: gr.Code
+    export_btn: gr.Button
+    files: gr.File
+
+    def inputs(self, values_type) -> set:
+        """The components whose names are the fields of the dataclass ``values_type``: an event's ``inputs``
+        (a set, so that Gradio hands the handler one dict keyed by component)."""
+        return {getattr(self, f.name) for f in fields(values_type)}
+
+    def read(self, values: dict, values_type):
+        """The dict an event with :meth:`inputs` received -> a ``values_type`` with each field's value."""
+        return values_type(**{f.name: values[getattr(self, f.name)] for f in fields(values_type)})
+
+
+def build_layout(
+    initial: ModelSpec,
+    options: Sequence[ModelSpec],
+    loaded: LoadedModel,
+    gallery: list[str],
+    checkpoints: Sequence[str] = (),
+    checkpoint0: str = "",
+) -> Layout:
+    """Create the page's components inside the open ``gr.Blocks``, with the ``initial`` model (``loaded``)
+    selected among ``options``, the image files ``gallery`` as examples, and the checkpoint names
+    ``checkpoints`` offered (``checkpoint0`` selected: the initial model's, or "" for none).
+
+    Components are created in the order of their API parameters: an event's set of inputs reaches API clients
+    (gradio_client) in creation order.
+    """
+    step0, eps0 = ascent_defaults(loaded)
+    gr.Markdown(
+        "## Excitation pullbacks explorer\nInput gradients with soft backward gates sigmoid(z/T) "
+        "(forward untouched), side by side with the vanilla gradient, and projected gradient ascent "
+        "along each."
+    )
+    state = gr.State(None)
+    with gr.Row():
+        with gr.Column(scale=1, min_width=320):
+            model_key = gr.Dropdown([(s.label, s.key) for s in options], value=initial.key, label="Model")
+            checkpoint = gr.Dropdown(
+                [("none", ""), *((c, c) for c in checkpoints)],
+                value=checkpoint0,
+                label="Local checkpoint (state dict; optional)",
+                info=None if checkpoints else "none offered: start with pullbacks-app --checkpoint-dir DIR",
+                allow_custom_value=True,
+                interactive=bool(checkpoints),
+                elem_id="checkpoint",
+            )
+            status = gr.Markdown(model_status(loaded))
+            image = ImageFile(
+                type="filepath",
+                image_mode=None,
+                sources=["upload", "clipboard"],
+                label="Image",
+                height=240,
+                elem_id="image",
+            )
+            if gallery:
+                gr.Examples(gallery, inputs=image, label="Image folder", examples_per_page=20, elem_id="gallery")
+            mode = gr.Radio(["class", "hidden neuron"], value="class", label="Target")
+            choices0 = class_choices(loaded)
+            target_class = gr.Dropdown(
+                choices0, value=choices0[0], label="Class (type to filter)", filterable=True, elem_id="target-class"
+            )
+            with gr.Row(equal_height=True):
+                layer = gr.Dropdown(
+                    list(loaded.layers),
+                    value=loaded.layers[0] if loaded.layers else None,
+                    label="Layer (gated site)",
+                )
+                channel = gr.Number(0, precision=0, minimum=0, label="Channel")
+                position = gr.Textbox("", label="Position h, w (blank: sum)")
+            with gr.Row():
+                run_btn = gr.Button("Run", variant="primary", elem_id="run")
+                stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
+            with gr.Accordion("Gate", open=True):
+                shape = gr.Dropdown(list(GATE_SHAPES), value="sigmoid", label="Gate shape")
+                temperature = gr.Slider(0.0, 3.0, value=0.3, step=0.01, label="Temperature T", elem_id="temperature")
+                pool_temperature = gr.Textbox("", label="Max-pool T (blank: same as T)")
+                pool_detach = gr.Checkbox(False, label="Detach max-pool softmax weights")
+            with gr.Accordion("Ascent", open=False):
+                steps = gr.Slider(0, 30, value=10, step=1, label="Steps")
+                step_size = gr.Number(step0, label="Step size (L2)")
+                eps = gr.Number(eps0, label="Radius eps (L2)")
+            temperatures = gr.Textbox(DEFAULT_TEMPERATURES, label="Temperature strip (T values; 0 = vanilla)")
+        with gr.Column(scale=2):
+            with gr.Row():
+                shown = gr.Image(label="Input (preprocessed)", elem_id="out-input", format="png")
+                vanilla = gr.Image(label="Vanilla gradient", elem_id="out-vanilla", format="png")
+                excitation = gr.Image(label="Excitation pullback", elem_id="out-excitation", format="png")
+            with gr.Row():
+                before = gr.Label(num_top_classes=5, label="Top-5 before ascent")
+                after_ex = gr.Label(num_top_classes=5, label="After excitation ascent")
+                after_va = gr.Label(num_top_classes=5, label="After vanilla ascent")
+            gr.Markdown("**Excitation pullback at several temperatures**")
+            strip = gr.Image(show_label=False, elem_id="out-strip", format="png")
+            step = gr.Slider(0, 10, value=0, step=1, label="Ascent step", interactive=False, elem_id="step")
+            with gr.Row():
+                ex_img = gr.Image(label="Excitation ascent", format="png", elem_id="out-ex-step")
+                ex_diff = gr.Image(label="Difference (excitation)", format="png")
+                va_img = gr.Image(label="Vanilla ascent", format="png")
+                va_diff = gr.Image(label="Difference (vanilla)", format="png")
+            report = gr.Code(label="Gated call sites", language=None, lines=4, max_lines=12)
+            command = gr.Code(
+                label="Reproduce with the pipeline", language="shell", lines=2, max_lines=6, elem_id="command"
+            )
+            export_btn = gr.Button("Export panels, tensors and command")
+            files = gr.File(label="Exported files", file_count="multiple", height=120)
+    return Layout(
+        state=state,
+        model_key=model_key,
+        checkpoint=checkpoint,
+        status=status,
+        image=image,
+        mode=mode,
+        target_class=target_class,
+        layer=layer,
+        channel=channel,
+        position=position,
+        run_btn=run_btn,
+        stop_btn=stop_btn,
+        shape=shape,
+        temperature=temperature,
+        pool_temperature=pool_temperature,
+        pool_detach=pool_detach,
+        steps=steps,
+        step_size=step_size,
+        eps=eps,
+        temperatures=temperatures,
+        shown=shown,
+        vanilla=vanilla,
+        excitation=excitation,
+        before=before,
+        after_ex=after_ex,
+        after_va=after_va,
+        strip=strip,
+        step=step,
+        ex_img=ex_img,
+        ex_diff=ex_diff,
+        va_img=va_img,
+        va_diff=va_diff,
+        report=report,
+        command=command,
+        export_btn=export_btn,
+        files=files,
+    )
