@@ -9,7 +9,7 @@ from PIL import Image
 
 pytest.importorskip("gradio")
 
-from excitation_pullbacks import Neuron, ascent, pullback
+from excitation_pullbacks import GateOptions, Neuron, ascent, pullback
 from excitation_pullbacks.app import images, panels
 from excitation_pullbacks.app.command import command_line
 from excitation_pullbacks.app.inputs import parse_pool_temperature, parse_position, parse_temperatures
@@ -45,7 +45,7 @@ def test_model_errors_are_one_line_messages(tmp_path):
 
 
 def test_panels_equal_the_core(digits, x):
-    gate = panels.GateSettings("sigmoid", 0.3, 0.5, True)
+    gate = GateOptions(temperature=0.3, gate="sigmoid", pool_temperature=0.5, pool_detach=True)
     grads = panels.gradients(digits.model, x, 3, gate)
     assert x.shape == (1, 3, 32, 32) and -1 <= x.min() and x.max() <= 1
     torch.testing.assert_close(
@@ -65,7 +65,7 @@ def test_panels_equal_the_core(digits, x):
 
 def test_panels_change_with_temperature(digits, x):
     temps = [0, 0.1, 1.0]
-    strip = panels.temperature_strip(digits.model, x, 3, panels.GateSettings(), temps)
+    strip = panels.temperature_strip(digits.model, x, 3, GateOptions(), temps)
     assert strip.shape == (3, 3, 32, 32)
     torch.testing.assert_close(strip[2:], pullback(digits.model, x, 3, temperature=1.0), rtol=0, atol=0)
     torch.testing.assert_close(strip[:1], pullback(digits.model, x, 3, temperature=0.0, gate="hard"), rtol=0, atol=0)
@@ -77,12 +77,12 @@ def test_panels_change_with_temperature(digits, x):
 
 def test_hidden_neuron_panel(digits, x):
     neuron = Neuron("features.6", 5, (4, 4))
-    grads = panels.gradients(digits.model, x, neuron, panels.GateSettings())
+    grads = panels.gradients(digits.model, x, neuron, GateOptions())
     torch.testing.assert_close(grads["excitation"], pullback(digits.model, x, neuron), rtol=0, atol=0)
 
 
 def test_trajectories_equal_the_core_ascent(digits, x):
-    gate, settings = panels.GateSettings(temperature=0.5), panels.AscentSettings(3, 2.857, 14.29)
+    gate, settings = GateOptions(temperature=0.5), panels.AscentSettings(3, 2.857, 14.29)
     ticks = []
     traj = panels.trajectories(digits.model, x, 7, gate, settings, ticks.append)
     assert ticks == ["excitation"] * 3 + ["vanilla"] * 3
@@ -102,7 +102,7 @@ def test_trajectories_equal_the_core_ascent(digits, x):
 
 def test_explore_collects_every_panel(digits, x):
     result = panels.explore(
-        digits.model, x, 3, digits.classes, panels.GateSettings(), panels.AscentSettings(2, 2.857, 14.29), [0.3]
+        digits.model, x, 3, digits.classes, GateOptions(), panels.AscentSettings(2, 2.857, 14.29), [0.3]
     )
     assert next(iter(result.before)) == "digit 3 (3)" and 0.5 < result.before["digit 3 (3)"] <= 1
     assert set(result.after) == {"excitation", "vanilla"} and result.trajectories["vanilla"].shape == (3, 3, 32, 32)
@@ -181,7 +181,7 @@ def test_widget_parsers():
 def test_command_line_names_every_setting():
     line = command_line(
         ModelSpec("resnet50", None),
-        gate=panels.GateSettings("normal_cdf_tanh", 0.6, None, True),
+        gate=GateOptions(temperature=0.6, gate="normal_cdf_tanh", pool_detach=True),
         ascent=panels.AscentSettings(5, 20, 100),
         data_root="/d",
         resize=256,

@@ -73,6 +73,9 @@ _UNGATED_FUNCS = {
 Substitute = Callable[[Site, Tensor, Any], "Tensor | None"]
 
 
+_LABELS = {"relu": "ReLU", "maxpool": "max-pool", "silu": "SiLU", "gelu": "GELU"}
+
+
 class UngatedActivationWarning(UserWarning):
     """The model uses a nonlinearity whose gradient the excitation engine does not replace."""
 
@@ -135,7 +138,8 @@ class Report:
         return sum(self.calls(kind) for kind in self.sites)
 
     def __str__(self) -> str:
-        counts = ", ".join(f"{self.calls(k)} {k} at {len(s)} sites" for k, s in self.sites.items()) or "none"
+        kinds = ["relu", "maxpool", *(k for k in self.sites if k not in ("relu", "maxpool"))]
+        counts = ", ".join(f"{self.calls(k)} {_LABELS.get(k, k)} at {len(self.of(k))} sites" for k in kinds)
         lines = [f"gated calls per forward: {counts} ({self.forwards} forward passes)"]
         for kind, sites in self.sites.items():
             lines += [f"  {kind:10s} {name}" + (f" x{n}" if n > 1 else "") for name, n in sites.items()]

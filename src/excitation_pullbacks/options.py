@@ -6,7 +6,7 @@ same fields) and the explorer's gate panel. Its values are validated once, when 
 :meth:`GateOptions.schedule` gives the :class:`~excitation_pullbacks.schedules.Schedule` the engine reads.
 
 Presets, one per published code, each tested against an independent re-implementation of that code's rules:
-``paper`` (this project's defaults for the ReLU paper), ``author`` (the ReLU paper's published code,
+``paper`` (this project's defaults for the ReLU paper), ``vanilla`` (the plain input gradient), ``author`` (the ReLU paper's published code,
 ExcitationPullbacks), ``semantic`` (the deep-network method's defaults: "Pulling Back the Curtain on Deep
 Networks") and ``semantic_author`` (its published code, SemanticPullbacks, quirks included).
 """
@@ -187,6 +187,8 @@ PRESETS: dict[str, GateOptions] = {
     ),
 }
 PRESETS["semantic_author"] = PRESETS["semantic"].replace(compat="semantic_author")
+#: The vanilla gradient: hard gates everywhere (native ops only, bit for bit the autograd input gradient).
+PRESETS["vanilla"] = GateOptions(temperature=0.0, gate="hard")
 
 
 def preset(name: str, **changes) -> GateOptions:

@@ -121,7 +121,8 @@ class ByDepth(Schedule):
 class PerChannel(Schedule):
     """Per-channel (per-neuron) temperatures keyed by ``Site.key``, usually from :func:`calibrate`.
 
-    temperatures: {site key: tensor (C,)}; sites without an entry use ``default`` when given, else raise.
+    temperatures: {site key: tensor (C,)}; ReLU, max-pool, SiLU and GELU sites without an entry use ``default``
+        when given, else raise; other sites (norms, attention) use ``default``, else their exact gradient.
     shape: ReLU gate shape; max-pool sites in ``temperatures`` use the softmax pool with their tensor, SiLU and
         GELU sites their own gate (shape ``own``).
     """
@@ -133,6 +134,8 @@ class PerChannel(Schedule):
 
     def rule(self, site: Site) -> Gate:
         t = self.temperatures.get(site.key)
+        if t is None and site.kind not in ("relu", "maxpool", "silu", "gelu"):  # no per-channel T: not calibrated
+            return _HARD if self.default is None else self.default.rule(site)
         if t is None:
             if self.default is None:
                 raise ValueError(

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import shlex
 
+from excitation_pullbacks import GateOptions
+
 from .models import ModelSpec
-from .panels import AscentSettings, GateSettings
+from .panels import AscentSettings
 
 __all__ = ["GATE_CONFIGS", "command_line"]
 
@@ -26,7 +28,7 @@ def _value(v) -> str:
 def command_line(
     spec: ModelSpec,
     *,
-    gate: GateSettings,
+    gate: GateOptions,
     ascent: AscentSettings,
     data_root: str,
     resize: int,
@@ -44,7 +46,7 @@ def command_line(
     else:
         args.append(f"model.weights={_value(spec.weights)}")
     args += ["data=folder", f"data.root={data_root}", f"data.resize={resize}", f"data.crop={crop}"]
-    args.append(f"gate={gate.shape}" if gate.shape in GATE_CONFIGS else f"gate.shape={gate.shape}")
+    args.append(f"gate={gate.gate}" if gate.gate in GATE_CONFIGS else f"gate.shape={gate.gate}")
     args += [
         f"gate.temperature={_value(float(gate.temperature))}",
         f"gate.pool_temperature={_value(None if gate.pool_temperature is None else float(gate.pool_temperature))}",

@@ -20,7 +20,7 @@ from pathlib import Path
 import gradio as gr
 import torch
 
-from excitation_pullbacks import Neuron
+from excitation_pullbacks import GateOptions, Neuron
 
 from .checkpoints import Checkpoints
 from .command import command_line
@@ -40,7 +40,6 @@ from .panels import (
     AscentSettings,
     Cancelled,
     Exploration,
-    GateSettings,
     explore,
     render_image,
     render_map,
@@ -184,8 +183,11 @@ class Events:
                 target = Neuron(str(v.layer), int(v.channel or 0), parse_position(v.position))
             else:
                 target = class_index(v.target_class, loaded)
-            gate = GateSettings(
-                str(v.shape), float(v.temperature), parse_pool_temperature(v.pool_temperature), bool(v.pool_detach)
+            gate = GateOptions(
+                temperature=float(v.temperature),
+                gate=str(v.shape),
+                pool_temperature=parse_pool_temperature(v.pool_temperature),
+                pool_detach=bool(v.pool_detach),
             )
             settings = AscentSettings(int(v.steps), float(v.step_size), float(v.eps))
             temps = parse_temperatures(v.temperatures)

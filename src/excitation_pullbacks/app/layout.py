@@ -10,12 +10,15 @@ from dataclasses import dataclass, fields
 
 import gradio as gr
 
+from excitation_pullbacks.gates import RELU_SHAPES
+
 from .inputs import ascent_defaults, class_choices
 from .models import LoadedModel, ModelSpec
 
 __all__ = ["DEFAULT_TEMPERATURES", "GATE_SHAPES", "ImageFile", "Layout", "build_layout", "model_status"]
 
-GATE_SHAPES = ("sigmoid", "normal_cdf", "normal_cdf_tanh", "softsign", "hard", "none")
+#: The gate shapes the page offers: the core's ReLU shapes (``own`` is the ReLU's hard gate there).
+GATE_SHAPES = tuple(s for s in RELU_SHAPES if s != "own")
 DEFAULT_TEMPERATURES = "0, 0.1, 0.3, 1, 3"
 
 

@@ -12,13 +12,12 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor, nn
 
-from excitation_pullbacks import Neuron, ascent, excitation, pullback
+from excitation_pullbacks import PRESETS, GateOptions, Neuron, ascent, excitation, pullback
 
 __all__ = [
     "DISPLAY_SIZE",
     "AscentSettings",
     "Cancelled",
-    "GateSettings",
     "call_site_report",
     "gradients",
     "render_image",
@@ -38,30 +37,8 @@ class Cancelled(RuntimeError):
     """The user stopped the computation."""
 
 
-@dataclass(frozen=True)
-class GateSettings:
-    """Backward gate: shape (sigmoid, normal_cdf, softsign, ...), temperature T, max-pool softmax T (None:
-    T) and whether the softmax weights are detached; the keywords of ``pullback`` / ``ascent``."""
-
-    shape: str = "sigmoid"
-    temperature: float = 0.3
-    pool_temperature: float | None = None
-    pool_detach: bool = False
-
-    def kwargs(self) -> dict:
-        return {
-            "gate": self.shape,
-            "temperature": float(self.temperature),
-            "pool_temperature": None if self.pool_temperature is None else float(self.pool_temperature),
-            "pool_detach": bool(self.pool_detach),
-        }
-
-    def at(self, temperature: float) -> GateSettings:
-        return GateSettings(self.shape, temperature, self.pool_temperature, self.pool_detach)
-
-
 #: The vanilla gradient: hard gates everywhere (bit for bit the autograd input gradient).
-VANILLA = GateSettings("hard", 0.0, None, False)
+VANILLA = PRESETS["vanilla"]
 
 
 @dataclass(frozen=True)
@@ -73,12 +50,12 @@ class AscentSettings:
     eps: float = 100.0
 
 
-def gradients(model: nn.Module, x: Tensor, target: int | Neuron, gate: GateSettings) -> dict[str, Tensor]:
+def gradients(model: nn.Module, x: Tensor, target: int | Neuron, gate: GateOptions) -> dict[str, Tensor]:
     """x (1, 3, H, W) in [-1, 1] -> {"vanilla": (1, 3, H, W) input gradient, "excitation": (1, 3, H, W)
     pullback with ``gate``} of the class logit or hidden neuron ``target``."""
     return {
-        "vanilla": pullback(model, x, target, **VANILLA.kwargs()),
-        "excitation": pullback(model, x, target, **gate.kwargs()),
+        "vanilla": pullback(model, x, target, VANILLA),
+        "excitation": pullback(model, x, target, gate),
     }
 
 
@@ -91,10 +68,12 @@ def top_k(model: nn.Module, x: Tensor, classes: Sequence[str], k: int = 5) -> di
 
 
 def temperature_strip(
-    model: nn.Module, x: Tensor, target: int | Neuron, gate: GateSettings, temperatures: Sequence[float]
+    model: nn.Module, x: Tensor, target: int | Neuron, gate: GateOptions, temperatures: Sequence[float]
 ) -> Tensor:
     """The pullback at each temperature: (K, 3, H, W) for K temperatures (T = 0: the vanilla gradient)."""
-    rows = [pullback(model, x, target, **(VANILLA if t == 0 else gate.at(t)).kwargs())[0] for t in temperatures]
+    rows = [
+        pullback(model, x, target, VANILLA if t == 0 else gate.replace(temperature=float(t)))[0] for t in temperatures
+    ]
     return torch.stack(rows)
 
 
@@ -102,7 +81,7 @@ def trajectories(
     model: nn.Module,
     x: Tensor,
     target: int,
-    gate: GateSettings,
+    gate: GateOptions,
     settings: AscentSettings,
     tick: Callable[[str], None] | None = None,
 ) -> dict[str, Tensor]:
@@ -117,7 +96,7 @@ def trajectories(
         def direction(xs: Tensor, t: Tensor, g=g, kind=kind) -> Tensor:
             if tick is not None:
                 tick(kind)
-            return pullback(model, xs, t, **g.kwargs())
+            return pullback(model, xs, t, g)
 
         _, traj = ascent(
             model,
@@ -133,9 +112,9 @@ def trajectories(
     return out
 
 
-def call_site_report(model: nn.Module, x: Tensor, gate: GateSettings) -> str:
+def call_site_report(model: nn.Module, x: Tensor, gate: GateOptions) -> str:
     """The gated call sites of one forward pass of x under ``gate`` (``str(Report)``)."""
-    with torch.no_grad(), excitation(model, **gate.kwargs()) as report:
+    with torch.no_grad(), excitation(model, gate) as report:
         model(x)
     return str(report)
 
@@ -210,7 +189,7 @@ def explore(
     x: Tensor,
     target: int | Neuron,
     classes: Sequence[str],
-    gate: GateSettings,
+    gate: GateOptions,
     settings: AscentSettings,
     temperatures: Sequence[float],
     tick: Callable[[str], None] | None = None,
