@@ -10,6 +10,7 @@ from torch import nn
 from .checkpoint import load_checkpoint
 from .digits import DigitsCNN, load_digits_cnn
 from .imagenet import torchvision_model
+from .timm_models import TIMM_PREFIX, timm_model
 
 __all__ = ["DIGITS_CNN", "DIGITS_WEIGHTS", "build_model"]
 
@@ -39,7 +40,8 @@ def build_model(
     """A torchvision classifier in eval mode, wrapped in :class:`~excitation_pullbacks.models.ImageNetInput`
     unless ``wrap=False``; or the digits CNN.
 
-    name: any torchvision classification model name (resnet50, vgg11_bn, densenet121, ...), or ``digits_cnn``
+    name: any torchvision classification model name (resnet50, vgg11_bn, densenet121, vit_b_16, swin_t, ...),
+    ``timm/<name>`` for a timm model (the ``timm`` extra; weights ``timm`` or a tag such as ``in1k``), or ``digits_cnn``
     (:class:`~excitation_pullbacks.models.digits.DigitsCNN`, 10 classes; it takes [-1, 1] images itself and is
     never wrapped).
     weights: a weights enum member name (IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT) or None for random weights.
@@ -53,6 +55,11 @@ def build_model(
     """
     if name == DIGITS_CNN:
         model = _digits_cnn(weights, checkpoint, num_classes)
+    elif name.startswith(TIMM_PREFIX):
+        timm_weights = "timm" if weights is _DEFAULT_WEIGHTS else weights
+        model = timm_model(
+            name[len(TIMM_PREFIX) :], timm_weights, checkpoint=checkpoint, wrap=wrap, num_classes=num_classes
+        )
     else:
         try:
             model = torchvision_model(name, weights, checkpoint=checkpoint, wrap=wrap, num_classes=num_classes)
