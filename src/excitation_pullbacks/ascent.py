@@ -13,6 +13,7 @@ from .pullback import Neuron, Targets, engine_for, frozen_parameters, gated_forw
 from .schedules import Schedule
 from .state import preserved_model
 from .stopping import ShouldStop, check_stop
+from .subnormals import no_subnormals
 
 __all__ = ["ascent"]
 
@@ -92,12 +93,15 @@ def ascent(
             check_stop(should_stop)
             if neuron is not None:
                 xr = x.detach().requires_grad_(True)
-                (g,) = torch.autograd.grad(gated_forward(engine, xr, neuron).sum(), xr)
+                out = gated_forward(engine, xr, neuron)
+                with no_subnormals(xr.dtype, xr.device):
+                    (g,) = torch.autograd.grad(out.sum(), xr)
             elif direction is None:
                 xr = x.detach().requires_grad_(True)
                 logits = gated_forward(engine, xr)
                 check_class_range(t, logits.shape[1])
-                (g,) = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), xr)
+                with no_subnormals(xr.dtype, xr.device):
+                    (g,) = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), xr)
             else:
                 g = direction(x.detach(), t).detach()
                 if g.shape != x.shape:

@@ -26,6 +26,7 @@ from .options import resolve_schedule
 from .schedules import ByType, Schedule
 from .state import preserved_model
 from .stopping import ShouldStop, check_stop
+from .subnormals import no_subnormals
 
 __all__ = ["Neuron", "Targets", "engine_for", "frozen_parameters", "gated_forward", "pullback"]
 
@@ -152,6 +153,8 @@ def pullback(
     batch_size: images per forward pass (None: all at once), to bound memory.
     should_stop: called before each forward and backward pass; True ends the call with
         :class:`~excitation_pullbacks.stopping.Stopped`.
+    The backward passes run free of subnormal floats in float32 on CPU, the caller's float state restored
+    (:func:`~excitation_pullbacks.subnormals.no_subnormals`).
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")  # noqa: TRY004
@@ -183,16 +186,19 @@ def _pullback_chunk(
 ) -> Tensor:
     out = gated_forward(engine, x, neuron)
     if neuron is not None:
-        (g,) = torch.autograd.grad(out.sum(), x)
+        with no_subnormals(x.dtype, x.device):
+            (g,) = torch.autograd.grad(out.sum(), x)
         return g
     check_class_range(t, out.shape[1])
     if t.dim() == 1:
-        (g,) = torch.autograd.grad(out.gather(1, t[:, None]).sum(), x)
+        with no_subnormals(x.dtype, x.device):
+            (g,) = torch.autograd.grad(out.gather(1, t[:, None]).sum(), x)
         return g
     k = t.shape[1]
     grads = []
     for j in range(k):  # the gates depend only on the forward pass: K backward passes share it
         check_stop(should_stop)
-        (g,) = torch.autograd.grad(out.gather(1, t[:, j : j + 1]).sum(), x, retain_graph=j < k - 1)
+        with no_subnormals(x.dtype, x.device):
+            (g,) = torch.autograd.grad(out.gather(1, t[:, j : j + 1]).sum(), x, retain_graph=j < k - 1)
         grads.append(g)
     return torch.stack(grads, 1)

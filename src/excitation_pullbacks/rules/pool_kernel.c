@@ -136,3 +136,48 @@ int soft_pool_threads(void) {
 #else
 int soft_pool_threads(void) { return 1; }
 #endif
+
+/* Flush-to-zero (FTZ) and denormals-are-zero (DAZ) on every thread of the OpenMP team: the backward of a
+   pullback runs free of subnormal floats, which some x86 CPUs compute with very slowly. denormals_off(saved,
+   n) stores each thread's control word in saved[thread] (n entries at least) and sets both flags; it returns
+   the team size, or 0 where the CPU has no such flags. denormals_restore(saved, n) puts them back. The
+   team's threads are the ones torch's intra-op parallel regions run on (the same runtime, same size). */
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#define FTZ_DAZ 0x8040u
+static int thread_index(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+int denormals_off(unsigned *saved, int n) {
+    int team = 1;
+    _Pragma("omp parallel")
+    {
+        int t = thread_index();
+        if (t < n) {
+            saved[t] = _mm_getcsr();
+            _mm_setcsr(saved[t] | FTZ_DAZ);
+        }
+#ifdef _OPENMP
+        _Pragma("omp single")
+        team = omp_get_num_threads();
+#endif
+    }
+    return team;
+}
+void denormals_restore(const unsigned *saved, int n) {
+    _Pragma("omp parallel")
+    {
+        int t = thread_index();
+        if (t < n) _mm_setcsr(saved[t]);
+    }
+}
+unsigned denormals_state(void) { return _mm_getcsr() & FTZ_DAZ; }
+#else
+int denormals_off(unsigned *saved, int n) { (void)saved; (void)n; return 0; }
+void denormals_restore(const unsigned *saved, int n) { (void)saved; (void)n; }
+unsigned denormals_state(void) { return 0; }
+#endif

@@ -31,7 +31,18 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["SOURCE", "available", "calls", "openmp_runtime", "pool_backward", "soft_pool_backward", "threads"]
+__all__ = [
+    "SOURCE",
+    "available",
+    "calls",
+    "denormals_flushed",
+    "denormals_off",
+    "denormals_restore",
+    "openmp_runtime",
+    "pool_backward",
+    "soft_pool_backward",
+    "threads",
+]
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +135,9 @@ def _build() -> ctypes.CDLL:
         getattr(lib, name).argtypes = _ARGS
         getattr(lib, name).restype = ctypes.c_int
     lib.soft_pool_threads.argtypes, lib.soft_pool_threads.restype = [], ctypes.c_int
+    lib.denormals_off.argtypes, lib.denormals_off.restype = [ctypes.c_void_p, ctypes.c_int], ctypes.c_int
+    lib.denormals_restore.argtypes, lib.denormals_restore.restype = [ctypes.c_void_p, ctypes.c_int], None
+    lib.denormals_state.argtypes, lib.denormals_state.restype = [], ctypes.c_uint
     return lib
 
 
@@ -147,6 +161,32 @@ def available() -> bool:
             _failed = str(err)
             log.info("soft-pool kernel unavailable, using the torch path: %s", err)
     return _lib is not None
+
+
+#: Control-word slots for :func:`denormals_off` (threads of one OpenMP team at most).
+_MAX_THREADS = 1024
+
+
+def denormals_off() -> ctypes.Array | None:
+    """Set flush-to-zero and denormals-are-zero on the calling thread and every thread of its OpenMP team (the
+    threads torch's intra-op parallel regions run on); returns the saved control words for
+    :func:`denormals_restore`, or None where this does not apply (no kernel library, not x86)."""
+    if not available():
+        return None
+    saved = (ctypes.c_uint * _MAX_THREADS)()
+    return saved if _lib.denormals_off(saved, _MAX_THREADS) else None
+
+
+def denormals_restore(saved: ctypes.Array) -> None:
+    """Put back the control words :func:`denormals_off` saved, thread by thread."""
+    _lib.denormals_restore(saved, _MAX_THREADS)
+
+
+def denormals_flushed() -> bool | None:
+    """Whether flush-to-zero and denormals-are-zero are both set on the calling thread (None: unknown here)."""
+    if not available():
+        return None
+    return _lib.denormals_state() == 0x8040
 
 
 @torch.library.custom_op("excitation_pullbacks::soft_pool_backward", mutates_args=(), device_types="cpu")
