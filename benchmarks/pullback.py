@@ -4,6 +4,9 @@ For each architecture (random weights; timings do not depend on them) at batch N
   vanilla            torch.autograd.grad of the target logits, parameters frozen (as the engine runs)
   vanilla-grad       the same with parameters requiring grad (as users often write it)
   pullback           excitation_pullbacks.pullback, sigmoid T=0.3, softmax pool T=0.3
+  pullback-noflush   the same with subnormal floats left in the backward (EXCITATION_PULLBACKS_FLUSH=0)
+  semantic           pullback with preset("semantic") (LayerNorm frozen, attention softened at T=1, ...)
+  semantic-noattn    the same with attention's exact gradient: the difference is what the attention rule costs
   listing            the paper's listings: deep copy with every nn.ReLU / nn.MaxPool2d module swapped for a
                      save-z autograd ReLU and an unfold softmax pool with the strike-through trick
   author             the author-style module swap: every nn.ReLU replaced by a soft-gradient module (sigmoid
@@ -28,6 +31,7 @@ import argparse
 import copy
 import gc
 import json
+import os
 import platform
 import re
 import statistics
@@ -40,9 +44,20 @@ import torch.nn.functional as F
 import torchvision.models as tvm
 from torch import nn
 
-from excitation_pullbacks import ImageNetInput, excitation, pullback
+from excitation_pullbacks import ImageNetInput, excitation, preset, pullback
 
-METHODS = ("vanilla", "vanilla-grad", "pullback", "listing", "author", "compiled-vanilla", "compiled-pullback")
+METHODS = (
+    "vanilla",
+    "vanilla-grad",
+    "pullback",
+    "pullback-noflush",
+    "semantic",
+    "semantic-noattn",
+    "listing",
+    "author",
+    "compiled-vanilla",
+    "compiled-pullback",
+)
 COMPILED = ("compiled-vanilla", "compiled-pullback")
 
 
@@ -127,6 +142,20 @@ def make_call(method: str, model: nn.Module):
         return lambda x, t: _grad(model, x, t)
     if method == "pullback":
         return lambda x, t: pullback(model, x, t, temperature=0.3)
+    if method == "pullback-noflush":
+
+        def call(x, t):
+            os.environ["EXCITATION_PULLBACKS_FLUSH"] = "0"
+            try:
+                return pullback(model, x, t, temperature=0.3)
+            finally:
+                del os.environ["EXCITATION_PULLBACKS_FLUSH"]
+
+        return call
+    if method == "semantic":
+        return lambda x, t: pullback(model, x, t, preset("semantic"))
+    if method == "semantic-noattn":
+        return lambda x, t: pullback(model, x, t, preset("semantic", attention_temperature=None))
     if method == "listing":
         swapped = listing_model(model)
         return lambda x, t: _grad(swapped, x, t)
@@ -255,6 +284,36 @@ def gate_exp_cost(arch, device, batch, size, repeats) -> float:
     return total
 
 
+def subnormal_fraction(arch, device, batch, size) -> tuple[float, float]:
+    """Fractions of subnormal entries among the gradients reaching the convolutions and linear layers in one
+    backward of the pullback, left unflushed (EXCITATION_PULLBACKS_FLUSH=0) and flushed."""
+    model = build(arch, device)
+    x, t = _inputs(batch, size, device)
+    out = []
+    for flush in ("0", "1"):
+        counts = [0, 0]
+
+        def hook(module, grad_output, counts=counts):
+            g = grad_output[0]
+            if g is not None and g.is_floating_point():
+                tiny = torch.finfo(g.dtype).tiny
+                counts[0] += int(((g != 0) & (g.abs() < tiny)).sum())
+                counts[1] += g.numel()
+
+        handles = [
+            m.register_full_backward_pre_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+        ]
+        os.environ["EXCITATION_PULLBACKS_FLUSH"] = flush
+        try:
+            pullback(model, x, t, temperature=0.3)
+        finally:
+            del os.environ["EXCITATION_PULLBACKS_FLUSH"]
+            for h in handles:
+                h.remove()
+        out.append(counts[0] / max(counts[1], 1))
+    return out[0], out[1]
+
+
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
@@ -324,6 +383,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-floor", action="store_true", help="skip timing the gates' exps alone (the floor column)")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--subnormals", action="store_true", help="report the subnormal share of the backward's gradients")
     p.add_argument("--memory-child", nargs=2, metavar=("ARCH", "METHOD"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     batches = args.batch or ([16, 64, 256] if args.device.startswith("cuda") else [16])
@@ -392,6 +452,12 @@ def main(argv=None) -> int:
         print("\nfirst call of the compiled methods (compile + run), s\n| model | batch | " + " | ".join(names) + " |")
         print("|---" * (2 + len(names)) + "|")
         print("\n".join(compile_rows))
+    if args.subnormals:
+        print("\nsubnormal entries among the gradients reaching conv/linear layers in one pullback backward")
+        print("| model | batch | unflushed | flushed |\n|---|---|---|---|")
+        for arch in args.archs:
+            raw, flushed = subnormal_fraction(arch, args.device, batches[0], args.size)
+            print(f"| {arch} | {batches[0]} | {raw:.2%} | {flushed:.2%} |", flush=True)
     if args.grid:
         n, k = (int(v) for v in args.grid.lower().split("x"))
         print(f"\n| model | grid {n}x{k} (one call) s | {n * k} pairs in one batch s | ratio |")
