@@ -206,3 +206,30 @@ def test_hard_gates_are_the_exact_gradient(name):
     # attention at T = 1 through q, k, v alone is the exact gradient too
     t1 = GateOptions(temperature=0.0, gate="hard", attention_temperature=1.0)
     torch.testing.assert_close(pullback(model, x, 3, t1), exact, rtol=1e-9, atol=1e-12 * exact.abs().max().item())
+
+
+def test_neuron_targets_of_transformer_blocks():
+    """Neuron targets at a ViT block's class token (tokens layout) and a Swin stage's position (channels last)
+    are the gradients of exactly those output entries."""
+    from excitation_pullbacks import Neuron
+
+    vit, swin = _tiny("vit"), _tiny("swin")
+    x = _rand(2, 3, 32, 32)
+    options = GateOptions(temperature=0.0, gate="hard")
+    for model, neuron, pick in (
+        (vit, Neuron("encoder.layers.encoder_layer_1", 5, token=0), lambda o: o[:, 0, 5]),
+        (vit, Neuron("encoder.layers.encoder_layer_0", 3), lambda o: o[:, :, 3].sum(1)),
+        (swin, Neuron("features.1", 2, position=(1, 0), layout="channels_last"), lambda o: o[:, 1, 0, 2]),
+    ):
+        outs = []
+        layer = dict(model.named_modules())[neuron.layer]
+        handle = layer.register_forward_hook(lambda m, a, o: outs.append(o))
+        for p in model.parameters():
+            p.requires_grad_(False)
+        xr = x.clone().requires_grad_(True)
+        model(xr)
+        handle.remove()
+        (exact,) = torch.autograd.grad(pick(outs[-1]).sum(), xr)
+        assert torch.equal(pullback(model, x, neuron, options), exact)
+    with pytest.raises(ValueError, match="token 99 is out of range"):
+        pullback(vit, x, Neuron("encoder.layers.encoder_layer_1", 5, token=99), options)

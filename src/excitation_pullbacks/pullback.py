@@ -35,14 +35,24 @@ __all__ = ["Neuron", "Targets", "engine_for", "frozen_parameters", "gated_forwar
 class Neuron:
     """A hidden-neuron target: channel ``channel`` of the output of module ``layer``.
 
-    position: (h, w) for one spatial position; None sums the channel over all positions.
+    position: (h, w) for one spatial position; None sums the channel over all positions (or tokens).
     call: which call of a module used several times (-1: the last).
+    layout: where the channel is in the output: ``channels_first`` (N, C, ...: convolutions), ``tokens``
+        (N, L, C: transformer blocks; ``token`` picks the position along L), ``channels_last`` (N, H, W, C:
+        Swin and ConvNeXt blocks); ``auto``: ``tokens`` for 3-dim outputs, else ``channels_first``.
+    token: the token index for the ``tokens`` layout (e.g. 0, a ViT's class token); None sums over tokens.
     """
 
     layer: str
     channel: int
     position: tuple[int, int] | None = None
     call: int = -1
+    layout: str = "auto"
+    token: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("auto", "channels_first", "tokens", "channels_last"):
+            raise ValueError(f"unknown layout {self.layout!r}; choose auto, channels_first, tokens or channels_last")
 
 
 Targets = int | Sequence[int] | Sequence[Sequence[int]] | Tensor | Neuron
@@ -74,11 +84,23 @@ def _resolve_module(model: nn.Module, layer: str) -> nn.Module:
 def _neuron_value(out, neuron: Neuron) -> Tensor:
     if not isinstance(out, Tensor):
         raise ValueError(f"layer {neuron.layer!r} does not output a single tensor")  # noqa: TRY004
-    if out.dim() < 2 or not 0 <= neuron.channel < out.shape[1]:
+    layout = neuron.layout
+    if layout == "auto":
+        layout = "tokens" if out.dim() == 3 else "channels_first"
+    if out.dim() < 2 or (layout != "channels_first" and out.dim() < 3):
+        raise ValueError(f"layer {neuron.layer!r} output {tuple(out.shape)} has no {layout} channels")
+    dim = 1 if layout == "channels_first" else out.dim() - 1
+    if not 0 <= neuron.channel < out.shape[dim]:
         raise ValueError(
             f"channel {neuron.channel} is out of range for layer {neuron.layer!r} output {tuple(out.shape)}"
         )
-    a = out[:, neuron.channel]
+    a = out.select(dim, neuron.channel)  # (N, ...) without the channel dim
+    if layout == "tokens" and neuron.token is not None:
+        if not -a.shape[1] <= neuron.token < a.shape[1]:
+            raise ValueError(
+                f"token {neuron.token} is out of range for layer {neuron.layer!r} output {tuple(out.shape)}"
+            )
+        return a[:, neuron.token]
     if neuron.position is None:
         return a.reshape(a.shape[0], -1).sum(1)
     h, w = neuron.position
