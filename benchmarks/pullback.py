@@ -173,7 +173,11 @@ def make_call(method: str, model: nn.Module):
 
 def build(arch: str, device: str) -> nn.Module:
     torch.manual_seed(0)
-    return ImageNetInput(tvm.get_model(arch, weights=None)).eval().to(device)
+    model = ImageNetInput(tvm.get_model(arch, weights=None)).eval()
+    for m in model.modules():  # torchvision starts ViT's head at zero (every gradient 0): give it weights
+        if isinstance(m, nn.Linear) and not m.weight.any():
+            nn.init.normal_(m.weight, std=0.02)
+    return model.to(device)
 
 
 def _sync(device: str) -> None:
