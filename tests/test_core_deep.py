@@ -223,7 +223,7 @@ def test_neuron_targets_of_transformer_blocks():
     ):
         outs = []
         layer = dict(model.named_modules())[neuron.layer]
-        handle = layer.register_forward_hook(lambda m, a, o: outs.append(o))
+        handle = layer.register_forward_hook(lambda m, a, o, outs=outs: outs.append(o))
         for p in model.parameters():
             p.requires_grad_(False)
         xr = x.clone().requires_grad_(True)

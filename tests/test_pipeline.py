@@ -34,20 +34,52 @@ def test_every_config_option_composes(group, option):
     if group == "experiment":
         assert cfg.name == option
     elif group == "model":
-        assert cfg.model.name == option
-        assert cfg.model.weights == ("DEFAULT" if option == "digits_cnn" else "IMAGENET1K_V1")
+        timm = option.startswith("timm_")
+        assert cfg.model.name == option or (timm and cfg.model.name.startswith("timm/"))
+        assert cfg.model.weights == ("DEFAULT" if option == "digits_cnn" else "timm" if timm else "IMAGENET1K_V1")
     elif group == "data":
         assert cfg.data.kind == option
     elif group == "gate":
-        assert cfg.gate.shape == (option if option in ("hard", "none", "normal_cdf", "softsign") else "sigmoid")
+        semantic = option.startswith("semantic")
+        shapes = ("hard", "none", "normal_cdf", "softsign")
+        assert cfg.gate.shape == ("normal_cdf" if semantic else option if option in shapes else "sigmoid")
         assert cfg.gate.kind == {"calibrated": "calibrated", "by_depth": "by_depth"}.get(option, "uniform")
-        assert cfg.gate.compat == ("author" if option == "author" else "default")
+        assert cfg.gate.compat == (option if option in ("author", "semantic_author") else "default")
+        assert cfg.gate.norm == ("frozen" if semantic else "hard")
 
 
 def test_config_groups_have_the_documented_options():
-    assert options("model") == ["densenet121", "digits_cnn", "resnet18", "resnet50", "vgg11_bn"]
+    assert options("model") == [
+        "convnext_tiny",
+        "densenet121",
+        "digits_cnn",
+        "efficientnet_b0",
+        "maxvit_t",
+        "mobilenet_v3_large",
+        "regnet_y_400mf",
+        "resnet18",
+        "resnet50",
+        "swin_t",
+        "swin_v2_t",
+        "timm_convnext_tiny",
+        "timm_deit_small",
+        "timm_pvt_v2_b1",
+        "vgg11_bn",
+        "vit_b_16",
+    ]
     assert options("data") == ["digits", "folder", "imagenette_hf", "imagenette_tv", "synthetic"]
-    assert options("gate") == ["author", "by_depth", "calibrated", "hard", "none", "normal_cdf", "sigmoid", "softsign"]
+    assert options("gate") == [
+        "author",
+        "by_depth",
+        "calibrated",
+        "hard",
+        "none",
+        "normal_cdf",
+        "semantic",
+        "semantic_author",
+        "sigmoid",
+        "softsign",
+    ]
     assert options("baselines") == ["captum"]
     assert options("experiment") == [
         "all_figures",

@@ -18,15 +18,21 @@ from torch import nn
 
 __all__ = ["CompiledRoute", "gated_call", "is_compiled", "unwrap_compiled"]
 
-try:  # the wrapper type torch.compile returns for a module
-    from torch._dynamo.eval_frame import OptimizedModule as _Wrapper
-except ImportError:  # pragma: no cover - torch builds without dynamo
-    _Wrapper = ()
+_wrapper: type | None = None
+
+
+def _wrapper_type() -> type:
+    """The class of the wrapper ``torch.compile`` returns for a module, read from torch.compile itself (it
+    compiles nothing until the wrapper is called)."""
+    global _wrapper
+    if _wrapper is None:
+        _wrapper = type(torch.compile(nn.Identity()))
+    return _wrapper
 
 
 def is_compiled(model: nn.Module) -> bool:
     """True for the module ``torch.compile(model)`` returns."""
-    return isinstance(model, _Wrapper) and isinstance(getattr(model, "_orig_mod", None), nn.Module)
+    return isinstance(getattr(model, "_orig_mod", None), nn.Module) and isinstance(model, _wrapper_type())
 
 
 def unwrap_compiled(model: nn.Module) -> nn.Module:

@@ -11,15 +11,12 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
 from ..gates import Gate
 from ..sites import Site
-
-if TYPE_CHECKING:
-    from ..canonizers import Canonizer
 
 __all__ = ["Call", "Rule", "signature"]
 
@@ -104,9 +101,10 @@ class Rule:
         """What a substitute needs besides z (max-pool: its window geometry); None for most rules."""
         return None
 
-    def apply(self, call: Call, site: Site, gate: Gate, canonizers: tuple[Canonizer, ...]) -> Any:
+    def apply(self, call: Call, site: Site, gate: Gate, canonizers: tuple) -> Any:
         """The call's output, bit for bit, with the surrogate backward of ``gate`` (a resolved gate that is not
-        hard). ``canonizers``: the context's, for rules that reuse what a canonizer recorded."""
+        hard). ``canonizers``: the context's (:mod:`~excitation_pullbacks.canonizers`), for rules that reuse
+        what a canonizer recorded (``canonizer.take(z)``)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
