@@ -101,6 +101,15 @@ def test_smooth_pullback_is_the_seeded_noise_average(net, images, bounds):
     assert not torch.equal(maps, smooth_pullback(samples=6, noise=0.15, seed=4)(net, images, TARGETS))
 
 
+def test_several_draws_per_pass_change_only_the_speed(net, images):
+    one = smooth_pullback(samples=6, seed=2)(net, images, TARGETS)
+    several = smooth_pullback(samples=6, seed=2, draws_per_pass=4, batch_size=3)(net, images, TARGETS)
+    torch.testing.assert_close(several, one, rtol=0, atol=1e-14)
+    options = {"weight_samples": 2, "input_samples": 3, "seed": 2}
+    fused = fusion_pullback(**options, draws_per_pass=2)(net, images, TARGETS)
+    torch.testing.assert_close(fused, fusion_pullback(**options)(net, images, TARGETS), rtol=0, atol=1e-14)
+
+
 def test_smooth_pullback_defaults_are_the_authors():
     # SmoothPullback: 50 draws of N(0, 0.15^2) noise, no clamp (lib/attributions.py smoothgrad_explainer)
     explain = smooth_pullback(seed=0)
@@ -211,6 +220,7 @@ def test_make_variant_options_and_errors(net, images):
         (pullback_ascent, {"step_size": float("nan")}),
         (fusion_pullback, {"weight_noise_type": "gaussian"}),
         (fusion_pullback, {"input_samples": 0}),
+        (fusion_pullback, {"draws_per_pass": 0}),
     ]:
         with pytest.raises(ValueError, match=next(iter(bad))):
             factory(**bad)

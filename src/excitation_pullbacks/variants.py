@@ -154,6 +154,7 @@ def smooth_pullback(
     noise: float = 0.15,
     bounds: tuple[float, float] | None = None,
     seed: int | None = None,
+    draws_per_pass: int = 1,
     batch_size: int | None = None,
     **gate,
 ) -> Explain:
@@ -165,28 +166,51 @@ def smooth_pullback(
         generator=torch.Generator().manual_seed(seed))`` on the CPU, moved to x's device; None: torch's global
         generator (on the CPU).
     schedule, **gate: the gates (:func:`variant_schedule`; default the ``semantic`` preset).
-    batch_size: images per forward pass within one draw (None: all N at once).
+    draws_per_pass, batch_size: noisy copies of the N images that go through one pullback call (as one
+        batch of draws_per_pass * N images), and images per forward pass within that call (None: all). In
+        eval mode they change only the speed (and float rounding); in train mode BatchNorm's batch statistics
+        depend on them.
     """
     _check_count("samples", samples, 1)
+    batching = (_check_count("draws_per_pass", draws_per_pass, 1), batch_size)
     noise = _check_std("noise", noise)
     low_high = _check_bounds(bounds)
     sched = variant_schedule(schedule, gate)
 
     def explain(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
-        x0 = x.detach()
-        generator = _generator(seed)
-        total = None
-        for _ in range(samples):
-            g = pullback(model, _noisy(x0, noise, low_high, generator), target, sched, batch_size=batch_size)
-            total = g if total is None else total + g
+        total = _noise_sum(model, x.detach(), target, sched, samples, noise, low_high, _generator(seed), batching)
         return total / samples
 
     return explain
 
 
-def _noisy(x: Tensor, std: float, bounds: tuple[float, float] | None, generator: torch.Generator | None) -> Tensor:
-    noisy = x + std * _normal(x.shape, x, generator)
-    return noisy if bounds is None else noisy.clamp(*bounds)
+def _noise_sum(
+    model: nn.Module,
+    x: Tensor,
+    target: Tensor,
+    schedule: Schedule,
+    draws: int,
+    std: float,
+    bounds: tuple[float, float] | None,
+    generator: torch.Generator | None,
+    batching: tuple[int, int | None],
+    total: Tensor | None = None,
+) -> Tensor:
+    """``total`` (None: zeros) plus, draw by draw, the pullbacks at ``draws`` noisy copies of x (drawn one
+    after another); ``per_pass`` copies of the N images go through one pullback call."""
+    per_pass, batch_size = batching
+    target = torch.as_tensor(target, device=x.device)
+    total = torch.zeros_like(x) if total is None else total
+    for start in range(0, draws, per_pass):
+        k = min(per_pass, draws - start)
+        noisy = torch.cat([x + std * _normal(x.shape, x, generator) for _ in range(k)])
+        if bounds is not None:
+            noisy = noisy.clamp(*bounds)
+        t = target.repeat(k) if target.dim() == 1 else target
+        g = pullback(model, noisy, t, schedule, batch_size=batch_size)
+        for part in g.unflatten(0, (k, x.shape[0])):
+            total = total + part
+    return total
 
 
 def fusion_pullback(
@@ -199,6 +223,7 @@ def fusion_pullback(
     noise: float = 0.15,
     bounds: tuple[float, float] | None = None,
     seed: int | None = None,
+    draws_per_pass: int = 1,
     batch_size: int | None = None,
     **gate,
 ) -> Explain:
@@ -214,9 +239,11 @@ def fusion_pullback(
     seed: an int makes the maps reproducible (one CPU generator; for each weight sample, u for every
         parameter in ``model.parameters()`` order, then its ``input_samples`` input draws); None: torch's
         global generator.
+    draws_per_pass, batch_size: as in :func:`smooth_pullback`.
     schedule, **gate: the gates (:func:`variant_schedule`; default the ``semantic`` preset).
     """
     _check_count("weight_samples", weight_samples, 1)
+    batching = (_check_count("draws_per_pass", draws_per_pass, 1), batch_size)
     _check_count("input_samples", input_samples, 1)
     weight_noise = _check_std("weight_noise", weight_noise)
     noise = _check_std("noise", noise)
@@ -240,10 +267,7 @@ def fusion_pullback(
                     for p, original in zip(targets, originals):
                         u = weight_noise * _normal(original.shape, original, generator)
                         p.copy_(original * (1 + u) if weight_noise_type == "multiplicative" else original + u)
-            for _ in range(input_samples):
-                noisy = _noisy(x0, noise, low_high, generator)
-                g = pullback(copied, noisy, target, sched, batch_size=batch_size)
-                total = g if total is None else total + g
+            total = _noise_sum(copied, x0, target, sched, input_samples, noise, low_high, generator, batching, total)
         return total / (weight_samples * input_samples)
 
     return explain
