@@ -23,11 +23,21 @@ from .pullback import Neuron, pullback
 from .rules import Rule, register, soft_attention, soft_gelu, soft_max_pool2d, soft_relu, soft_silu
 from .schedules import ByDepth, ByName, ByType, PerChannel, Schedule
 from .sites import Site
+from .variants import (
+    VARIANTS,
+    fusion_pullback,
+    input_times,
+    make_variant,
+    pullback_ascent,
+    smooth_pullback,
+    soft_pullback,
+)
 
 __all__ = [
     "POOL_SHAPES",
     "PRESETS",
     "RELU_SHAPES",
+    "VARIANTS",
     "ByDepth",
     "ByName",
     "ByType",
@@ -48,14 +58,20 @@ __all__ = [
     "build_model",
     "calibrate",
     "excitation",
+    "fusion_pullback",
+    "input_times",
     "make_schedule",
+    "make_variant",
     "path_kernel",
     "preset",
     "pullback",
+    "pullback_ascent",
     "register",
+    "smooth_pullback",
     "soft_attention",
     "soft_gelu",
     "soft_max_pool2d",
+    "soft_pullback",
     "soft_relu",
     "soft_silu",
 ]
