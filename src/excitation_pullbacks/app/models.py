@@ -24,6 +24,7 @@ __all__ = [
     "ModelSpec",
     "class_names_for",
     "load_model",
+    "loaded_model",
     "output_layout",
     "resolve_device",
     "spec_from_key",
@@ -167,9 +168,15 @@ def _load(spec: ModelSpec, device: str, stamp: int | None) -> LoadedModel:
     except (ValueError, FileNotFoundError, RuntimeError, KeyError, OSError) as err:
         text = " ".join(str(err).split())
         raise ModelError(f"cannot load {spec.label}: {text[:400]}") from None
-    model = model.to(device).eval()
     space = "digits" if spec.name == "digits_cnn" else "imagenet"
     resize, crop = (32, 32) if space == "digits" else (256, 224)
+    return loaded_model(spec, model, device, space, resize, crop)
+
+
+def loaded_model(spec: ModelSpec, model: nn.Module, device: str, space: str, resize: int, crop: int) -> LoadedModel:
+    """``model`` (moved to ``device``, eval mode) described for the explorer: one forward pass of a zero image
+    (1, 3, crop, crop) finds its gated sites, their output shapes and channel layouts, and its classes."""
+    model = model.to(device).eval()
     probe = torch.zeros(1, 3, crop, crop, device=device)
     outputs: dict[str, object] = {}
     hooks = [
@@ -189,7 +196,6 @@ def _load(spec: ModelSpec, device: str, stamp: int | None) -> LoadedModel:
         for name, _ in sites
         if isinstance(outputs.get(name), torch.Tensor) and outputs[name].dim() >= 2
     }
-    layers = tuple(shapes)
     layouts = {name: output_layout(shape) for name, shape in shapes.items()}
     classes = class_names_for(space, int(logits.shape[1]))
     return LoadedModel(
@@ -201,7 +207,7 @@ def _load(spec: ModelSpec, device: str, stamp: int | None) -> LoadedModel:
         resize,
         crop,
         sites,
-        layers,
+        tuple(shapes),
         shapes,
         layouts,
         tuple(report.sites),
