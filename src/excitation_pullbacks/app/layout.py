@@ -144,9 +144,9 @@ def build_layout(
     """
     step0, eps0 = ascent_defaults(loaded)
     gr.Markdown(
-        "## Excitation pullbacks explorer\nInput gradients with soft backward gates sigmoid(z/T) "
-        "(forward untouched), side by side with the vanilla gradient, and projected gradient ascent "
-        "along each."
+        "## Excitation pullbacks explorer\nInput gradients with soft backward gates (sigmoid(z/T) at ReLUs; "
+        "the Rules add GELU, norm and attention rules for transformers; forward untouched), side by side with the "
+        "vanilla gradient, and projected gradient ascent along each."
     )
     state = gr.State(None)
     with gr.Row():
@@ -177,16 +177,20 @@ def build_layout(
             target_class = gr.Dropdown(
                 choices0, value=choices0[0], label="Class (type to filter)", filterable=True, elem_id="target-class"
             )
+            layer = gr.Dropdown(
+                layer_choices(loaded),
+                value=loaded.layers[0] if loaded.layers else None,
+                label="Layer (gated site)",
+                info="hidden neuron: output shape (without N) and where its channels are",
+            )
             with gr.Row(equal_height=True):
-                layer = gr.Dropdown(
-                    layer_choices(loaded),
-                    value=loaded.layers[0] if loaded.layers else None,
-                    label="Layer (gated site)",
+                channel = gr.Number(0, precision=0, minimum=0, label="Channel", min_width=80)
+                position = gr.Textbox(
+                    "", label="Position h, w (blank: sum)", info="conv layers: (N, C, H, W)", min_width=100
                 )
-                channel = gr.Number(0, precision=0, minimum=0, label="Channel")
-            with gr.Row(equal_height=True):
-                position = gr.Textbox("", label="Position h, w (blank: sum)", info="conv layers: (N, C, H, W)")
-                token = gr.Textbox("", label="Token (blank: sum)", info="transformer layers: (N, L, C); 0: class token")
+                token = gr.Textbox(
+                    "", label="Token (blank: sum)", info="transformer layers: (N, L, C); 0: class token", min_width=100
+                )
             with gr.Row():
                 run_btn = gr.Button("Run", variant="primary", elem_id="run")
                 stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
