@@ -1,5 +1,6 @@
 """A real headless Chromium (Playwright) drives the served explorer: pick an image and a target, run,
-see the panels, change T, run again, see the pullback change; a screenshot is saved."""
+see the panels, pick the semantic rules (the gate fields follow), change T, run again, see the pullback
+change; a screenshot is saved."""
 
 from __future__ import annotations
 
@@ -67,6 +68,14 @@ def test_page_runs_and_follows_temperature(served_app, tmp_path):
             assert "digit 6 (6)" in page.locator("#command").inner_text()
             before = image_src(page, "out-excitation")
             number = page.locator("#temperature input[type=number]")
+            assert number.input_value() == "0.3" and page.locator("#pool-temperature textarea").input_value() == ""
+            page.locator("#rules input").click()
+            page.get_by_role("option", name="semantic", exact=True).click()
+            page.wait_for_function(
+                "() => document.querySelector('#temperature input[type=number]').value === '0.6'", timeout=30_000
+            )
+            assert page.locator("#pool-temperature textarea").input_value() == "0.3"
+            assert page.locator("#shape input").input_value() == "normal_cdf"
             number.fill("1.5")
             number.press("Enter")
             page.click("#run")
@@ -76,6 +85,7 @@ def test_page_runs_and_follows_temperature(served_app, tmp_path):
                 timeout=120_000,
             )
             page.wait_for_timeout(500)
+            assert "gate=semantic gate.shape=normal_cdf gate.temperature=1.5" in page.locator("#command").inner_text()
             page.screenshot(path=str(tmp_path / "explorer.png"), full_page=True)
             assert image_src(page, "out-excitation") != before
             assert (tmp_path / "explorer.png").stat().st_size > 10_000

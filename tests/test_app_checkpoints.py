@@ -100,7 +100,7 @@ def test_the_served_page_loads_only_offered_checkpoints(served, folders):
     assert len(answers) == 1 and "is not offered by this explorer" in answers.pop()
 
     run = ("digits_cnn|null", "digits.pt", gradio_client.handle_file(str(files[3])), "class", "digit 3 (3)")
-    run += ("features.6", 2, "", "sigmoid", 0.3, "", False, 2, 2.857, 14.29, "0, 1")
+    run += ("features.6", 2, "", "", "paper", "sigmoid", 0.3, "", False, 2, 2.857, 14.29, "0, 1")
     command = client.predict(*run, api_name="/run")[-1]
     assert f"model.checkpoint={offered / 'digits.pt'}" in command and "data.root=input" in command
     assert str(work) not in command and str(outside) not in command

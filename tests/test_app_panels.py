@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+
 import numpy as np
 import pytest
 import torch
@@ -9,11 +11,30 @@ from PIL import Image
 
 pytest.importorskip("gradio")
 
-from excitation_pullbacks import GateOptions, Neuron, ascent, pullback
+from excitation_pullbacks import GateOptions, Neuron, ascent, preset, pullback
 from excitation_pullbacks.app import images, panels
 from excitation_pullbacks.app.command import command_line
-from excitation_pullbacks.app.inputs import parse_pool_temperature, parse_position, parse_temperatures
-from excitation_pullbacks.app.models import ModelError, ModelSpec, load_model, spec_from_key
+from excitation_pullbacks.app.inputs import (
+    RULES,
+    parse_pool_temperature,
+    parse_position,
+    parse_temperatures,
+    parse_token,
+    preset_fields,
+    rules_gate,
+    target_neuron,
+)
+from excitation_pullbacks.app.models import (
+    ModelError,
+    ModelSpec,
+    load_model,
+    loaded_model,
+    output_layout,
+    spec_from_key,
+)
+from excitation_pullbacks.pipeline.schedules import gate_options
+
+from helpers import compose_config
 
 
 @pytest.fixture(scope="module")
@@ -213,3 +234,125 @@ def test_cli_reports_a_bad_model_in_one_line(tmp_path, capsys):
     assert (args.model, args.weights, args.port, args.device) == ("resnet50", "null", 7999, "auto")
     with pytest.raises(SystemExit, match="error: checkpoint .*missing.pt does not exist"):
         main(["--checkpoint", str(tmp_path / "missing.pt")])
+
+
+# -- transformers: the Rules presets, token neurons, the exported command ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vit():
+    """A tiny torchvision ViT (32 px, patches of 8: 16 tokens + the class token, width 16) as the explorer
+    describes it; its head starts at zero (every gradient would be 0): random weights instead."""
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(32, 8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=10)
+    torch.nn.init.normal_(model.heads.head.weight, std=0.5)
+    return loaded_model(ModelSpec("vit_tiny", None), model, "cpu", "imagenet", 32, 32)
+
+
+@pytest.fixture(scope="module")
+def vx():
+    return torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+
+
+@pytest.mark.parametrize("name", RULES)
+def test_rules_fields_show_the_preset(name):
+    """The fields a preset puts in the gate panel give back the preset."""
+    gate = rules_gate(name, *preset_fields(name))
+    if preset(name).pool_detach is None:  # "no, except compat=semantic_author" (documented), read as a checkbox
+        assert gate == preset(name).replace(pool_detach=False) and preset(name).compat != "semantic_author"
+    else:
+        assert gate == preset(name)
+    assert preset_fields("semantic") == ("normal_cdf", 0.6, "0.3", True)
+    changed = rules_gate("semantic", "sigmoid", 0.4, "", False)
+    assert changed == preset("semantic").replace(
+        temperature=0.4, gate="sigmoid", pool_temperature=None, pool_detach=False
+    )
+    with pytest.raises(ValueError, match="unknown rules"):
+        rules_gate("vanilla", "hard", 0, "", False)
+
+
+def test_semantic_pullback_of_a_vit_is_the_core(vit, vx):
+    assert vit.kinds == ("norm", "attention", "gelu") and set(vit.layouts.values()) == {"tokens"}
+    assert "encoder.layers.encoder_layer_0.self_attention" not in vit.layers  # a tuple output: no neuron target
+    gate = rules_gate("semantic", *preset_fields("semantic"))
+    grads = panels.gradients(vit.model, vx, 3, gate)
+    torch.testing.assert_close(grads["excitation"], pullback(vit.model, vx, 3, preset("semantic")), rtol=0, atol=0)
+    xr = vx.clone().requires_grad_(True)
+    vit.model(xr)[0, 3].backward()
+    torch.testing.assert_close(grads["vanilla"], xr.grad)
+    assert not torch.allclose(grads["excitation"], grads["vanilla"])
+    report = panels.call_site_report(vit.model, vx, gate)
+    assert report.splitlines()[0] == (
+        "gated calls per forward: 5 norm at 5 sites, 2 attention at 2 sites, 2 GELU at 2 sites (1 forward passes)"
+    )
+    assert "  attention  encoder.layers.encoder_layer_1.self_attention" in report.splitlines()
+
+
+def test_token_neuron_of_a_vit(vit, vx):
+    layer = "encoder.layers.encoder_layer_1.mlp.1"
+    assert vit.shapes[layer] == (1, 17, 32) and vit.layouts[layer] == "tokens"
+    neuron = target_neuron(vit, layer, 5, "", "0")
+    assert neuron == Neuron(layer, 5, None, layout="tokens", token=0)
+    grads = panels.gradients(vit.model, vx, neuron, preset("semantic"))
+    torch.testing.assert_close(grads["excitation"], pullback(vit.model, vx, neuron, preset("semantic")), rtol=0, atol=0)
+    outputs = []
+    hook = dict(vit.model.named_modules())[layer].register_forward_hook(lambda m, i, o: outputs.append(o))
+    xr = vx.clone().requires_grad_(True)
+    try:
+        vit.model(xr)
+    finally:
+        hook.remove()
+    outputs[0][0, 0, 5].backward()  # the class token's unit 5, by autograd
+    torch.testing.assert_close(grads["vanilla"], xr.grad)
+    summed = panels.gradients(vit.model, vx, target_neuron(vit, layer, 5, "", ""), preset("semantic"))
+    assert not torch.allclose(summed["excitation"], grads["excitation"])
+    with pytest.raises(ValueError, match="give a token"):
+        target_neuron(vit, layer, 5, "1, 2", "")
+    with pytest.raises(ValueError, match="token must be a whole number"):
+        parse_token("cls")
+
+
+def test_layouts_of_layer_outputs(digits):
+    assert output_layout((1, 197, 768)) == "tokens"
+    assert output_layout((1, 96, 56, 56)) == "channels_first" and output_layout((1, 56, 56, 96)) == "channels_last"
+    assert set(digits.layouts.values()) == {"channels_first"}
+    with pytest.raises(ValueError, match="give a position"):
+        target_neuron(digits, "features.6", 5, "", "0")
+    assert target_neuron(digits, "features.6", 5, "4, 4", "") == Neuron(
+        "features.6", 5, (4, 4), layout="channels_first"
+    )
+
+
+@pytest.mark.parametrize(
+    ("rules", "fields"),
+    [
+        ("semantic", None),
+        ("semantic", ("sigmoid", 0.45, "0.2", False)),
+        ("semantic_author", None),
+        ("author", ("softsign", 1.5, "", True)),
+        ("paper", ("normal_cdf_tanh", 0.6, "0", False)),
+        ("paper", None),
+    ],
+)
+def test_exported_command_composes_to_the_same_gate(rules, fields):
+    """The command line the page shows, split as a shell splits it and composed with Hydra as the CLI does,
+    gives the run's model and GateOptions."""
+    gate = rules_gate(rules, *(fields or preset_fields(rules)))
+    line = command_line(
+        ModelSpec("vit_b_16", None),
+        gate=gate,
+        rules=rules,
+        ascent=panels.AscentSettings(5, 20, 100),
+        data_root="input",
+        resize=256,
+        crop=224,
+        image_class=1,
+        target_class=482,
+    )
+    program, *overrides = shlex.split(line)
+    assert program == "pullbacks" and (f"gate={rules}" in overrides) == (rules != "paper")
+    cfg = compose_config(*overrides)
+    assert cfg.model.name == "vit_b_16" and cfg.model.weights is None and list(cfg.targets.extra) == [482]
+    assert gate_options(cfg.gate, cfg.gate.temperature) == gate

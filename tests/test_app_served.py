@@ -14,7 +14,7 @@ pytestmark = [
 ]
 
 
-def run_args(path, temperature=0.3, target="digit 3 (3)", mode="class"):
+def run_args(path, temperature=0.3, target="digit 3 (3)", mode="class", rules="paper", shape="sigmoid", pool=""):
     return (
         "digits_cnn|DEFAULT",
         "",
@@ -24,9 +24,11 @@ def run_args(path, temperature=0.3, target="digit 3 (3)", mode="class"):
         "features.6",
         2,
         "",
-        "sigmoid",
-        temperature,
         "",
+        rules,
+        shape,
+        temperature,
+        pool,
         False,
         3,
         2.857,
@@ -61,6 +63,20 @@ def test_named_endpoints_run_step_export(served_app):
     assert Path(neuron[2]).is_file() and neuron[8] is None  # no ascent for a hidden neuron
 
 
+def test_rules_presets_fill_the_gate_panel(served_app):
+    url, files = served_app
+    client = gradio_client.Client(url, verbose=False)
+    assert client.predict("semantic", api_name="/pick_rules") == ("normal_cdf", 0.6, "0.3", True)
+    assert client.predict("paper", api_name="/pick_rules") == ("sigmoid", 0.3, "", False)
+    out = client.predict(*run_args(files[3], 0.6, rules="semantic", shape="normal_cdf", pool="0.3"), api_name="/run")
+    command = out[-1]
+    assert "gate=semantic gate.shape=normal_cdf gate.temperature=0.6 gate.pool_temperature=0.3" in command
+    paper = client.predict(*run_args(files[3], 0.6, shape="normal_cdf", pool="0.3"), api_name="/run")
+    assert "gate=normal_cdf gate.temperature=0.6" in paper[-1]
+    with pytest.raises(gradio_client.exceptions.AppError, match="give a position"):
+        client.predict(*run_args(files[3], mode="hidden neuron")[:8], "0", *run_args(files[3])[9:], api_name="/run")
+
+
 def test_bad_upload_is_a_clear_error(served_app, tmp_path):
     url, files = served_app
     client = gradio_client.Client(url, verbose=False)
@@ -82,6 +98,8 @@ RUN_PARAMETERS = [
     "Layer (gated site)",
     "Channel",
     "Position h, w (blank: sum)",
+    "Token (blank: sum)",
+    "Rules",
     "Gate shape",
     "Temperature T",
     "Max-pool T (blank: same as T)",
@@ -107,7 +125,7 @@ def test_load_model_and_pick_image(served_app):
     url, files = served_app
     client = gradio_client.Client(url, verbose=False)
     status, _, layer, step_size, eps = client.predict("digits_cnn|null", "", api_name="/load_model")
-    assert status.startswith("**digits_cnn: random weights** on cpu: 10 classes, input 32 x 32, 6 gated calls")
+    assert status == "**digits_cnn: random weights** on cpu: 10 classes, input 32 x 32, 6 gated calls"
     assert layer["value"] == "features.2" and (step_size, eps) == (2.857, 14.29)
     target = client.predict("digits_cnn|DEFAULT", "", gradio_client.handle_file(str(files[7])), api_name="/pick_image")
     assert target["value"] == "digit 7 (7)"

@@ -14,7 +14,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--model",
         default="digits_cnn",
-        help="digits_cnn (default), resnet50, vgg11_bn, densenet121, or any torchvision classifier",
+        help="digits_cnn (default), resnet50, vgg11_bn, densenet121, vit_b_16, swin_t, convnext_tiny, or any torchvision classifier",
     )
     p.add_argument(
         "--weights",

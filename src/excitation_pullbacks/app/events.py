@@ -3,7 +3,7 @@
 Each handler takes its inputs as one dict keyed by component (Gradio's set-of-components ``inputs``) and reads
 them into a small dataclass by field name (:meth:`.Layout.read`); it returns a dict keyed by component. So no
 handler depends on the order of a list of inputs or outputs. Endpoints (also for ``gradio_client``):
-``/load_model``, ``/pick_image``, ``/run``, ``/step``, ``/export``, ``/stop``; their parameters come in the
+``/load_model``, ``/pick_image``, ``/pick_rules``, ``/run``, ``/step``, ``/export``, ``/stop``; their parameters come in the
 order the components are created (:func:`.build_layout`), their results in the order of the outputs listed in
 :meth:`Events.connect`.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 import gradio as gr
 import torch
 
-from excitation_pullbacks import GateOptions, Neuron
+from excitation_pullbacks import Neuron
 
 from .checkpoints import Checkpoints
 from .command import command_line
@@ -30,11 +30,12 @@ from .inputs import (
     class_choices,
     class_index,
     label_class,
-    parse_pool_temperature,
-    parse_position,
     parse_temperatures,
+    preset_fields,
+    rules_gate,
+    target_neuron,
 )
-from .layout import Layout, model_status
+from .layout import Layout, layer_choices, model_status
 from .models import LoadedModel, ModelError, ModelSpec, load_model, spec_from_key
 from .panels import (
     AscentSettings,
@@ -47,7 +48,7 @@ from .panels import (
     step_views,
 )
 
-__all__ = ["Events", "ImageInputs", "ModelInputs", "RunInputs", "StepInputs"]
+__all__ = ["Events", "ImageInputs", "ModelInputs", "RulesInputs", "RunInputs", "StepInputs"]
 
 
 @dataclass(frozen=True)
@@ -67,14 +68,17 @@ class ImageInputs(ModelInputs):
 
 @dataclass(frozen=True)
 class RunInputs(ImageInputs):
-    """Everything a run reads: model, image, target (a class, or a hidden neuron at layer/channel/position),
-    gate, ascent and the temperature strip's values, as the widgets hold them."""
+    """Everything a run reads: model, image, target (a class, or a hidden neuron at layer/channel and a
+    position or token), gate (a preset's rules with shape, T, max-pool T and detach), ascent and the
+    temperature strip's values, as the widgets hold them."""
 
     mode: str
     target_class: str | None
     layer: str | None
     channel: float | None
     position: str | None
+    token: str | None
+    rules: str
     shape: str
     temperature: float
     pool_temperature: str | None
@@ -83,6 +87,13 @@ class RunInputs(ImageInputs):
     step_size: float
     eps: float
     temperatures: str
+
+
+@dataclass(frozen=True)
+class RulesInputs:
+    """The gate panel's preset."""
+
+    rules: str
 
 
 @dataclass(frozen=True)
@@ -150,7 +161,7 @@ class Events:
         return {
             ui.status: model_status(loaded),
             ui.target_class: gr.update(choices=choices, value=choices[0]),
-            ui.layer: gr.update(choices=list(loaded.layers), value=loaded.layers[0] if loaded.layers else None),
+            ui.layer: gr.update(choices=layer_choices(loaded), value=loaded.layers[0] if loaded.layers else None),
             ui.step_size: step_size,
             ui.eps: eps,
         }
@@ -168,6 +179,20 @@ class Events:
         i = label_class(v.image, loaded)
         return unchanged if i is None else {self.ui.target_class: gr.update(value=class_choices(loaded)[i])}
 
+    def on_rules(self, values: dict) -> dict:
+        """A preset picked: the gate panel's fields show its shape, T, max-pool T and detach."""
+        ui, v = self.ui, self.ui.read(values, RulesInputs)
+        try:
+            shape, temperature, pool_temperature, pool_detach = preset_fields(str(v.rules))
+        except ValueError as err:
+            raise gr.Error(_message(err), print_exception=False) from None
+        return {
+            ui.shape: shape,
+            ui.temperature: temperature,
+            ui.pool_temperature: pool_temperature,
+            ui.pool_detach: pool_detach,
+        }
+
     def run(self, values: dict, request: gr.Request, progress=gr.Progress()) -> dict:  # noqa: B008 - as above
         """Pullbacks, ascent and strip for the picked image and target; the command line that reproduces it."""
         v = self.ui.read(values, RunInputs)
@@ -178,17 +203,10 @@ class Events:
             image = open_image(v.image)
             x = preprocess(image, loaded.resize, loaded.crop).to(loaded.device)
             if v.mode == "hidden neuron":
-                if not v.layer:
-                    raise ValueError("pick a layer for the hidden neuron")
-                target = Neuron(str(v.layer), int(v.channel or 0), parse_position(v.position))
+                target = target_neuron(loaded, v.layer, v.channel, v.position, v.token)
             else:
                 target = class_index(v.target_class, loaded)
-            gate = GateOptions(
-                temperature=float(v.temperature),
-                gate=str(v.shape),
-                pool_temperature=parse_pool_temperature(v.pool_temperature),
-                pool_detach=bool(v.pool_detach),
-            )
+            gate = rules_gate(str(v.rules), v.shape, v.temperature, v.pool_temperature, v.pool_detach)
             settings = AscentSettings(int(v.steps), float(v.step_size), float(v.eps))
             temps = parse_temperatures(v.temperatures)
             total = 3 + (0 if isinstance(target, Neuron) else 2 * settings.steps)  # explore's ticks
@@ -229,6 +247,7 @@ class Events:
             command_line(
                 replace(loaded.spec, checkpoint=self.checkpoints.public(loaded.spec.checkpoint)),
                 gate=gate,
+                rules=str(v.rules),
                 ascent=settings,
                 data_root="input",
                 resize=loaded.resize,
@@ -332,6 +351,14 @@ class Events:
         ui.checkpoint.input(self.on_model, ui.inputs(ModelInputs), model_outputs, api_name=False)
         ui.image.change(
             self.on_image, ui.inputs(ImageInputs), [ui.target_class], api_name="pick_image", concurrency_limit=None
+        )
+        ui.rules.change(
+            self.on_rules,
+            ui.inputs(RulesInputs),
+            [ui.shape, ui.temperature, ui.pool_temperature, ui.pool_detach],
+            api_name="pick_rules",
+            concurrency_limit=None,
+            show_progress="hidden",
         )
         run_outputs = [
             ui.state,

@@ -1,16 +1,20 @@
-"""Widget values -> the arguments of the explorer's computations: temperatures, max-pool T, neuron positions,
-class choices; each bad value is a ValueError with a one-line message the page shows."""
+"""Widget values -> the arguments of the explorer's computations: the gate (a preset's rules with the gate
+panel's fields), temperatures, max-pool T, hidden neurons (position or token), class choices; each bad value is a
+ValueError with a one-line message the page shows."""
 
 from __future__ import annotations
 
 import math
 import re
 
+from excitation_pullbacks import GateOptions, Neuron, preset
+
 from .images import image_label
 from .models import LoadedModel
 
 __all__ = [
     "PAPER_SIZE",
+    "RULES",
     "ascent_defaults",
     "class_choices",
     "class_index",
@@ -18,9 +22,39 @@ __all__ = [
     "parse_pool_temperature",
     "parse_position",
     "parse_temperatures",
+    "parse_token",
+    "preset_fields",
+    "rules_gate",
+    "target_neuron",
 ]
 
 PAPER_SIZE = 224  # the paper's ascent budget (step 20, eps 100) is for 224 x 224 images; scaled by crop / 224
+
+#: The presets the gate panel's "Rules" offers (``excitation_pullbacks.PRESETS`` but the vanilla gradient, which
+#: the page shows beside every pullback anyway).
+RULES = ("paper", "semantic", "author", "semantic_author")
+
+
+def preset_fields(name: str) -> tuple[str, float, str, bool]:
+    """The gate panel's fields (shape, T, max-pool T as text, detach) that show the preset ``name``."""
+    options = preset(name)
+    detach = options.pool_detach if options.pool_detach is not None else options.compat == "semantic_author"
+    pool = "" if options.pool_temperature is None else f"{float(options.pool_temperature):g}"
+    return options.gate, float(options.temperature), pool, bool(detach)
+
+
+def rules_gate(rules: str, shape: str, temperature: float, pool_temperature, pool_detach: bool) -> GateOptions:
+    """The preset ``rules`` with the gate panel's fields: ``preset(rules).replace(temperature=..., gate=shape,
+    pool_temperature=..., pool_detach=...)`` (the preset's other rules - SiLU, GELU, norm, attention, compat -
+    as they are). ValueError for an unknown preset or a bad field."""
+    if rules not in RULES:
+        raise ValueError(f"unknown rules {rules!r}; choose one of {', '.join(RULES)}")
+    return preset(rules).replace(
+        temperature=float(temperature),
+        gate=str(shape),
+        pool_temperature=parse_pool_temperature(pool_temperature),
+        pool_detach=bool(pool_detach),
+    )
 
 
 def parse_temperatures(text: str) -> list[float]:
@@ -55,6 +89,33 @@ def parse_position(text: str | None) -> tuple[int, int] | None:
     if len(parts) != 2 or not all(p.isdigit() for p in parts):
         raise ValueError(f"position must be two row, column numbers such as 3, 4 (or blank), got {text!r}")
     return int(parts[0]), int(parts[1])
+
+
+def parse_token(text) -> int | None:
+    """``""``/None -> None (sum over tokens); ``"0"`` -> 0 (e.g. a ViT's class token); else ValueError."""
+    if text is None or not str(text).strip():
+        return None
+    value = str(text).strip()
+    if not value.lstrip("-").isdigit():
+        raise ValueError(f"token must be a whole number such as 0 (or blank: sum over tokens), got {text!r}")
+    return int(value)
+
+
+def target_neuron(loaded: LoadedModel, layer, channel, position, token) -> Neuron:
+    """The hidden neuron the page's fields name: a (h, w) ``position`` for layers with spatial outputs, a
+    ``token`` for layers with (N, L, C) outputs (blank: the sum); the layer's channel layout from the model's
+    probe (:func:`~excitation_pullbacks.app.models.output_layout`). ValueError for a field that does not fit."""
+    if not layer:
+        raise ValueError("pick a layer for the hidden neuron")
+    layer = str(layer)
+    layout = loaded.layouts.get(layer, "auto")
+    where, tok = parse_position(position), parse_token(token)
+    shape = loaded.shapes.get(layer)
+    if layout == "tokens" and where is not None:
+        raise ValueError(f"layer {layer} outputs tokens {shape}: give a token (or blank), not a position")
+    if layout != "tokens" and tok is not None:
+        raise ValueError(f"layer {layer} outputs {shape} ({layout}): give a position h, w (or blank), not a token")
+    return Neuron(layer, int(channel or 0), where, layout=layout, token=tok)
 
 
 def class_choices(loaded: LoadedModel) -> list[str]:

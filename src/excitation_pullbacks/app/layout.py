@@ -12,10 +12,18 @@ import gradio as gr
 
 from excitation_pullbacks.gates import RELU_SHAPES
 
-from .inputs import ascent_defaults, class_choices
+from .inputs import RULES, ascent_defaults, class_choices, preset_fields
 from .models import LoadedModel, ModelSpec
 
-__all__ = ["DEFAULT_TEMPERATURES", "GATE_SHAPES", "ImageFile", "Layout", "build_layout", "model_status"]
+__all__ = [
+    "DEFAULT_TEMPERATURES",
+    "GATE_SHAPES",
+    "ImageFile",
+    "Layout",
+    "build_layout",
+    "layer_choices",
+    "model_status",
+]
 
 #: The gate shapes the page offers: the core's ReLU shapes (``own`` is the ReLU's hard gate there).
 GATE_SHAPES = tuple(s for s in RELU_SHAPES if s != "own")
@@ -39,19 +47,32 @@ class ImageFile(gr.Image):
 
 
 def model_status(loaded: LoadedModel) -> str:
-    """The line under the model picker: label, device, classes, input size, gated calls."""
-    return (
+    """The line under the model picker: label, device, classes, input size, gated calls (and, for a model with
+    norm or attention sites, which rules are made for it)."""
+    line = (
         f"**{loaded.spec.label}** on {loaded.device}: {len(loaded.classes)} classes, input "
         f"{loaded.crop} x {loaded.crop}, {sum(n for _, n in loaded.sites)} gated calls"
     )
+    deep = [k for k in ("norm", "attention") if k in loaded.kinds]
+    if deep:
+        line += f" ({' and '.join(deep)} sites: Rules semantic gates them, paper leaves them exact)"
+    return line
+
+
+def layer_choices(loaded: LoadedModel) -> list[tuple[str, str]]:
+    """The layer dropdown's (label, value) choices: each hidden-neuron layer with its output shape and layout."""
+    return [
+        (f"{name}  {tuple(loaded.shapes[name][1:])} {loaded.layouts[name].replace('_', ' ')}", name)
+        for name in loaded.layers
+    ]
 
 
 @dataclass(frozen=True)
 class Layout:
     """Every component of the page that an event reads or writes, by name.
 
-    Inputs (left column): model_key, checkpoint, image, mode, target_class, layer, channel, position, shape,
-    temperature, pool_temperature, pool_detach, steps, step_size, eps, temperatures. Outputs (right column):
+    Inputs (left column): model_key, checkpoint, image, mode, target_class, layer, channel, position, token,
+    rules, shape, temperature, pool_temperature, pool_detach, steps, step_size, eps, temperatures. Outputs (right column):
     shown, vanilla, excitation (panels), before, after_ex, after_va (top-5 labels), strip, step (slider),
     ex_img, ex_diff, va_img, va_diff (ascent step views), report, command, files. ``state`` holds the last
     run (its Exploration, command and input folder) per session.
@@ -67,8 +88,10 @@ class Layout:
     layer: gr.Dropdown
     channel: gr.Number
     position: gr.Textbox
+    token: gr.Textbox
     run_btn: gr.Button
     stop_btn: gr.Button
+    rules: gr.Dropdown
     shape: gr.Dropdown
     temperature: gr.Slider
     pool_temperature: gr.Textbox
@@ -121,9 +144,9 @@ def build_layout(
     """
     step0, eps0 = ascent_defaults(loaded)
     gr.Markdown(
-        "## Excitation pullbacks explorer\nInput gradients with soft backward gates sigmoid(z/T) "
-        "(forward untouched), side by side with the vanilla gradient, and projected gradient ascent "
-        "along each."
+        "## Excitation pullbacks explorer\nInput gradients with soft backward gates (sigmoid(z/T) at ReLUs; "
+        "the Rules add GELU, norm and attention rules for transformers; forward untouched), side by side with the "
+        "vanilla gradient, and projected gradient ascent along each."
     )
     state = gr.State(None)
     with gr.Row():
@@ -154,22 +177,36 @@ def build_layout(
             target_class = gr.Dropdown(
                 choices0, value=choices0[0], label="Class (type to filter)", filterable=True, elem_id="target-class"
             )
+            layer = gr.Dropdown(
+                layer_choices(loaded),
+                value=loaded.layers[0] if loaded.layers else None,
+                label="Layer (gated site)",
+                info="hidden neuron: output shape (without N) and where its channels are",
+            )
             with gr.Row(equal_height=True):
-                layer = gr.Dropdown(
-                    list(loaded.layers),
-                    value=loaded.layers[0] if loaded.layers else None,
-                    label="Layer (gated site)",
+                channel = gr.Number(0, precision=0, minimum=0, label="Channel", min_width=80)
+                position = gr.Textbox(
+                    "", label="Position h, w (blank: sum)", info="conv layers: (N, C, H, W)", min_width=100
                 )
-                channel = gr.Number(0, precision=0, minimum=0, label="Channel")
-                position = gr.Textbox("", label="Position h, w (blank: sum)")
+                token = gr.Textbox(
+                    "", label="Token (blank: sum)", info="transformer layers: (N, L, C); 0: class token", min_width=100
+                )
             with gr.Row():
                 run_btn = gr.Button("Run", variant="primary", elem_id="run")
                 stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
             with gr.Accordion("Gate", open=True):
-                shape = gr.Dropdown(list(GATE_SHAPES), value="sigmoid", label="Gate shape")
-                temperature = gr.Slider(0.0, 3.0, value=0.3, step=0.01, label="Temperature T", elem_id="temperature")
-                pool_temperature = gr.Textbox("", label="Max-pool T (blank: same as T)")
-                pool_detach = gr.Checkbox(False, label="Detach max-pool softmax weights")
+                rules = gr.Dropdown(
+                    list(RULES),
+                    value="paper",
+                    label="Rules",
+                    info="semantic: ReLU, SiLU, GELU, max-pool, norm and attention rules for transformers",
+                    elem_id="rules",
+                )
+                shape0, t0, pool0, detach0 = preset_fields("paper")
+                shape = gr.Dropdown(list(GATE_SHAPES), value=shape0, label="Gate shape", elem_id="shape")
+                temperature = gr.Slider(0.0, 3.0, value=t0, step=0.01, label="Temperature T", elem_id="temperature")
+                pool_temperature = gr.Textbox(pool0, label="Max-pool T (blank: same as T)", elem_id="pool-temperature")
+                pool_detach = gr.Checkbox(detach0, label="Detach max-pool softmax weights")
             with gr.Accordion("Ascent", open=False):
                 steps = gr.Slider(0, 30, value=10, step=1, label="Steps")
                 step_size = gr.Number(step0, label="Step size (L2)")
@@ -209,8 +246,10 @@ def build_layout(
         layer=layer,
         channel=channel,
         position=position,
+        token=token,
         run_btn=run_btn,
         stop_btn=stop_btn,
+        rules=rules,
         shape=shape,
         temperature=temperature,
         pool_temperature=pool_temperature,

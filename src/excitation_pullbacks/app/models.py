@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -24,6 +24,8 @@ __all__ = [
     "ModelSpec",
     "class_names_for",
     "load_model",
+    "loaded_model",
+    "output_layout",
     "resolve_device",
     "spec_from_key",
 ]
@@ -55,7 +57,8 @@ class ModelSpec:
         return f"{self.name}: {self.weights}" if self.weights is not None else f"{self.name}: random weights"
 
 
-#: The choices the page offers: the paper's three models with their weights or random, and the digits CNN.
+#: The choices the page offers: the ReLU paper's three models and three transformers / modern networks of the
+#: deep-network method (ViT-B/16, Swin-T, ConvNeXt-T), each with its ImageNet weights or random, and the digits CNN.
 MODEL_OPTIONS = (
     ModelSpec("digits_cnn", "DEFAULT"),
     ModelSpec("digits_cnn", None),
@@ -65,6 +68,12 @@ MODEL_OPTIONS = (
     ModelSpec("vgg11_bn", None),
     ModelSpec("densenet121", "IMAGENET1K_V1"),
     ModelSpec("densenet121", None),
+    ModelSpec("vit_b_16", "IMAGENET1K_V1"),
+    ModelSpec("vit_b_16", None),
+    ModelSpec("swin_t", "IMAGENET1K_V1"),
+    ModelSpec("swin_t", None),
+    ModelSpec("convnext_tiny", "IMAGENET1K_V1"),
+    ModelSpec("convnext_tiny", None),
 )
 
 
@@ -91,8 +100,11 @@ class LoadedModel:
     """A model ready for the explorer.
 
     space: class space of the logits ("imagenet" or "digits"); classes: a name per logit.
-    resize, crop: the preprocessing of its inputs. sites: gated call sites of one forward pass, in order,
-    with their call counts. layers: the sites that are modules (hidden-neuron targets).
+    resize, crop: the preprocessing of its inputs. sites: gated call sites of one forward pass (every kind:
+    ReLU, max-pool, SiLU, GELU, norm, attention), in order, with their call counts. layers: the sites that are
+    modules with one output tensor (hidden-neuron targets). shapes: {layer: its output's shape (1, ...)};
+    layouts: {layer: where its channels are} (:func:`output_layout`). kinds: the kinds of gated sites, in
+    the order first called.
     """
 
     spec: ModelSpec
@@ -104,6 +116,21 @@ class LoadedModel:
     crop: int
     sites: tuple[tuple[str, int], ...]
     layers: tuple[str, ...]
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    layouts: dict[str, str] = field(default_factory=dict)
+    kinds: tuple[str, ...] = ()
+
+
+def output_layout(shape: tuple[int, ...]) -> str:
+    """Where the channels of a layer output of ``shape`` are, for :class:`~excitation_pullbacks.Neuron`:
+    ``tokens`` for (N, L, C); for (N, A, B, C) of a square input ``channels_first`` when B == C (convolutions:
+    (N, C, H, W)), ``channels_last`` when A == B != C (Swin and ConvNeXt blocks: (N, H, W, C)); else
+    ``channels_first``."""
+    if len(shape) == 3:
+        return "tokens"
+    if len(shape) == 4 and shape[2] != shape[3] and shape[1] == shape[2]:
+        return "channels_last"
+    return "channels_first"
 
 
 def class_names_for(space: str, num_classes: int) -> tuple[str, ...]:
@@ -141,16 +168,47 @@ def _load(spec: ModelSpec, device: str, stamp: int | None) -> LoadedModel:
     except (ValueError, FileNotFoundError, RuntimeError, KeyError, OSError) as err:
         text = " ".join(str(err).split())
         raise ModelError(f"cannot load {spec.label}: {text[:400]}") from None
-    model = model.to(device).eval()
     space = "digits" if spec.name == "digits_cnn" else "imagenet"
     resize, crop = (32, 32) if space == "digits" else (256, 224)
+    return loaded_model(spec, model, device, space, resize, crop)
+
+
+def loaded_model(spec: ModelSpec, model: nn.Module, device: str, space: str, resize: int, crop: int) -> LoadedModel:
+    """``model`` (moved to ``device``, eval mode) described for the explorer: one forward pass of a zero image
+    (1, 3, crop, crop) finds its gated sites, their output shapes and channel layouts, and its classes."""
+    model = model.to(device).eval()
     probe = torch.zeros(1, 3, crop, crop, device=device)
-    with torch.no_grad(), excitation(model) as report:
-        logits = model(probe)
-    sites = tuple(
-        list(report.relu.items()) + list(report.maxpool.items()) + list(report.silu.items()) + list(report.gelu.items())
-    )
-    modules = dict(model.named_modules())
-    layers = tuple(name for name, _ in sites if name in modules)
+    outputs: dict[str, object] = {}
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out, name=name: outputs.setdefault(name, out))
+        for name, m in model.named_modules()
+        if name
+    ]
+    try:
+        with torch.no_grad(), excitation(model) as report:
+            logits = model(probe)
+    finally:
+        for h in hooks:
+            h.remove()
+    sites = tuple((name, n) for kind in report.sites for name, n in report.of(kind).items())
+    shapes = {
+        name: tuple(outputs[name].shape)
+        for name, _ in sites
+        if isinstance(outputs.get(name), torch.Tensor) and outputs[name].dim() >= 2
+    }
+    layouts = {name: output_layout(shape) for name, shape in shapes.items()}
     classes = class_names_for(space, int(logits.shape[1]))
-    return LoadedModel(spec, model, torch.device(device), space, classes, resize, crop, sites, layers)
+    return LoadedModel(
+        spec,
+        model,
+        torch.device(device),
+        space,
+        classes,
+        resize,
+        crop,
+        sites,
+        tuple(shapes),
+        shapes,
+        layouts,
+        tuple(report.sites),
+    )

@@ -1,7 +1,7 @@
 """The explorer page (Gradio Blocks): the components of :mod:`.layout` wired to the handlers of :mod:`.events`.
 
-Endpoints (also for ``gradio_client``): ``/load_model``, ``/pick_image``, ``/run``, ``/step``, ``/export``,
-``/stop``. The computations live in :mod:`.panels`.
+Endpoints (also for ``gradio_client``): ``/load_model``, ``/pick_image``, ``/pick_rules``, ``/run``, ``/step``,
+``/export``, ``/stop``. The computations live in :mod:`.panels`.
 """
 
 from __future__ import annotations

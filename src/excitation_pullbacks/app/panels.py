@@ -113,10 +113,16 @@ def trajectories(
 
 
 def call_site_report(model: nn.Module, x: Tensor, gate: GateOptions) -> str:
-    """The gated call sites of one forward pass of x under ``gate`` (``str(Report)``)."""
+    """The gated call sites of one forward pass of x under ``gate``: ``str(Report)`` (every kind: ReLU,
+    max-pool, SiLU, GELU, norm, attention; a line per site), its first line without the kinds the model
+    never called (a transformer's "0 ReLU at 0 sites")."""
     with torch.no_grad(), excitation(model, gate) as report:
         model(x)
-    return str(report)
+    head, *sites = str(report).split("\n")
+    prefix, _, rest = head.partition(": ")
+    counts, _, passes = rest.rpartition(" (")
+    kept = [part for part in counts.split(", ") if not part.startswith("0 ")] or [counts]
+    return "\n".join([f"{prefix}: {', '.join(kept)} ({passes}", *sites])
 
 
 def _upscale(im: Image.Image, size: int) -> Image.Image:
