@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from excitation_pullbacks import Excitation, Gate, Site, excitation, make_schedule, pullback, soft_max_pool2d
+from excitation_pullbacks import Excitation, Gate, Site, excitation, make_schedule, preset, pullback, soft_max_pool2d
 
 from reference import author_pullback, zero_padded_soft_pool
 
@@ -95,3 +95,68 @@ def test_compat_options():
         make_schedule(compat="paper")
     with pytest.raises(ValueError, match="padding"):
         Gate("softmax", 0.3, padding="reflect")
+
+
+class _SemanticNet(nn.Module):
+    """Every kind the deep-network paper's code swaps, and functional calls it cannot reach."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.relu = nn.ReLU()
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.gelu = nn.GELU()
+        self.silu = nn.SiLU()
+        self.norm = nn.LayerNorm(8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.relu(self.conv(x)) - 0.1)  # functional: the module swap leaves it hard
+        x = self.silu(self.gelu(self.conv2(self.pool(x))))
+        tokens = self.norm(x.flatten(2).transpose(1, 2))
+        tokens = F.layer_norm(tokens, (8,))  # functional LayerNorm: left exact
+        out, _ = self.attn(tokens, tokens, tokens, need_weights=False)
+        return self.head(out.mean(1))
+
+
+class _Swapped(nn.Module):
+    """The paper code's module swap, written here: forward exact, backward the surrogate (straight-through)."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.m = module
+
+    def forward(self, x):
+        m, exact = self.m, self.m(x)
+        if isinstance(m, nn.ReLU):
+            soft = x * (0.5 * (1 + torch.erf(x / (0.6 * 2**0.5)))).detach()
+        elif isinstance(m, nn.GELU):
+            soft = x * (0.5 * (1 + torch.erf(x / 2**0.5))).detach()
+        elif isinstance(m, nn.SiLU):
+            soft = x * torch.sigmoid(x / 1.6).detach()
+        elif isinstance(m, nn.MaxPool2d):  # unfold over the zero-padded input, detached softmax weights
+            n, c = x.shape[:2]
+            cols = F.unfold(x, m.kernel_size, padding=m.padding, stride=m.stride).view(n, c, 9, -1)
+            soft = (cols * torch.softmax(cols / 0.3, 2).detach()).sum(2).view_as(exact)
+        else:  # LayerNorm with detached statistics
+            mean, var = x.mean(-1, keepdim=True).detach(), x.var(-1, keepdim=True, unbiased=False).detach()
+            soft = (x - mean) * torch.rsqrt(var + m.eps) * m.weight + m.bias
+        return exact.detach() + soft - soft.detach()
+
+
+def test_semantic_author_equals_module_swap():
+    torch.manual_seed(0)
+    model = _SemanticNet().double().eval()
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    ours = pullback(model, x, 3, preset("semantic_author"))
+    swapped = _SemanticNet().double().eval()
+    swapped.load_state_dict(model.state_dict())
+    for name in ("relu", "pool", "gelu", "silu", "norm"):
+        setattr(swapped, name, _Swapped(getattr(swapped, name)))
+    xr = x.clone().requires_grad_(True)
+    swapped(xr)[:, 3].sum().backward()
+    torch.testing.assert_close(ours, xr.grad, rtol=1e-10, atol=1e-13)
+    default = pullback(model, x, 3, preset("semantic"))
+    assert not torch.allclose(default, ours)  # the functional calls and the pool padding matter
