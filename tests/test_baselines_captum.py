@@ -24,6 +24,16 @@ from excitation_pullbacks.models import digits_images, load_digits_cnn
 
 from helpers import assert_model_unchanged, compose_config, model_state
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small tensors: one intra-op thread (several threads on a busy machine only wait for each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 NEW = ("gradient_shap", "deeplift", "gradcam", "guided_gradcam", "fusiongrad", "gradient_ascent")
 FAST = dict(fusiongrad_models=2, fusiongrad_samples=2, gradient_ascent_steps=2, gradient_shap_samples=3)
 

@@ -14,6 +14,15 @@ from excitation_pullbacks.models import digits_images, load_digits_cnn
 from excitation_pullbacks.mosaics import focus_figure, focus_mosaics, input_relevance
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small tensors: one intra-op thread (several threads on a busy machine only wait for each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def source():
     x, y = digits_images("test", size=16)

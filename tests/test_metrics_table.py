@@ -17,6 +17,16 @@ from excitation_pullbacks.pipeline.tasks.published_table import COLUMNS
 
 from helpers import compose_config
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small tensors: one intra-op thread (several threads on a busy machine only wait for each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 SMALL = [
     "experiment=published_table",
     "logger=csv",
