@@ -4,12 +4,14 @@ random draws: seconds of each side and the largest |ours - quantus| over the ima
 The settings are the published ones (metrics.PUBLISHED) scaled to the image size, except where the published
 code subclasses Quantus (infidelity with optimal scaling, faithfulness correlation over every patch): those two
 rows run Quantus's own definition (``scaling="none"``; 100 random subsets of 224 features). Both sides compute in
-float64 (Quantus runs the model on ``torch.Tensor(x)``, so torch's default dtype is float64 while it runs); the
+float64 by default (Quantus runs the model on ``torch.Tensor(x)``, so torch's default dtype is set while it runs;
+``--dtype float32`` times both sides in float32, where batching many perturbed images pays off more); the
 draws come from numpy's global RNG in Quantus's order and are passed to ours. Maps: the vanilla gradient plus
 a tiny seeded jitter (tied features are ordered differently by numpy's quicksort). CPU, one run each.
 
     .venv/bin/python benchmarks/quantus_metrics.py                         # digits CNN (N=8), resnet18 (N=4), 32 px
     .venv/bin/python benchmarks/quantus_metrics.py --models digits --n 16
+    .venv/bin/python benchmarks/quantus_metrics.py --threads 1 --dtype float32
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def gradient(model, x, t):
 
 
 def quantus_gradient(model, inputs, targets, **kwargs):
-    x = torch.as_tensor(np.asarray(inputs), dtype=torch.float64)
+    x = torch.as_tensor(np.asarray(inputs), dtype=torch.get_default_dtype())
     return gradient(model, x, torch.as_tensor(np.asarray(targets)).long()).numpy()
 
 
@@ -156,6 +158,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=["digits", "resnet18"], choices=["digits", "resnet18"])
     p.add_argument("--n", type=int, default=None, help="images (default: 8 digits, 4 resnet18)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--dtype", choices=["float64", "float32"], default="float64")
     a = p.parse_args(argv)
     import quantus
 
@@ -169,6 +172,8 @@ def main(argv=None) -> int:
         size = 32
         n = a.n or (8 if name == "digits" else 4)
         model, x, y, classes = case(name, n, size)
+        dtype = getattr(torch, a.dtype)
+        model, x = model.to(dtype), x.to(dtype)
         maps = gradient(model, x, y)
         jitter = torch.randn(maps.shape, generator=torch.Generator().manual_seed(2), dtype=maps.dtype)
         maps = maps + 1e-6 * maps.abs().max() * jitter
@@ -181,7 +186,7 @@ def main(argv=None) -> int:
             ours = ours_fn(model, x, y, a_in, draws).numpy()
             t_ours = time.perf_counter() - t0
             np.random.seed(5)
-            torch.set_default_dtype(torch.float64)
+            torch.set_default_dtype(dtype)
             try:
                 t0 = time.perf_counter()
                 extra = {"explain_func": quantus_gradient} if explains else {}
