@@ -93,6 +93,7 @@ def test_config_groups_have_the_documented_options():
         "fig3_fig4",
         "path_stability",
         "path_stability_folder",
+        "published_table",
         "search_by_depth",
         "search_by_type",
         "search_temperature",

@@ -1,4 +1,5 @@
-"""Cascading model-parameter randomization (Adebayo et al. 2018): do the maps depend on the weights?"""
+"""Randomisation checks: do the maps depend on the weights (cascading model-parameter randomization, Adebayo
+et al. 2018) and on the explained class (random logit, Sixt et al. 2020)?"""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ from torch import Tensor, nn
 
 from ..checks import class_targets
 from ..explain import Explain
+from ..state import preserved_model
 from ..stopping import ShouldStop, check_stop
-from .similarity import spearman, ssim
+from .similarity import pearson, spearman, ssim
 
-__all__ = ["RandomizationResult", "randomization_check", "randomization_layers"]
+__all__ = ["RandomizationResult", "random_logit", "randomization_check", "randomization_layers"]
 
 
 def _minmax(v: Tensor) -> Tensor:
@@ -175,3 +177,49 @@ def randomization_check(
         return torch.stack(rows[k]) if rows[k] else torch.empty(0, n, device=x.device)
 
     return RandomizationResult(layers=names, spearman=stack("spearman"), ssim=stack("ssim"), original=original)
+
+
+def random_logit(
+    model: nn.Module,
+    x: Tensor,
+    target,
+    explain: Explain,
+    maps: Tensor | None = None,
+    *,
+    num_classes: int | None = None,
+    seed: int = 42,
+    off_targets: Tensor | None = None,
+    similarity: str = "pearson",
+) -> Tensor:
+    """Random logit (Sixt et al. 2020), as Quantus ``RandomLogit``. **Lower is better** (the maps change
+    with the explained class).
+
+    x: (N, C, H, W); target: (N,); explain(model, x, target) -> (N, C', H, W); maps: the maps of the
+    targets (None: computed). Each image is explained again for a class drawn uniformly from the
+    ``num_classes - 1`` others (None: the model's number of outputs): r ~ U{0, ..., K - 2} from a torch
+    generator seeded with ``seed``, class r + (r >= target), i.e. the r-th other class, as Quantus picks it
+    (Quantus draws r with ``np.random.seed(seed); np.random.randint(0, K - 1, N)``, reseeded for each of
+    its batches; ``off_targets`` (N,) gives the classes directly). similarity: ``pearson`` (the published
+    setting; Quantus's default is SSIM) or ``spearman`` between the flattened maps. Quantus's normalisation
+    (a positive factor per call) does not change either.
+    Returns (N,) in [-1, 1].
+    """
+    if similarity not in ("pearson", "spearman"):
+        raise ValueError(f"similarity must be pearson or spearman, got {similarity!r}")
+    x = x.detach()
+    n = x.shape[0]
+    t = class_targets(target, n, x.device, grid=False)
+    if off_targets is None:
+        if num_classes is None:
+            with torch.no_grad(), preserved_model(model):
+                num_classes = int(model(x[:1]).shape[1])
+        if num_classes < 2:
+            raise ValueError(f"random_logit needs at least 2 classes, got {num_classes}")
+        r = torch.randint(0, num_classes - 1, (n,), generator=torch.Generator().manual_seed(seed)).to(x.device)
+        off_targets = r + (r >= t).long()
+    off = class_targets(off_targets, n, x.device, grid=False)
+    if bool((off == t).any()):
+        raise ValueError("off_targets must differ from the targets")
+    a = (explain(model, x, t) if maps is None else maps).detach().to(x.dtype)
+    b = explain(model, x, off).detach().to(x.dtype)
+    return (pearson if similarity == "pearson" else spearman)(a, b)

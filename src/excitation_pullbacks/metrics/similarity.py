@@ -1,4 +1,4 @@
-"""Similarity of two attribution maps per sample: Spearman rank correlation and SSIM."""
+"""Similarity of two attribution maps per sample: Pearson and Spearman correlation, SSIM."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .filters import gaussian_kernel
 
-__all__ = ["spearman", "ssim"]
+__all__ = ["pearson", "spearman", "ssim"]
 
 
 def _average_ranks(v: Tensor) -> Tensor:
@@ -17,6 +17,20 @@ def _average_ranks(v: Tensor) -> Tensor:
     less = torch.searchsorted(s, v.contiguous(), side="left")
     leq = torch.searchsorted(s, v.contiguous(), side="right")
     return (less + leq - 1).to(torch.float64 if v.dtype == torch.float64 else torch.float32) / 2
+
+
+def pearson(a: Tensor, b: Tensor) -> Tensor:
+    """Pearson correlation per sample of a and b (N, ...) (flattened): (N,), in [-1, 1].
+
+    As ``scipy.stats.pearsonr(a, b, axis=1)``: NaN for a constant sample. Higher: more linearly related.
+    """
+    a, b = a.flatten(1), b.flatten(1)
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    # scale first (as scipy does) so that tiny or huge values neither underflow nor overflow when squared
+    a = a / a.abs().amax(1, keepdim=True)
+    b = b / b.abs().amax(1, keepdim=True)
+    r = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+    return r.clamp(-1.0, 1.0)
 
 
 def spearman(a: Tensor, b: Tensor) -> Tensor:

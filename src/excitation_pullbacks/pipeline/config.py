@@ -112,8 +112,9 @@ class AscentConfig:
 
 @dataclass
 class BaselinesConfig:
-    """Captum baseline methods (``baselines=``): the ``baselines`` figure's panels and the options every
-    baseline explainer takes (figures and the evaluate task)."""
+    """Baseline attribution methods (``baselines=``): the ``baselines`` figure's panels and the options every
+    baseline explainer takes (figures, evaluate, published_table); each field is the keyword of the same name
+    of ``excitation_pullbacks.baselines.BaselineOptions``, which documents it."""
 
     methods: List[str] = field(
         default_factory=lambda: ["vanilla", "smoothgrad", "guided_backprop", "integrated_gradients"]
@@ -122,7 +123,22 @@ class BaselinesConfig:
     smoothgrad_noise: float = 0.15  # noise std as a fraction of the [-1, 1] range
     ig_steps: int = 16
     ig_baseline: float = -1.0  # integrated gradients from the black image
-    batch_size: Optional[int] = None  # SmoothGrad samples / IG steps per forward (null: all)
+    gradient_shap_samples: int = 5  # Captum's default, as published
+    gradient_shap_stdevs: float = 0.0
+    gradient_shap_baseline: float = 0.0  # the grey image, as published
+    deeplift_baseline: float = 0.0  # the grey image, as published
+    gradcam_layer: Optional[str] = None  # module name (null: the last convolutional block)
+    gradcam_interpolate: str = "bilinear"  # nearest | bilinear | bicubic
+    gradcam_relu: bool = True
+    fusiongrad_models: int = 10  # noisy-weight copies of the model
+    fusiongrad_samples: int = 10  # noisy inputs per copy
+    fusiongrad_weight_noise: float = 0.1  # weights times N(1, 0.1^2)
+    fusiongrad_noise: float = 0.075  # input noise std as a fraction of the range (0.15 on [-1, 1])
+    fusiongrad_noise_type: str = "multiplicative"  # multiplicative | additive
+    gradient_ascent_steps: int = 5
+    gradient_ascent_step_size: float = 20.0
+    gradient_ascent_clip: bool = False  # clamp the final image to [-1, 1]
+    batch_size: Optional[int] = None  # SmoothGrad / IG / FusionGrad samples per forward (null: all)
 
 
 @dataclass

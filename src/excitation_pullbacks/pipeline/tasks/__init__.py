@@ -4,6 +4,7 @@ from .base import Task
 from .evaluate import EvaluateTask
 from .figures import FiguresTask
 from .path_stability import PathStabilityTask
+from .published_table import PublishedTableTask
 from .train import TrainTask
 
 __all__ = ["TASKS", "Task"]
@@ -14,4 +15,5 @@ TASKS: dict[str, type[Task]] = {
     "evaluate": EvaluateTask,
     "train": TrainTask,
     "path_stability": PathStabilityTask,
+    "published_table": PublishedTableTask,
 }
