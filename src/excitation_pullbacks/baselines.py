@@ -35,6 +35,7 @@ from captum.attr import (
 )
 from torch import Tensor, nn
 
+from . import variants
 from .ascent import ascent
 from .attribution import ExcitationPullback
 from .explain import Explain
@@ -320,11 +321,16 @@ REGISTRY: dict[str, Factory] = {
     "fusiongrad": lambda o, s: partial(_fusiongrad, o=o),
     "gradient_ascent": lambda o, s: partial(_gradient_ascent, o=o),
     "excitation": lambda o, s: partial(_excitation, schedule=s),
+    # the pullback's variants (excitation_pullbacks.variants) at the run's gates, the author's settings
+    "pullback_ascent": lambda o, s: variants.pullback_ascent(s),
+    "smooth_pullback": lambda o, s: variants.smooth_pullback(s),
+    "fusion_pullback": lambda o, s: variants.fusion_pullback(s),
 }
 
 #: Baselines (methods that ignore the gates), and all methods at import time (:data:`REGISTRY` may grow).
-BASELINES = tuple(name for name in REGISTRY if name != "excitation")
-METHODS = BASELINES + ("excitation",)
+_GATED = ("excitation", "pullback_ascent", "smooth_pullback", "fusion_pullback")
+BASELINES = tuple(name for name in REGISTRY if name not in _GATED)
+METHODS = BASELINES + _GATED
 
 _OPTIONS = tuple(f.name for f in fields(BaselineOptions))
 
