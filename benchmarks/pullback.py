@@ -6,7 +6,8 @@ For each architecture (random weights; timings do not depend on them) at batch N
   pullback           excitation_pullbacks.pullback, sigmoid T=0.3, softmax pool T=0.3
   pullback-noflush   the same with subnormal floats left in the backward (EXCITATION_PULLBACKS_FLUSH=0)
   semantic           pullback with preset("semantic") (LayerNorm frozen, attention softened at T=1, ...)
-  semantic-noattn    the same with attention's exact gradient: the difference is what the attention rule costs
+  semantic-noattn    the same with attention's exact gradient (semantic's T = 1 is that gradient: the native op runs)
+  semantic-attn07    semantic with attention at T = 0.7: what the softened attention backward costs
   listing            the paper's listings: deep copy with every nn.ReLU / nn.MaxPool2d module swapped for a
                      save-z autograd ReLU and an unfold softmax pool with the strike-through trick
   author             the author-style module swap: every nn.ReLU replaced by a soft-gradient module (sigmoid
@@ -53,6 +54,7 @@ METHODS = (
     "pullback-noflush",
     "semantic",
     "semantic-noattn",
+    "semantic-attn07",
     "listing",
     "author",
     "compiled-vanilla",
@@ -156,6 +158,8 @@ def make_call(method: str, model: nn.Module):
         return lambda x, t: pullback(model, x, t, preset("semantic"))
     if method == "semantic-noattn":
         return lambda x, t: pullback(model, x, t, preset("semantic", attention_temperature=None))
+    if method == "semantic-attn07":
+        return lambda x, t: pullback(model, x, t, preset("semantic", attention_temperature=0.7))
     if method == "listing":
         swapped = listing_model(model)
         return lambda x, t: _grad(swapped, x, t)

@@ -205,7 +205,7 @@ def test_hard_gates_are_the_exact_gradient(name):
     assert torch.equal(pullback(model, x, 3, hard), exact)
     # attention at T = 1 through q, k, v alone is the exact gradient too
     t1 = GateOptions(temperature=0.0, gate="hard", attention_temperature=1.0)
-    torch.testing.assert_close(pullback(model, x, 3, t1), exact, rtol=1e-9, atol=1e-12 * exact.abs().max().item())
+    assert torch.equal(pullback(model, x, 3, t1), exact)  # the native ops run: T = 1 is the exact gradient
 
 
 def test_neuron_targets_of_transformer_blocks():

@@ -5,9 +5,10 @@ A_T = softmax(S / T), S = q k^T * scale (+ mask), in place of the exact weights 
 ``gate.detach``, dq = dS k * scale, dk = dS^T q * scale with dS = A_T * (g v^T - rowsum(A_T * g v^T)) - the
 gradient of softmax(S / T) v with the 1/T scaling itself passed through as the identity, as the deep-network
 paper's code does for ``nn.MultiheadAttention``. ``gate.detach``: the weights are constants, the gradient
-flows through v only (the paper's code for PVT). At T = 1 without detach the backward is the exact gradient;
-the hard gate (T = 0, or shape ``hard``) is the native op. The backward costs one q k^T product and softmax
-more than the native one, and no second attention forward.
+flows through v only (the paper's code for PVT). At T = 1 without detach the backward is the exact gradient,
+so the native op runs (the published default costs nothing); the hard gate (T = 0, or shape ``hard``) is the
+native op too. Elsewhere the backward costs one q k^T product and softmax more than the native one, and no
+second attention forward.
 
 Where attention is computed explicitly (torchvision's Swin and MaxViT, timm without fused attention), the
 rule sits at the softmax over the last dim of a score tensor of 3 or more dims: ``soft_softmax`` is the
@@ -93,6 +94,14 @@ class _SoftAttention(torch.autograd.Function):
         return dq, dk, dv, dmask, None, None, None, None
 
 
+def _exact(gate: Gate) -> bool:
+    """True where the softened backward is the exact gradient: the hard gate, or T = 1 through q, k and v."""
+    if gate.is_hard:
+        return True
+    t = gate.temperature
+    return not gate.detach and not isinstance(t, Tensor) and float(t) == 1.0
+
+
 def soft_attention(
     q: Tensor,
     k: Tensor,
@@ -108,7 +117,7 @@ def soft_attention(
     q: (..., L, E); k: (..., S, E); v: (..., S, Ev); attn_mask: broadcastable to (..., L, S), boolean (True:
     attend) or additive. Returns (..., L, Ev).
     """
-    if gate.is_hard:
+    if _exact(gate):  # the native op: its backward is this one, computed by the fused kernel
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
         )
@@ -137,7 +146,7 @@ class _SoftSoftmax(torch.autograd.Function):
 def soft_softmax(x: Tensor, dim: int, gate: Gate, dtype=None) -> Tensor:
     """``torch.softmax(x, dim, dtype=dtype)`` bit for bit with the backward of softmax(x / T) (identity through
     the scaling), or no gradient with ``gate.detach``. x: attention scores (..., L, S), dim -1."""
-    if gate.is_hard:
+    if _exact(gate):
         return torch.softmax(x, dim, dtype=dtype)
     return _SoftSoftmax.apply(x, dim, dtype, gate)
 
@@ -239,6 +248,8 @@ class MultiheadAttention(Rule):
         return same and plain and not dropout and all(b[name] is None for name in extras)
 
     def apply(self, call: Call, site, gate, canonizers):
+        if _exact(gate):  # T = 1 through q, k, v: the native call is this backward
+            return call.run()
         if not self.supported(call):
             warnings.warn(
                 f"excitation: attention {site.key} keeps its exact gradient (nn.MultiheadAttention with masks, "
