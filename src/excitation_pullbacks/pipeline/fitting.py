@@ -16,17 +16,26 @@ from .dashboard import Dashboard
 from .loggers import fit_loggers
 from .tasks.base import Plan
 from .terminal import describe_device, progress_callbacks
+from .timing import StepTimer
 
 __all__ = ["fit"]
 
 
-def fit(cfg: DictConfig, plan: Plan, finish: Callable[[dict], None], staging: Path, dashboard: Dashboard | None) -> str:
-    """Train ``plan.module`` as ``plan.fit`` says, logging steps to CSV and the job's W&B run (``dashboard``);
-    ``finish({})`` on rank 0 afterwards. Returns the device it ran on."""
+def fit(
+    cfg: DictConfig,
+    plan: Plan,
+    finish: Callable[[dict], None],
+    staging: Path,
+    dashboard: Dashboard | None,
+    timer: StepTimer,
+) -> str:
+    """Train ``plan.module`` as ``plan.fit`` says, logging steps to CSV and the job's W&B run (``dashboard``),
+    ``timer`` adding up the training steps' time; ``finish({})`` on rank 0 afterwards. Returns the device it
+    ran on."""
     spec = plan.fit
     progress, bar = progress_callbacks()
     extra = dict(spec.trainer)
-    callbacks = list(extra.pop("callbacks", [])) + progress
+    callbacks = [timer, *extra.pop("callbacks", []), *progress]
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,

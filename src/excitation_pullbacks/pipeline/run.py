@@ -47,6 +47,7 @@ from .signals import StopCallback, check_stop, exit_code, handling_signals, rece
 from .tasks import TASKS
 from .tasks.base import Plan, RunContext, Task
 from .terminal import describe_device, progress_callbacks, say
+from .timing import StepTimer
 from .writer import ResultWriter
 
 __all__ = [
@@ -98,10 +99,10 @@ class Finish:
         (staging / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(self.resolved)))
 
 
-def predict(cfg: DictConfig, plan: Plan, writer: ResultWriter, out: Path) -> str:
+def predict(cfg: DictConfig, plan: Plan, writer: ResultWriter, out: Path, timer: StepTimer) -> str:
     """``Trainer.predict`` of ``plan.module`` over (image, label, dataset index, row) batches of
-    ``cfg.batch_size`` on ``cfg.trainer``'s devices; ``writer`` gathers the ranks' results. Returns the
-    device it ran on (:func:`describe_device`)."""
+    ``cfg.batch_size`` on ``cfg.trainer``'s devices; ``writer`` gathers the ranks' results, ``timer`` adds up
+    the predict steps' time. Returns the device it ran on (:func:`describe_device`)."""
     progress, bar = progress_callbacks()
     try:
         trainer = L.Trainer(
@@ -111,7 +112,7 @@ def predict(cfg: DictConfig, plan: Plan, writer: ResultWriter, out: Path) -> str
             strategy=cfg.trainer.strategy,
             inference_mode=False,
             logger=False,
-            callbacks=[StopCallback(), writer, *progress],
+            callbacks=[timer, StopCallback(), writer, *progress],
             enable_progress_bar=bar,
             enable_model_summary=False,
             default_root_dir=str(out),
@@ -212,10 +213,11 @@ def run(cfg: DictConfig) -> dict:
             plan = task.plan(RunContext(cfg, resolved, out, staging, launcher))
             check_stop()
             finish = Finish(task, resolved, final)
+            timer = StepTimer()
             if plan.fit is None:
-                device = predict(cfg, plan, ResultWriter(staging, finish), out)
+                device = predict(cfg, plan, ResultWriter(staging, finish), out, timer)
             else:  # a training task
-                device = fit(cfg, plan, finish, staging, dashboard)
+                device = fit(cfg, plan, finish, staging, dashboard, timer)
             if not launcher:  # a DDP child: rank 0 (the launcher) publishes and reports
                 return {"results": None, "wandb": None, "skipped": False}
             check_stop()
@@ -223,7 +225,7 @@ def run(cfg: DictConfig) -> dict:
                 raise PipelineError(f"the run finished without writing its results into {staging}")
             payload = json.loads((staging / PAYLOAD).read_text())
             (staging / PAYLOAD).unlink()
-            timing = write_timing(staging, time.perf_counter() - started, plan.module.model_seconds)
+            timing = write_timing(staging, time.perf_counter() - started, timer.seconds)
             if dashboard is not None:
                 dashboard.log_results(
                     payload["figures"],

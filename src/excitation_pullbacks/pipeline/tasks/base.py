@@ -47,8 +47,8 @@ class Fit:
 class Plan:
     """What a task hands the run skeleton: the per-batch module and the images it runs on, row r = image r.
 
-    images (N, C, H, W), labels (N,), index (N,) dataset indices. The module counts the seconds its predict
-    steps take in ``model_seconds``. fit: a training run (:class:`Fit`) instead of predict over the images.
+    images (N, C, H, W), labels (N,), index (N,) dataset indices (the skeleton times the module's steps with
+    :class:`~..timing.StepTimer`). fit: a training run (:class:`Fit`) instead of predict over the images.
     """
 
     module: L.LightningModule
