@@ -43,9 +43,17 @@ FORMAT = 1
 NOT_IDENTITY = frozenset({"output_dir", "logger", "trainer", "name", "skip_complete", "on_conflict", "debug", "hydra"})
 
 
+#: Nested keys that do not change a run's results: (section, key).
+NOT_IDENTITY_NESTED = frozenset({("train", "resume_signals")})
+
+
 def identity(resolved: dict) -> dict:
-    """The resolved config without :data:`NOT_IDENTITY` keys."""
-    return {k: v for k, v in resolved.items() if k not in NOT_IDENTITY}
+    """The resolved config without :data:`NOT_IDENTITY` and :data:`NOT_IDENTITY_NESTED` keys."""
+    out = {k: v for k, v in resolved.items() if k not in NOT_IDENTITY}
+    for section, key in NOT_IDENTITY_NESTED:
+        if isinstance(out.get(section), dict) and key in out[section]:
+            out[section] = {k: v for k, v in out[section].items() if k != key}
+    return out
 
 
 def config_hash(ident: dict) -> str:

@@ -86,14 +86,14 @@ def staging_for(final: Path) -> Path:
     return final.parent / f".{final.name}.partial"
 
 
-def prepare_staging(final: Path, launcher: bool) -> Path:
-    """Create the output dir and an empty staging folder for ``final`` (the launcher clears an old one)
-    -> the staging path."""
+def prepare_staging(final: Path, launcher: bool, keep: bool = False) -> Path:
+    """Create the output dir and an empty staging folder for ``final`` (the launcher clears an old one, unless
+    ``keep``: a training run resumes from what it holds) -> the staging path."""
     out, staging = final.parent, staging_for(final)
     check_directory(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        if launcher and staging.exists():
+        if launcher and staging.exists() and not keep:
             shutil.rmtree(staging)
         staging.mkdir(exist_ok=True)
         (staging / ".write-test").write_text("")

@@ -27,7 +27,7 @@ from excitation_pullbacks.stopping import Stopped
 
 from .dashboard import Dashboard
 from .errors import PipelineError
-from .fitting import fit
+from .fitting import Resume, fit
 from .loggers import log_csv
 from .manifest import Verdict, config_hash, examine, identity
 from .outputs import (
@@ -43,6 +43,7 @@ from .outputs import (
     wandb_dir,
     write_timing,
 )
+from .resume import read_state
 from .signals import StopCallback, check_stop, exit_code, handling_signals, received
 from .tasks import TASKS
 from .tasks.base import Plan, RunContext, Task
@@ -205,8 +206,13 @@ def run(cfg: DictConfig) -> dict:
     if launcher and verdict.state == "incomplete" and verdict.detail:
         print(f"{final} is incomplete ({verdict.detail}): running it again")
     check_accelerator(cfg.trainer)
-    with handling_signals():
-        staging = prepare_staging(final, launcher)
+    resume_signals = task.resume_signals(cfg)
+    chash = config_hash(ident)
+    with handling_signals(resume_signals):
+        state = read_state(staging_for(final), chash) if resume_signals else None
+        staging = prepare_staging(final, launcher, keep=state is not None)
+        if launcher and state is not None:
+            print(f"resuming from step {state.step}: {state.folder}")
         dashboard = Dashboard.open(resolved, out, run_name(cfg)) if launcher else None
         try:
             torch.manual_seed(int(cfg.seed))  # random weights (weights=null) are the same on every rank and run
@@ -217,7 +223,8 @@ def run(cfg: DictConfig) -> dict:
             if plan.fit is None:
                 device = predict(cfg, plan, ResultWriter(staging, finish), out, timer)
             else:  # a training task
-                device = fit(cfg, plan, finish, staging, dashboard, timer)
+                resume = Resume(chash, resume_signals, state) if resume_signals else None
+                device = fit(cfg, plan, finish, staging, dashboard, timer, resume)
             if not launcher:  # a DDP child: rank 0 (the launcher) publishes and reports
                 return {"results": None, "wandb": None, "skipped": False}
             check_stop()
@@ -242,10 +249,17 @@ def run(cfg: DictConfig) -> dict:
             kept = publish(staging, final, ident, wall)
         except Stopped as err:
             what = signal.Signals(received()).name if received() else f"a stop request ({err})"
+            saved = read_state(staging, chash) if resume_signals else None
             if launcher:
-                discard_staging(final)
+                if saved is None:
+                    discard_staging(final)
                 if dashboard is not None:
                     dashboard.finish(exit_code(), stopped_by=what)
+            if saved is not None:
+                raise Stopped(
+                    f"stopped by {what}: nothing was published to {final}; the training state is saved in "
+                    f"{saved.folder}; run the same command again and it resumes from step {saved.step}"
+                ) from None
             raise Stopped(
                 f"stopped by {what}: nothing was published to {final} (its staging folder is removed); run the same "
                 f"command again to start this run again"

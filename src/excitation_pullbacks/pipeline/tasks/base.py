@@ -91,6 +91,11 @@ class Task:
         """Rank 0, after the merge: write the task's files into ``staging``; return what to save and log."""
         raise NotImplementedError
 
+    def resume_signals(self, cfg: DictConfig) -> tuple[int, ...]:
+        """The signals on which a training task saves a resumable state before it stops (:mod:`..resume`);
+        none for tasks that are not resumable."""
+        return ()
+
     def result(self, final: Path) -> dict:
         """Extra entries of ``run(cfg)``'s return value, read from a finished ``results`` folder."""
         return {}

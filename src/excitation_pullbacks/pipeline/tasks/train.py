@@ -44,11 +44,14 @@ from ..errors import PipelineError
 from ..image_folder import class_folder, stratified_split
 from ..modules import TrainModule
 from ..outputs import write_csv
+from ..signals import parse_signals
 from .base import Fit, Outputs, Plan, RunContext, Task
 
 __all__ = ["TrainTask"]
 
 DATA_KINDS = ("digits", "folder")
+#: The signals on which a training run saves its state and stops (``train.resume_signals``).
+RESUME_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
 
 
 def _curves(metrics: Path, saved: list[dict]) -> Figure:
@@ -91,9 +94,17 @@ class TrainTask(Task):
             raise PipelineError("train.epochs and train.batch_size must be >= 1")
         if cfg.data.kind == "folder" and not 0 < float(t.get("val_fraction", 0.2)) < 1:
             raise PipelineError(f"train.val_fraction must be in (0, 1), got {t.get('val_fraction')}")
+        self.resume_signals(cfg)
         steps = list(t.checkpoint_steps)
         if any(not isinstance(s, int) or s < 0 for s in steps):
             raise PipelineError(f"train.checkpoint_steps must be steps >= 0, got {steps}")
+
+    def resume_signals(self, cfg) -> tuple[int, ...]:
+        """``train.resume_signals`` (names or numbers; default SIGTERM, SIGINT, SIGUSR1)."""
+        try:
+            return tuple(int(s) for s in parse_signals(cfg.train.get("resume_signals", RESUME_SIGNALS) or []))
+        except ValueError as err:
+            raise PipelineError(f"train.resume_signals: {err}") from None
 
     def _data(self, cfg) -> tuple[TensorDataset | Subset, TensorDataset | Subset, list[str], int]:
         """-> training set, held-out set (both (image (3, S, S) in [-1, 1], label) items), class names, S."""
