@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from .atomic import write_text
+
 __all__ = [
     "MANIFEST",
     "NOT_IDENTITY",
@@ -134,14 +136,7 @@ def _iso(t: float) -> str:
 
 def write_manifest(folder: Path, manifest: dict) -> Path:
     """Write ``folder/manifest.json`` atomically (a temporary file, fsync, rename)."""
-    tmp = folder / f".{MANIFEST}.tmp"
-    with tmp.open("w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / MANIFEST)
-    return folder / MANIFEST
+    return write_text(folder / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n", sync=True)
 
 
 def read_manifest(folder: Path) -> dict | None:

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from excitation_pullbacks.stopping import Stopped
 
+from .atomic import write_file, write_text
 from .dashboard import Dashboard
 from .errors import PipelineError
 from .fitting import Resume, fit
@@ -86,7 +87,7 @@ class Finish:
         staging = staging_for(self.final)
         outputs = self.task.finalize(merged, staging)
         for key, (im, _) in outputs.figures.items():
-            im.save(staging / f"{key}.png")
+            write_file(staging / f"{key}.png", lambda f, im=im: im.save(f, format="PNG"))
         check_stop()
         log_csv(self.resolved, staging, outputs.summary)
         payload = {
@@ -96,8 +97,8 @@ class Finish:
             "by_temperature": outputs.by_temperature,
             "tables": outputs.tables,
         }
-        (staging / PAYLOAD).write_text(json.dumps(payload))
-        (staging / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(self.resolved)))
+        write_text(staging / PAYLOAD, json.dumps(payload))
+        write_text(staging / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(self.resolved)))
 
 
 def predict(cfg: DictConfig, plan: Plan, writer: ResultWriter, out: Path, timer: StepTimer) -> str:

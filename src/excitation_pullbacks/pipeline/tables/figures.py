@@ -13,6 +13,7 @@ from torch import Tensor
 
 from excitation_pullbacks.metrics import high_frequency_energy, total_variation
 
+from ..atomic import write_text
 from ..schedules import VANILLA, GateSetting
 
 __all__ = ["TABLE_METRICS", "by_temperature", "method_table", "summary", "write_metrics_csv"]
@@ -62,7 +63,7 @@ def write_metrics_csv(
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
     w.writerows(rows)
-    path.write_text(buf.getvalue())
+    write_text(path, buf.getvalue())
     return [header, *rows]
 
 

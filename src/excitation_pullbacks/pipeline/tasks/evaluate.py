@@ -25,6 +25,7 @@ from excitation_pullbacks import metrics as M
 from excitation_pullbacks.baselines import METHODS
 
 from .. import plots
+from ..atomic import write_text
 from ..baselines import baseline_options
 from ..classes import class_names, class_space, resolve_classes
 from ..data import build_dataset, evaluation_images
@@ -138,7 +139,7 @@ class EvaluateTask(Task):
             "table": table,
             "randomization": None if curves is None else randomization_means(curves, self.rows, self.layer_names),
         }
-        (staging / "metrics.json").write_text(json.dumps(data, indent=1) + "\n")
+        write_text(staging / "metrics.json", json.dumps(data, indent=1) + "\n")
         figs = {"curves": (plots.metric_curves(table, list(METRICS)), "Metrics by gate temperature (baselines dashed)")}
         if curves is not None:
             figs["randomization"] = (

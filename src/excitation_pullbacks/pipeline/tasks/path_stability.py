@@ -26,6 +26,7 @@ Rank 0 writes::
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -39,6 +40,7 @@ from excitation_pullbacks.gating_induced import record_gates
 from excitation_pullbacks.models import build_model
 from excitation_pullbacks.models.digits import digits_images
 
+from ..atomic import write_text
 from ..charts import curves, figure_image, heatmap
 from ..checkpoints import model_info, read_checkpoints
 from ..errors import PipelineError
@@ -247,7 +249,7 @@ class PathStabilityTask(Task):
             "control_path_rho_mean": None if cpath_mean is None else cpath_mean.tolist(),
             "rho_f_soft": soft_rho,
         }
-        (staging / "stability.json").write_text(json.dumps(_finite(data), indent=1) + "\n")
+        write_text(staging / "stability.json", json.dumps(_finite(data), indent=1) + "\n")
         labels_t = [str(s) for s in steps]
         mats = [rho, rho_cls] + ([rho_ctrl] if kc else [])
         titles = ["rho(t_pi, t), pooled", "rho(t_pi, t), mean over classes"] + (
@@ -306,7 +308,8 @@ class PathStabilityTask(Task):
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows([[f"{v:.6g}" if isinstance(v, float) else v for v in r] for r in rows])
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows([[f"{v:.6g}" if isinstance(v, float) else v for v in r] for r in rows])
+    write_text(path, buf.getvalue())
