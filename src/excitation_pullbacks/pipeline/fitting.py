@@ -46,7 +46,7 @@ def fit(
     staging: Path,
     dashboard: Dashboard | None,
     timer: StepTimer,
-    resume: Resume | None = None,
+    resume: Resume,
 ) -> str:
     """Train ``plan.module`` as ``plan.fit`` says, logging steps to CSV and the job's W&B run (``dashboard``),
     ``timer`` adding up the training steps' time, resumable as ``resume`` says; ``finish({})`` on rank 0
@@ -56,10 +56,10 @@ def fit(
     extra = dict(spec.trainer)
     callbacks = [timer, *extra.pop("callbacks", [])]
     sampler = getattr(spec.train, "batch_sampler", None)
-    state = None
-    if resume is not None and isinstance(sampler, GlobalBatches):
-        callbacks.append(ResumeCallback(staging, resume.config_hash, resume.signals, sampler))
-        state = resume.state
+    if not isinstance(sampler, GlobalBatches):  # no seeded batch order to resume in: stops only
+        sampler, resume = None, Resume(resume.config_hash, ())
+    callbacks.append(ResumeCallback(staging, resume.config_hash, resume.signals, sampler))
+    state = resume.state
     csv = bool(cfg.logger.csv)
     with continued_csv(staging / CSV_TRAIN, enabled=csv and state is not None and is_launcher()):
         trainer = _fit(cfg, plan, callbacks + progress, bar, csv, staging, dashboard, state)

@@ -100,14 +100,14 @@ class ResumeCallback(Callback):
     ``resume_signals`` it first saves the resumable state into ``staging/resume``.
 
     config_hash: the run's (a state of another config is never resumed). sampler: the training batches,
-    repositioned when a state is loaded. Put it after every callback whose state belongs in the checkpoint
+    repositioned when a state is loaded (None: not resumable, a signal only stops the run). Put it after every callback whose state belongs in the checkpoint
     (e.g. the step checkpoints), so that they have seen the step.
     """
 
-    def __init__(self, staging: Path, config_hash: str, resume_signals, sampler: GlobalBatches):
+    def __init__(self, staging: Path, config_hash: str, resume_signals, sampler: GlobalBatches | None):
         self.folder = Path(staging) / FOLDER
         self.config_hash = config_hash
-        self.resume_signals = frozenset(int(s) for s in resume_signals)
+        self.resume_signals = frozenset(int(s) for s in resume_signals) if sampler is not None else frozenset()
         self.sampler = sampler
         self.stop: str | None = None  # why the run stops at the next boundary
 
@@ -169,6 +169,8 @@ class ResumeCallback(Callback):
         return step
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if self.sampler is None:
+            return
         checkpoint["batch_position"] = {
             **self.sampler.position(int(trainer.global_step)),
             "batches_per_epoch": len(self.sampler),
@@ -176,7 +178,7 @@ class ResumeCallback(Callback):
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         where = checkpoint.get("batch_position")
-        if where is None or where["batches_per_epoch"] != len(self.sampler):
+        if self.sampler is None or where is None or where["batches_per_epoch"] != len(self.sampler):
             raise ValueError(f"the resumable state in {self.folder} was saved with another batch order: remove it")
         self.sampler.resume_at(where["epoch"], where["batch"])
         rng = self.folder / f"rng_{int(checkpoint['global_step']):06d}_rank{trainer.global_rank}.pt"

@@ -224,8 +224,7 @@ def run(cfg: DictConfig) -> dict:
             if plan.fit is None:
                 device = predict(cfg, plan, ResultWriter(staging, finish), out, timer)
             else:  # a training task
-                resume = Resume(chash, resume_signals, state) if resume_signals else None
-                device = fit(cfg, plan, finish, staging, dashboard, timer, resume)
+                device = fit(cfg, plan, finish, staging, dashboard, timer, Resume(chash, resume_signals, state))
             if not launcher:  # a DDP child: rank 0 (the launcher) publishes and reports
                 return {"results": None, "wandb": None, "skipped": False}
             check_stop()
