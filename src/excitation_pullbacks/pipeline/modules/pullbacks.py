@@ -32,7 +32,9 @@ class PullbackModule(L.LightningModule):
 
     model: images (N, 3, H, W) in [-1, 1] -> logits. columns: target classes (K). settings: the gate settings
     (nT). steps/step_size/eps: the ascent (steps 0: none); keep_steps: the trajectory steps kept (S).
-    baselines: {Captum method: explainer options} for the same grid.
+    baselines: {Captum method: explainer options} for the same grid. one_target_per_pass: one forward and
+    backward pass per target column instead of K backward passes through one forward (``retain_graph``),
+    which a ``torch.compile``'d model's backward refuses once compiled with donated buffers.
     """
 
     def __init__(
@@ -48,8 +50,10 @@ class PullbackModule(L.LightningModule):
         baselines: dict | None = None,
         neurons: Sequence[Neuron] = (),
         neuron_setting: int = 0,
+        one_target_per_pass: bool = False,
     ):
         super().__init__()
+        self.one_target_per_pass = bool(one_target_per_pass)
         self.neurons, self.neuron_setting = list(neurons), int(neuron_setting)
         self.baselines = dict(baselines or {})
         self.model = model
@@ -60,6 +64,18 @@ class PullbackModule(L.LightningModule):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
+
+    def _pullbacks(self, x: Tensor, t: Tensor, setting: GateSetting) -> Tensor:
+        """x (B, 3, H, W), t (B, K) -> pullbacks (B, K, 3, H, W) at ``setting``."""
+        if not self.one_target_per_pass:
+            return pullback(self.model, x, t, schedule=setting.schedule, should_stop=stop_requested)
+        return torch.stack(
+            [
+                pullback(self.model, x, t[:, k], schedule=setting.schedule, should_stop=stop_requested)
+                for k in range(t.shape[1])
+            ],
+            1,
+        )
 
     def _ascent(self, x: Tensor, t: Tensor, setting: GateSetting) -> tuple[Tensor, Tensor]:
         """-> kept trajectory steps (B, S, K, 3, H, W) and the final images' logits (B, K, classes)."""
@@ -99,10 +115,8 @@ class PullbackModule(L.LightningModule):
             t.shape[1],
             len(self.settings),
         )
-        out["vanilla"] = pullback(self.model, x, t, schedule=VANILLA.schedule, should_stop=stop_requested)
-        out["excitation"] = torch.stack(
-            [pullback(self.model, x, t, schedule=s.schedule, should_stop=stop_requested) for s in self.settings], 1
-        )
+        out["vanilla"] = self._pullbacks(x, t, VANILLA)
+        out["excitation"] = torch.stack([self._pullbacks(x, t, s) for s in self.settings], 1)
         if self.baselines:
             maps = []
             for method, options in self.baselines.items():

@@ -123,6 +123,7 @@ class FiguresTask(Task):
             baselines=baselines,
             neurons=self._neurons(cfg),
             neuron_setting=self.main or 0,
+            one_target_per_pass=bool(cfg.model.get("compile", False)),
         )
         self.keep_steps = module.keep_steps
         self.methods = list(baselines or [])
