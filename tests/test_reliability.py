@@ -36,6 +36,7 @@ from excitation_pullbacks.images import ImageError, image_tensor, open_image
 from excitation_pullbacks.metrics import ascent_scores, deletion, insertion
 from excitation_pullbacks.pipeline import PipelineError
 from excitation_pullbacks.pipeline.data import FolderDataset, build_transform
+from excitation_pullbacks.pipeline.modules import pullbacks as pullback_module
 from excitation_pullbacks.pipeline.run import run
 from excitation_pullbacks.pipeline.tasks import figures
 from excitation_pullbacks.stopping import Stopped
@@ -311,7 +312,7 @@ def test_disk_and_memory_failures_are_one_line(tmp_path, monkeypatch, capsys, wh
             raise failure
         return failure(*args, **kwargs)
 
-    monkeypatch.setattr(figures, where, fail)
+    monkeypatch.setattr(figures if where == "save_tensors" else pullback_module, where, fail)
     code, _, err = cli_in_process(monkeypatch, capsys, tmp_path, *FAST, f"output_dir={tmp_path / 'out'}")
     assert_one_error_line(code, err, *fragments)
     assert_nothing_written(tmp_path / "out")
