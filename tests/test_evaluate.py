@@ -14,10 +14,10 @@ from excitation_pullbacks import Excitation, Site, build_model
 from excitation_pullbacks import metrics as M
 from excitation_pullbacks.baselines import explainer
 from excitation_pullbacks.pipeline import PipelineError
-from excitation_pullbacks.pipeline.data import build_dataset
+from excitation_pullbacks.pipeline.data import build_dataset, evaluation_images
 from excitation_pullbacks.pipeline.run import run
 from excitation_pullbacks.pipeline.schedules import gate_settings
-from excitation_pullbacks.pipeline.tasks.evaluate import evaluation_images, transfer_models
+from excitation_pullbacks.pipeline.transfer_models import transfer_models
 
 from helpers import DDP_SPAWN, cli, compose_config, read_rows, read_wandb_run, tiny_cfg
 

@@ -17,6 +17,7 @@ from PIL import Image
 from torch import nn
 
 from excitation_pullbacks.pipeline import PipelineError
+from excitation_pullbacks.pipeline.modules import pullbacks as pullback_module
 from excitation_pullbacks.pipeline.run import run
 from excitation_pullbacks.pipeline.tasks import figures
 
@@ -127,7 +128,7 @@ def test_disk_and_memory_failures_are_one_line(tmp_path, monkeypatch, capsys, wh
             raise failure
         return failure(*args, **kwargs)
 
-    monkeypatch.setattr(figures, where, fail)
+    monkeypatch.setattr(figures if where == "save_tensors" else pullback_module, where, fail)
     code, _, err = cli_in_process(monkeypatch, capsys, tmp_path, *FAST, f"output_dir={tmp_path / 'out'}")
     assert_one_error_line(code, err, *fragments)
     assert_nothing_written(tmp_path / "out")

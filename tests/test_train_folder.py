@@ -164,7 +164,10 @@ def test_bad_input_gives_one_error_line(monkeypatch, capsys, tmp_path, setup, ov
     assert_nothing_written(out)
 
 
-def test_sigint_stops_training_between_steps(monkeypatch, capsys, tmp_path):
+@pytest.mark.parametrize("resumable", [True, False], ids=["resume-state", "resume_signals=[]"])
+def test_sigint_stops_training_between_steps(monkeypatch, capsys, tmp_path, resumable):
+    """SIGINT stops between steps: by default with the training state saved (the same command resumes), with
+    train.resume_signals=[] with nothing left."""
     folder, out = write_folder(tmp_path / "photos"), tmp_path / "out"
     first = out / ".results.partial" / "checkpoints" / "step_000001.pt"
 
@@ -184,10 +187,15 @@ def test_sigint_stops_training_between_steps(monkeypatch, capsys, tmp_path):
         "train.epochs=500",
         f"data.root={folder}",
         f"output_dir={out}",
+        *([] if resumable else ["train.resume_signals=[]"]),
     )
     assert code == 130
-    assert_one_error_line(code, err, "stopped by SIGINT", "run the same command again")
-    assert_nothing_written(out)
+    if resumable:
+        assert_one_error_line(code, err, "stopped by SIGINT", "run the same command again and it resumes from step")
+        assert (out / ".results.partial" / "resume" / "state.json").is_file() and not (out / "results").exists()
+    else:
+        assert_one_error_line(code, err, "stopped by SIGINT", "run the same command again")
+        assert_nothing_written(out)
 
 
 @pytest.mark.slow  # one run on one process and one on two (gloo): about a minute on 2 cores

@@ -42,6 +42,7 @@ class GlobalBatches(Sampler[list[int]]):
     def __init__(self, n: int, batch_size: int, seed: int, drop_last: bool = False):
         self.n, self.batch_size, self.drop_last = int(n), int(batch_size), bool(drop_last)
         self.seed, self.epoch = int(seed), 0  # epoch: the passes drawn so far
+        self.skip = 0  # batches the next pass leaves out (a resumed run starts mid-pass)
 
     @staticmethod
     def _world() -> tuple[int, int]:
@@ -65,7 +66,17 @@ class GlobalBatches(Sampler[list[int]]):
             out.append(batch.tolist())
         return out
 
+    def position(self, step: int) -> dict[str, int]:
+        """Where optimizer step ``step`` (batches done so far, one per step) is in the seeded order:
+        {"epoch": pass, "batch": batches of that pass done}."""
+        return {"epoch": step // len(self), "batch": step % len(self)}
+
+    def resume_at(self, epoch: int, batch: int) -> None:
+        """Make the next pass pass ``epoch``, leaving out its first ``batch`` batches (a resumed run)."""
+        self.epoch, self.skip = int(epoch), int(batch)
+
     def __iter__(self) -> Iterator[list[int]]:
         rank, world = self._world()
         self.epoch += 1
-        yield from self.epoch_batches(self.epoch - 1, rank, world)
+        skip, self.skip = self.skip, 0
+        yield from self.epoch_batches(self.epoch - 1, rank, world)[skip:]

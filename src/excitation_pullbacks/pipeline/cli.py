@@ -27,9 +27,9 @@ from excitation_pullbacks.stopping import Stopped
 from .callbacks import JobRecord, jobs, overview_lines, record_job
 from .config import CONFIG_DIR
 from .errors import PipelineError, describe_failure
-from .outputs import check_directory
+from .outputs import check_directory, is_launcher
 from .run import report, run
-from .signals import exit_code
+from .signals import exit_code, pass_on
 from .terminal import say, tidy_logging
 
 __all__ = ["CONFIG_DIR", "EXPECTED", "check_overrides", "main"]
@@ -70,12 +70,14 @@ def _main(cfg: DictConfig) -> float | None:
 
     try:
         result = run(cfg)
-    except Stopped as err:  # SIGINT / SIGTERM: one line, exit 128 + signal
-        print(f"error: {_message(err)}", file=sys.stderr)
+    except Stopped as err:  # SIGINT / SIGTERM (/ a resume signal): one line, exit 128 + signal
+        if is_launcher():  # DDP children stop with it and say nothing
+            print(f"error: {_message(err)}", file=sys.stderr)
         if job is not None:
             note("stopped", HydraConfig.get().runtime.output_dir, _message(err))
             for line in overview_lines(jobs()):
                 say(line)
+        pass_on()  # a cluster launcher's own handler (submitit: requeue the job)
         sys.exit(exit_code())
     except Exception as err:
         if _debug(cfg):

@@ -18,6 +18,8 @@ import wandb
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 
+from .atomic import write_text
+
 __all__ = ["Dashboard", "run_tags", "wandb_enabled"]
 
 #: The x axis of the per-temperature records.
@@ -180,4 +182,4 @@ class Dashboard:
 
     def write_pointer(self, staging: Path) -> None:
         """``staging/wandb_run.txt``: the run's folder, for the report and for runs skipped later."""
-        (staging / "wandb_run.txt").write_text(os.fspath(self.folder) + "\n")
+        write_text(staging / "wandb_run.txt", os.fspath(self.folder) + "\n")

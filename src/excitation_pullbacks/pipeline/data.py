@@ -32,6 +32,7 @@ __all__ = [
     "SyntheticDataset",
     "build_dataset",
     "build_transform",
+    "evaluation_images",
     "export_files",
     "select_images",
 ]
@@ -355,3 +356,14 @@ def select_images(
         raise PipelineError(f"the data holds no image of class {names}")
     images = torch.stack([found[c][0] for c in classes])
     return images, torch.tensor(list(classes)), torch.tensor([found[c][1] for c in classes])
+
+
+def evaluation_images(dataset, num_images: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The first ``num_images`` of a seeded shuffle of the dataset -> images (N, C, H, W), labels (N,), indices (N,)."""
+    if len(dataset) == 0:
+        raise PipelineError("the dataset is empty")
+    if num_images < 1:
+        raise PipelineError(f"evaluate.num_images must be >= 1, got {num_images}")
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num_images]
+    items = [dataset[int(i)] for i in order]
+    return torch.stack([im for im, _ in items]), torch.tensor([int(y) for _, y in items]), order

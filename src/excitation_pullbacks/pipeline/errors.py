@@ -4,10 +4,13 @@ run can meet on the way (out of memory, a full or read-only disk); the CLI print
 from __future__ import annotations
 
 import errno
+import os
+import shutil
+from pathlib import Path
 
 import torch
 
-__all__ = ["PipelineError", "describe_failure"]
+__all__ = ["PipelineError", "describe_failure", "free_space"]
 
 
 class PipelineError(Exception):
@@ -16,6 +19,7 @@ class PipelineError(Exception):
 
 DISK = {
     errno.ENOSPC: "no space left on the device",
+    errno.EFBIG: "the file is larger than this process may write (ulimit -f)",
     errno.EDQUOT: "the disk quota is exceeded",
     errno.EROFS: "the file system is read-only",
     errno.EACCES: "permission denied",
@@ -42,6 +46,23 @@ def describe_failure(err: BaseException, batch_size: int | None = None, where: s
     if isinstance(err, OSError) and err.errno in DISK:
         path = err.filename or where
         return (
-            f"cannot write {path}: {DISK[err.errno]}; free space or choose another output_dir (nothing was published)"
+            f"cannot write {path}: {DISK[err.errno]} ({free_space(path)}); free space or choose another output_dir "
+            f"(nothing was published)"
         )
     return None
+
+
+def free_space(path) -> str:
+    """``"<n> free on that disk"`` for the file system holding ``path`` (its nearest existing folder)."""
+    p = Path(os.path.abspath(os.fspath(path or ".")))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        free = shutil.disk_usage(p).free
+    except OSError:
+        return "free space unknown"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if free < 1024 or unit == "TiB":
+            return f"{free:.0f} {unit} free on that disk" if unit == "B" else f"{free:.1f} {unit} free on that disk"
+        free /= 1024
+    return ""

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from .atomic import write_text
+
 __all__ = [
     "MANIFEST",
     "NOT_IDENTITY",
@@ -43,9 +45,17 @@ FORMAT = 1
 NOT_IDENTITY = frozenset({"output_dir", "logger", "trainer", "name", "skip_complete", "on_conflict", "debug", "hydra"})
 
 
+#: Nested keys that do not change a run's results: (section, key).
+NOT_IDENTITY_NESTED = frozenset({("train", "resume_signals")})
+
+
 def identity(resolved: dict) -> dict:
-    """The resolved config without :data:`NOT_IDENTITY` keys."""
-    return {k: v for k, v in resolved.items() if k not in NOT_IDENTITY}
+    """The resolved config without :data:`NOT_IDENTITY` and :data:`NOT_IDENTITY_NESTED` keys."""
+    out = {k: v for k, v in resolved.items() if k not in NOT_IDENTITY}
+    for section, key in NOT_IDENTITY_NESTED:
+        if isinstance(out.get(section), dict) and key in out[section]:
+            out[section] = {k: v for k, v in out[section].items() if k != key}
+    return out
 
 
 def config_hash(ident: dict) -> str:
@@ -126,14 +136,7 @@ def _iso(t: float) -> str:
 
 def write_manifest(folder: Path, manifest: dict) -> Path:
     """Write ``folder/manifest.json`` atomically (a temporary file, fsync, rename)."""
-    tmp = folder / f".{MANIFEST}.tmp"
-    with tmp.open("w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / MANIFEST)
-    return folder / MANIFEST
+    return write_text(folder / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n", sync=True)
 
 
 def read_manifest(folder: Path) -> dict | None:

@@ -16,11 +16,11 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from .atomic import save_torch, write_text
 from .errors import PipelineError
 from .manifest import listed_files, make_manifest, read_manifest, write_manifest
 
@@ -86,14 +86,14 @@ def staging_for(final: Path) -> Path:
     return final.parent / f".{final.name}.partial"
 
 
-def prepare_staging(final: Path, launcher: bool) -> Path:
-    """Create the output dir and an empty staging folder for ``final`` (the launcher clears an old one)
-    -> the staging path."""
+def prepare_staging(final: Path, launcher: bool, keep: bool = False) -> Path:
+    """Create the output dir and an empty staging folder for ``final`` (the launcher clears an old one, unless
+    ``keep``: a training run resumes from what it holds) -> the staging path."""
     out, staging = final.parent, staging_for(final)
     check_directory(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        if launcher and staging.exists():
+        if launcher and staging.exists() and not keep:
             shutil.rmtree(staging)
         staging.mkdir(exist_ok=True)
         (staging / ".write-test").write_text("")
@@ -167,28 +167,25 @@ def write_csv(path: Path, rows: list[dict], header: list[str] | None = None) -> 
     writer = csv.DictWriter(buf, fieldnames=header, restval="", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    tmp = path.parent / f".{path.name}.tmp"
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
+    write_text(path, buf.getvalue())
 
 
 def save_tensors(obj, path: Path) -> None:
-    """``torch.save`` through a Python file, so that a full disk raises OSError (ENOSPC) instead of torch's
-    opaque RuntimeError."""
-    with path.open("wb") as f:
-        torch.save(obj, f)
+    """``torch.save`` atomically; a full disk raises OSError (ENOSPC) naming ``path``, not torch's opaque
+    RuntimeError (:func:`~.atomic.save_torch`)."""
+    save_torch(obj, path)
 
 
 def write_timing(folder: Path, total: float, model: float) -> dict:
-    """timing.json: wall time of the run split into model passes (predict steps in this process) and
-    everything else (model and data loading, selection, figures, writing, logging). Returns the dict."""
+    """timing.json: wall time of the run split into model passes (predict or training batches in this process,
+    :class:`~.timing.StepTimer`) and everything else (model and data loading, selection, figures, writing, logging). Returns the dict."""
     timing = {
         "total_s": round(total, 3),
         "model_passes_s": round(model, 3) if model else None,
         "other_s": round(total - model, 3) if model else None,
         "other_fraction": round((total - model) / total, 4) if model else None,
     }
-    (folder / "timing.json").write_text(json.dumps(timing, indent=1) + "\n")
+    write_text(folder / "timing.json", json.dumps(timing, indent=1) + "\n")
     return timing
 
 

@@ -25,9 +25,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from excitation_pullbacks.stopping import Stopped
 
+from .atomic import write_file, write_text
 from .dashboard import Dashboard
 from .errors import PipelineError
-from .fitting import fit
+from .fitting import Resume, fit
 from .loggers import log_csv
 from .manifest import Verdict, config_hash, examine, identity
 from .outputs import (
@@ -43,10 +44,12 @@ from .outputs import (
     wandb_dir,
     write_timing,
 )
+from .resume import read_state
 from .signals import StopCallback, check_stop, exit_code, handling_signals, received
 from .tasks import TASKS
 from .tasks.base import Plan, RunContext, Task
 from .terminal import describe_device, progress_callbacks, say
+from .timing import StepTimer
 from .writer import ResultWriter
 
 __all__ = [
@@ -84,7 +87,7 @@ class Finish:
         staging = staging_for(self.final)
         outputs = self.task.finalize(merged, staging)
         for key, (im, _) in outputs.figures.items():
-            im.save(staging / f"{key}.png")
+            write_file(staging / f"{key}.png", lambda f, im=im: im.save(f, format="PNG"))
         check_stop()
         log_csv(self.resolved, staging, outputs.summary)
         payload = {
@@ -94,14 +97,14 @@ class Finish:
             "by_temperature": outputs.by_temperature,
             "tables": outputs.tables,
         }
-        (staging / PAYLOAD).write_text(json.dumps(payload))
-        (staging / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(self.resolved)))
+        write_text(staging / PAYLOAD, json.dumps(payload))
+        write_text(staging / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(self.resolved)))
 
 
-def predict(cfg: DictConfig, plan: Plan, writer: ResultWriter, out: Path) -> str:
+def predict(cfg: DictConfig, plan: Plan, writer: ResultWriter, out: Path, timer: StepTimer) -> str:
     """``Trainer.predict`` of ``plan.module`` over (image, label, dataset index, row) batches of
-    ``cfg.batch_size`` on ``cfg.trainer``'s devices; ``writer`` gathers the ranks' results. Returns the
-    device it ran on (:func:`describe_device`)."""
+    ``cfg.batch_size`` on ``cfg.trainer``'s devices; ``writer`` gathers the ranks' results, ``timer`` adds up
+    the predict steps' time. Returns the device it ran on (:func:`describe_device`)."""
     progress, bar = progress_callbacks()
     try:
         trainer = L.Trainer(
@@ -111,7 +114,7 @@ def predict(cfg: DictConfig, plan: Plan, writer: ResultWriter, out: Path) -> str
             strategy=cfg.trainer.strategy,
             inference_mode=False,
             logger=False,
-            callbacks=[StopCallback(), writer, *progress],
+            callbacks=[timer, StopCallback(), writer, *progress],
             enable_progress_bar=bar,
             enable_model_summary=False,
             default_root_dir=str(out),
@@ -204,18 +207,24 @@ def run(cfg: DictConfig) -> dict:
     if launcher and verdict.state == "incomplete" and verdict.detail:
         print(f"{final} is incomplete ({verdict.detail}): running it again")
     check_accelerator(cfg.trainer)
-    with handling_signals():
-        staging = prepare_staging(final, launcher)
+    resume_signals = task.resume_signals(cfg)
+    chash = config_hash(ident)
+    with handling_signals(resume_signals):
+        state = read_state(staging_for(final), chash) if resume_signals else None
+        staging = prepare_staging(final, launcher, keep=state is not None)
+        if launcher and state is not None:
+            print(f"resuming from step {state.step}: {state.folder}")
         dashboard = Dashboard.open(resolved, out, run_name(cfg)) if launcher else None
         try:
             torch.manual_seed(int(cfg.seed))  # random weights (weights=null) are the same on every rank and run
             plan = task.plan(RunContext(cfg, resolved, out, staging, launcher))
             check_stop()
             finish = Finish(task, resolved, final)
+            timer = StepTimer()
             if plan.fit is None:
-                device = predict(cfg, plan, ResultWriter(staging, finish), out)
+                device = predict(cfg, plan, ResultWriter(staging, finish), out, timer)
             else:  # a training task
-                device = fit(cfg, plan, finish, staging, dashboard)
+                device = fit(cfg, plan, finish, staging, dashboard, timer, Resume(chash, resume_signals, state))
             if not launcher:  # a DDP child: rank 0 (the launcher) publishes and reports
                 return {"results": None, "wandb": None, "skipped": False}
             check_stop()
@@ -223,7 +232,7 @@ def run(cfg: DictConfig) -> dict:
                 raise PipelineError(f"the run finished without writing its results into {staging}")
             payload = json.loads((staging / PAYLOAD).read_text())
             (staging / PAYLOAD).unlink()
-            timing = write_timing(staging, time.perf_counter() - started, plan.module.model_seconds)
+            timing = write_timing(staging, time.perf_counter() - started, timer.seconds)
             if dashboard is not None:
                 dashboard.log_results(
                     payload["figures"],
@@ -240,10 +249,17 @@ def run(cfg: DictConfig) -> dict:
             kept = publish(staging, final, ident, wall)
         except Stopped as err:
             what = signal.Signals(received()).name if received() else f"a stop request ({err})"
+            saved = read_state(staging, chash) if resume_signals else None
             if launcher:
-                discard_staging(final)
+                if saved is None:
+                    discard_staging(final)
                 if dashboard is not None:
                     dashboard.finish(exit_code(), stopped_by=what)
+            if saved is not None:
+                raise Stopped(
+                    f"stopped by {what}: nothing was published to {final}; the training state is saved in "
+                    f"{saved.folder}; run the same command again and it resumes from step {saved.step}"
+                ) from None
             raise Stopped(
                 f"stopped by {what}: nothing was published to {final} (its staging folder is removed); run the same "
                 f"command again to start this run again"

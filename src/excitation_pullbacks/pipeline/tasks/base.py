@@ -47,8 +47,8 @@ class Fit:
 class Plan:
     """What a task hands the run skeleton: the per-batch module and the images it runs on, row r = image r.
 
-    images (N, C, H, W), labels (N,), index (N,) dataset indices. The module counts the seconds its predict
-    steps take in ``model_seconds``. fit: a training run (:class:`Fit`) instead of predict over the images.
+    images (N, C, H, W), labels (N,), index (N,) dataset indices (the skeleton times the module's steps with
+    :class:`~..timing.StepTimer`). fit: a training run (:class:`Fit`) instead of predict over the images.
     """
 
     module: L.LightningModule
@@ -90,6 +90,11 @@ class Task:
     def finalize(self, merged: dict[str, Tensor], staging: Path) -> Outputs:
         """Rank 0, after the merge: write the task's files into ``staging``; return what to save and log."""
         raise NotImplementedError
+
+    def resume_signals(self, cfg: DictConfig) -> tuple[int, ...]:
+        """The signals on which a training task saves a resumable state before it stops (:mod:`..resume`);
+        none for tasks that are not resumable."""
+        return ()
 
     def result(self, final: Path) -> dict:
         """Extra entries of ``run(cfg)``'s return value, read from a finished ``results`` folder."""

@@ -25,181 +25,33 @@ from __future__ import annotations
 import copy
 import csv
 import json
-import os
-import time
 from pathlib import Path
 
-import lightning as L
 import torch
-import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from excitation_pullbacks.models import DIGITS_CNN, ImageNetInput, build_model
-from excitation_pullbacks.models.checkpoint import save_state_dict
+from excitation_pullbacks.models import build_model
 from excitation_pullbacks.models.digits import digits_images
 
-from ..batches import GlobalBatches, generator_for
+from ..atomic import write_text
+from ..batches import GlobalBatches
 from ..charts import figure_image
+from ..checkpoints import MODEL, CheckpointSteps, read_checkpoints
 from ..classes import class_names
 from ..errors import PipelineError
 from ..image_folder import class_folder, stratified_split
-from ..signals import check_stop
+from ..modules import TrainModule
+from ..outputs import write_csv
+from ..signals import parse_signals
 from .base import Fit, Outputs, Plan, RunContext, Task
 
-__all__ = ["CheckpointSteps", "TrainModule", "TrainTask", "model_info", "random_shift", "read_checkpoints"]
+__all__ = ["TrainTask"]
 
-INDEX = "index.json"
-MODEL = "model.json"
 DATA_KINDS = ("digits", "folder")
-
-
-def random_shift(x: Tensor, shift: int, generator: torch.Generator) -> Tensor:
-    """x (B, C, H, W) translated by one random (dy, dx) in [-shift, shift]^2, the background -1 filled in."""
-    if shift <= 0:
-        return x
-    dy, dx = torch.randint(-shift, shift + 1, (2,), generator=generator).tolist()
-    h, w = x.shape[-2:]
-    padded = F.pad(x, (shift, shift, shift, shift), value=-1.0)
-    return padded[..., shift - dy : shift - dy + h, shift - dx : shift - dx + w]
-
-
-def random_flip(x: Tensor, generator: torch.Generator) -> Tensor:
-    """x (B, C, H, W), mirrored left-right with probability 1/2 (one coin for the batch)."""
-    return x.flip(-1) if bool(torch.rand((), generator=generator) < 0.5) else x
-
-
-class TrainModule(L.LightningModule):
-    """Cross-entropy training of ``model`` (images (B, 3, H, W) in [-1, 1] -> logits) with Adam and a cosine
-    decay over ``max_steps``; each batch shifted by up to ``shift`` pixels and, with ``flip``, mirrored with
-    probability 1/2 (seeded by ``seed``; every DDP rank draws the same, so the ranks' parts of a global batch
-    are augmented as one batch)."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        lr: float,
-        weight_decay: float,
-        max_steps: int,
-        shift: int,
-        seed: int,
-        flip: bool = False,
-    ):
-        super().__init__()
-        self.model = model
-        self.lr, self.weight_decay, self.max_steps = float(lr), float(weight_decay), int(max_steps)
-        self.shift, self.seed, self.flip = int(shift), int(seed), bool(flip)
-        self.model_seconds = 0.0  # wall time of training steps in this process
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)
-
-    def training_step(self, batch, batch_idx: int) -> Tensor:
-        start = time.perf_counter()
-        x, y = batch[0], batch[1]
-        draws = generator_for(self.seed, self.global_step)  # the step's own stream: nothing to pickle or resume
-        x = random_shift(x, self.shift, draws)
-        if self.flip:
-            x = random_flip(x, draws)
-        logits = self.model(x)
-        loss = F.cross_entropy(logits, y)
-        acc = (logits.argmax(1) == y).float().mean()
-        # sync_dist: under DDP the mean over the ranks' (equal) parts, i.e. over the global batch
-        self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=len(y), sync_dist=True)
-        self.log("train/acc", acc, on_step=True, on_epoch=False, batch_size=len(y), sync_dist=True)
-        self.model_seconds += time.perf_counter() - start
-        return loss
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        x, y = batch[0], batch[1]
-        logits = self.model(x)
-        self.log("val/loss", F.cross_entropy(logits, y), on_epoch=True, batch_size=len(y), sync_dist=True)
-        self.log("val/acc", (logits.argmax(1) == y).float().mean(), on_epoch=True, batch_size=len(y), sync_dist=True)
-
-    def configure_optimizers(self):
-        opt = torch.optim.Adam(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(self.max_steps, 1))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-@torch.no_grad()
-def _accuracy(model: nn.Module, held_out: DataLoader) -> float:
-    """Accuracy of ``model`` (in eval mode for the count, its mode restored) on (image, label) batches."""
-    was = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    correct = total = 0
-    for batch in held_out:
-        check_stop()
-        x, y = batch[0], batch[1]
-        correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
-        total += len(y)
-    model.train(was)
-    return correct / max(total, 1)
-
-
-def _saved_module(model: nn.Module) -> nn.Module:
-    """The module whose state dict a checkpoint holds: a torchvision backbone without its input wrapper."""
-    return model.backbone if isinstance(model, ImageNetInput) else model
-
-
-class CheckpointSteps(L.Callback):
-    """Saves the model's state dict after each optimizer step in ``steps`` (0: before the first) on rank 0,
-    with its accuracy on ``held_out`` ((image, label) batches), into ``folder/step_<step>.pt``, and
-    ``folder/index.json``."""
-
-    def __init__(self, steps, folder: Path, held_out: DataLoader):
-        self.steps, self.folder, self.held_out = sorted({int(s) for s in steps}), Path(folder), held_out
-        self.saved: list[dict] = []
-
-    def _save(self, trainer, module) -> None:
-        step = int(trainer.global_step)
-        if step not in self.steps or any(r["step"] == step for r in self.saved) or not trainer.is_global_zero:
-            return
-        name = f"step_{step:06d}.pt"
-        save_state_dict(_saved_module(module.model), self.folder / name)
-        acc = _accuracy(module.model, self.held_out)
-        self.saved.append({"step": step, "epoch": int(trainer.current_epoch), "test_acc": acc, "file": name})
-        for logger in trainer.loggers:
-            logger.log_metrics({"checkpoint/test_acc": acc}, step=step)
-        tmp = self.folder / f".{INDEX}.tmp"
-        tmp.write_text(json.dumps(self.saved, indent=1) + "\n")
-        os.replace(tmp, self.folder / INDEX)
-
-    def on_train_start(self, trainer, module) -> None:
-        self._save(trainer, module)
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        check_stop()  # SIGINT/SIGTERM: stop between steps (nothing is published)
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        self._save(trainer, module)
-
-
-def read_checkpoints(folder: str | os.PathLike) -> list[dict]:
-    """The checkpoints a train run saved: its ``checkpoints/`` folder (or the run's results folder) -> rows
-    {"step", "epoch", "test_acc", "path"} sorted by step. PipelineError when there are none."""
-    folder = Path(os.path.expanduser(str(folder)))
-    if (folder / "checkpoints" / INDEX).is_file():
-        folder = folder / "checkpoints"
-    index = folder / INDEX
-    if not index.is_file():
-        raise PipelineError(f"{folder} holds no checkpoints (no {INDEX}); run task=train first")
-    rows = json.loads(index.read_text())
-    return sorted(({**r, "path": folder / r["file"]} for r in rows), key=lambda r: r["step"])
-
-
-def model_info(folder: str | os.PathLike) -> dict:
-    """What a train run's checkpoints are: {"name", "num_classes", "classes", "size"} from its
-    ``checkpoints/model.json`` (or the run's results folder); runs without one are the digits CNN's."""
-    folder = Path(os.path.expanduser(str(folder)))
-    if (folder / "checkpoints" / INDEX).is_file():
-        folder = folder / "checkpoints"
-    if not (folder / MODEL).is_file():
-        return {"name": DIGITS_CNN, "num_classes": 10, "classes": list(class_names("digits")), "size": 32}
-    return json.loads((folder / MODEL).read_text())
+#: The signals on which a training run saves its state and stops (``train.resume_signals``).
+RESUME_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
 
 
 def _curves(metrics: Path, saved: list[dict]) -> Figure:
@@ -242,9 +94,17 @@ class TrainTask(Task):
             raise PipelineError("train.epochs and train.batch_size must be >= 1")
         if cfg.data.kind == "folder" and not 0 < float(t.get("val_fraction", 0.2)) < 1:
             raise PipelineError(f"train.val_fraction must be in (0, 1), got {t.get('val_fraction')}")
+        self.resume_signals(cfg)
         steps = list(t.checkpoint_steps)
         if any(not isinstance(s, int) or s < 0 for s in steps):
             raise PipelineError(f"train.checkpoint_steps must be steps >= 0, got {steps}")
+
+    def resume_signals(self, cfg) -> tuple[int, ...]:
+        """``train.resume_signals`` (names or numbers; default SIGTERM, SIGINT, SIGUSR1)."""
+        try:
+            return tuple(int(s) for s in parse_signals(cfg.train.get("resume_signals", RESUME_SIGNALS) or []))
+        except ValueError as err:
+            raise PipelineError(f"train.resume_signals: {err}") from None
 
     def _data(self, cfg) -> tuple[TensorDataset | Subset, TensorDataset | Subset, list[str], int]:
         """-> training set, held-out set (both (image (3, S, S) in [-1, 1], label) items), class names, S."""
@@ -323,11 +183,12 @@ class TrainTask(Task):
 
     def finalize(self, merged: dict[str, Tensor], staging: Path) -> Outputs:
         saved = read_checkpoints(staging)
-        (staging / "checkpoints" / MODEL).write_text(json.dumps(self.info, indent=1) + "\n")
-        with (staging / "checkpoints.csv").open("w", newline="") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(["step", "epoch", "test_acc", "file"])
-            writer.writerows([r["step"], r["epoch"], f"{r['test_acc']:.6f}", r["file"]] for r in saved)
+        write_text(staging / "checkpoints" / MODEL, json.dumps(self.info, indent=1) + "\n")
+        rows = [
+            {"step": r["step"], "epoch": r["epoch"], "test_acc": f"{r['test_acc']:.6f}", "file": r["file"]}
+            for r in saved
+        ]
+        write_csv(staging / "checkpoints.csv", rows, ["step", "epoch", "test_acc", "file"])
         table = [["step", "epoch", "test_acc"]] + [[r["step"], r["epoch"], r["test_acc"]] for r in saved]
         fig = figure_image(_curves(staging / "csv_train" / "metrics.csv", saved))
         caption = "training loss per step; accuracy per batch and on the held-out split at each checkpoint"

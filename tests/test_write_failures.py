@@ -1,0 +1,154 @@
+"""Every write failure is one ``error:`` line naming the path and the free space, and leaves nothing
+half-written.
+
+No full file system can be made here without root, so a full disk is simulated: the file objects the
+pipeline's writer (``pipeline.atomic``) opens raise ``OSError(ENOSPC)`` once a byte limit is passed, exactly
+as ``write(2)`` fails on a full disk; ``torch.save``'s real zip writer writes through them. A real kernel write
+failure comes from the file size limit (``RLIMIT_FSIZE``, ``EFBIG``) of a CLI subprocess.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from excitation_pullbacks.pipeline import atomic
+from excitation_pullbacks.pipeline.cli import main
+from excitation_pullbacks.pipeline.errors import describe_failure
+
+from helpers import CLI, assert_one_error_line, cli_in_process, tiny_overrides
+
+
+class FullDisk(io.RawIOBase):
+    """A binary file that takes ``limit`` bytes, then fails every write with ENOSPC."""
+
+    def __init__(self, f, limit: int):
+        self.f, self.limit, self.written = f, limit, 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        if self.written + len(b) > self.limit:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.written += len(b)
+        return self.f.write(b)
+
+    def fileno(self) -> int:
+        return self.f.fileno()
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """Files whose name contains one of the given names fill the disk after ``limit`` bytes."""
+
+    def make(names: tuple[str, ...], limit: int = 100):
+        real_open = open
+
+        def fake_open(path, mode="r", *args, **kwargs):
+            f = real_open(path, mode, *args, **kwargs)
+            return FullDisk(f, limit) if "w" in mode and any(n in str(path) for n in names) else f
+
+        monkeypatch.setattr(atomic, "open", fake_open, raising=False)
+
+    return make
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, full_disk):
+    target = tmp_path / "tensors.pt"
+    target.write_bytes(b"old")
+    full_disk(("tensors.pt",))
+    with pytest.raises(OSError) as info:
+        atomic.save_torch({"x": torch.randn(1000)}, target)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["tensors.pt"]
+    line = describe_failure(info.value)
+    assert line.startswith(f"cannot write {target}: no space left on the device (") and "free on that disk" in line
+
+
+def test_torch_zip_writer_errors_become_the_os_error_they_hide(tmp_path):
+    """torch.save swallows the file's OSError and raises 'enforce fail ... unexpected pos'; the writer raises
+    the OSError."""
+
+    def fill(f):
+        torch.save({"x": torch.randn(10000)}, FullDisk(f, 5000))
+
+    with pytest.raises(OSError) as info:
+        atomic.write_file(tmp_path / "a.pt", fill)
+    assert info.value.errno == errno.ENOSPC and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("tensors.pt", ["figures=[fig2]", "ascent=none"]),
+        ("metrics_table.csv", ["figures=[fig2]", "ascent=none"]),
+        ("manifest.json", ["figures=[fig2]", "ascent=none"]),
+        ("step_000002.pt", ["experiment=train_digits", "train.subset=32", "train.batch_size=16", "train.epochs=2"]),
+    ],
+)
+def test_a_full_disk_is_one_error_line_and_nothing_is_published(
+    tmp_path, monkeypatch, capsys, full_disk, name, overrides
+):
+    full_disk((name,))
+    if overrides[0].startswith("experiment="):  # not the tiny figures run: the console entry point as it is
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setattr(sys, "argv", ["pullbacks", *overrides, "logger=csv", "output_dir=out"])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        code, err = exit_info.value.code, capsys.readouterr().err
+    else:
+        code, _, err = cli_in_process(monkeypatch, capsys, tmp_path, "output_dir=out", *overrides)
+    assert_one_error_line(code, err, f"cannot write {tmp_path}/out/", name, "no space left", "free on that disk")
+    assert "Traceback" not in err
+    left = [p.name for p in (tmp_path / "out").rglob("*") if p.is_file() and "wandb" not in p.parts]
+    assert not (tmp_path / "out" / "results").exists() or name == "manifest.json"
+    assert not [n for n in left if n.endswith(".tmp")], left
+    if name == "manifest.json":  # the last write: results/ holds no manifest, so the next run redoes it
+        assert not (tmp_path / "out" / "results" / "manifest.json").exists()
+
+
+def _fsize_limit(limit: int):
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write(2) then fails with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+@pytest.mark.slow  # a CLI subprocess
+def test_a_real_write_failure_in_torch_save_is_one_line(tmp_path):
+    """The kernel refuses to grow a file past 64 KiB (RLIMIT_FSIZE): the first is the predictions' shard, which
+    torch.save writes."""
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=src)
+    args = tiny_overrides("figures=[fig2]", "logger=none", f"output_dir={tmp_path / 'out'}")
+    res = subprocess.run(
+        [*CLI, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        preexec_fn=_fsize_limit(64 * 1024),
+        timeout=300,
+        check=False,
+    )
+    assert_one_error_line(
+        res.returncode, res.stderr, "shards/rank0.pt", "larger than this process may write", "free on"
+    )
+    assert "Traceback" not in res.stderr and not (tmp_path / "out" / "results").exists()
+    assert not (tmp_path / "out" / ".results.partial").exists()
+    assert sys.platform.startswith("linux")
