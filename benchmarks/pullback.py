@@ -451,7 +451,7 @@ def main(argv=None) -> int:
     if mem_rows:
         print(
             "\npeak memory growth: MiB (ratio to vanilla)\n"
-            + head.replace(" s", " MiB").replace("vanilla MiB", "vanilla MiB")
+            + head.replace(" s |", " MiB |").replace(" s (x)", " MiB (x)")
         )
         print("|---" * (3 + len(others)) + "|")
         print("\n".join(mem_rows))
