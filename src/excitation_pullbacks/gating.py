@@ -33,6 +33,7 @@ from .compiled import CompiledRoute, unwrap_compiled
 from .gates import Gate
 from .options import GateOptions, resolve_schedule
 from .rules import PoolArgs, Rule, rules
+from .rules.base import signature
 from .schedules import Schedule
 from .sites import Site
 
@@ -226,6 +227,9 @@ class Excitation:
         registered = rules()
         self._rules = {func: rule for rule in registered for func in rule.functions}
         self._canonizers = {func: c for c in self.canonizers for func in c.functions}
+        for c in self.canonizers:  # signatures read before any compiled graph traces a call
+            for func, stub in c.functions.items():
+                signature(func, stub)
         try:
             # always_call: the stack stays right when a forward raises; not under torch.compile, whose graphs
             # guard on the (new each time) hook ids that always_call records (__exit__ closes the pass anyway).
