@@ -15,9 +15,10 @@ import time
 import torch
 from PIL import Image
 
+from excitation_pullbacks import GateOptions
 from excitation_pullbacks.app.images import digits_folder, list_images, open_image, preprocess
 from excitation_pullbacks.app.models import ModelSpec, load_model
-from excitation_pullbacks.app.panels import AscentSettings, GateSettings, gradients, trajectories
+from excitation_pullbacks.app.panels import AscentSettings, gradients, trajectories
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -35,7 +36,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
-    gate = GateSettings()
+    gate = GateOptions()
     digits = load_model(ModelSpec("digits_cnn", "DEFAULT"), args.device)
     xd = preprocess(open_image(list_images(digits_folder())[3]), 32, 32).to(digits.device)
     resnet = load_model(ModelSpec("resnet50", None), args.device)
