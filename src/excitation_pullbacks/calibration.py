@@ -15,10 +15,8 @@ from torch import Tensor, nn
 from .checks import check_images
 from .gates import Gate
 from .gating import Excitation
-from .schedules import ByType, PerChannel, Schedule
+from .schedules import PER_CHANNEL_KINDS, ByType, PerChannel, Schedule
 from .sites import Site
-
-_CALIBRATED = frozenset({"relu", "maxpool", "silu", "gelu"})
 
 __all__ = ["calibrate"]
 
@@ -49,7 +47,7 @@ def calibrate(
     sums: dict[str, Tensor] = {}
 
     def observe(site: Site, z: Tensor, gate: Gate) -> None:
-        if site.kind not in _CALIBRATED or (site.kind == "maxpool" and not include_maxpool):
+        if site.kind not in PER_CHANNEL_KINDS or (site.kind == "maxpool" and not include_maxpool):
             return  # norm and attention sites have no per-channel temperatures
         if z.dim() < 2:
             raise ValueError(f"cannot calibrate per channel at {site.key}: pre-activation of shape {tuple(z.shape)}")

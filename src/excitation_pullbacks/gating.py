@@ -216,10 +216,6 @@ class Excitation:
         self._canonizers: dict[Callable, Canonizer] = {}
         self._open = False
 
-    @property
-    def lean_batchnorm(self) -> bool:
-        return any(isinstance(c, LeanBatchNorm) for c in self.canonizers)
-
     # -- context ---------------------------------------------------------------------------------------
     def __enter__(self) -> Report:
         if self._open:
@@ -334,8 +330,7 @@ class Excitation:
         if self.substitute is not None:
             out = self.substitute(site, z, rule.geometry(call))
             if out is not None:
-                if getattr(rule, "returns_indices", None) is not None and rule.returns_indices(call):
-                    raise ValueError(f"a substituted max-pool call cannot return indices ({site.key})")
+                rule.check_substitute(call, site)
                 return out
         if gate.is_hard:
             return call.run()  # the original call, in place if it was

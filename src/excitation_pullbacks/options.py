@@ -78,12 +78,17 @@ class GateOptions:
     compat: str = "default"
 
     def __post_init__(self) -> None:
-        for name in ("temperature", "pool_temperature", "smooth_temperature", "silu_temperature", "gelu_temperature"):
+        others = (
+            "pool_temperature",
+            "smooth_temperature",
+            "silu_temperature",
+            "gelu_temperature",
+            "attention_temperature",
+        )
+        for name in others:  # ``temperature`` is checked by the ReLU gate below
             value = getattr(self, name)
             if value is not None:
                 check_temperature(value)
-        if self.attention_temperature is not None:
-            check_temperature(self.attention_temperature)
         for shape in (self.gate, self.smooth_gate):
             if shape == "softmax":
                 raise ValueError("'softmax' is a max-pool gate; choose a ReLU gate shape: " + ", ".join(RELU_SHAPES))

@@ -18,7 +18,10 @@ from torch import Tensor
 from .gates import Gate
 from .sites import Site
 
-__all__ = ["ByDepth", "ByName", "ByType", "PerChannel", "Schedule"]
+__all__ = ["PER_CHANNEL_KINDS", "ByDepth", "ByName", "ByType", "PerChannel", "Schedule"]
+
+#: Site kinds with per-channel temperatures (what ``calibrate`` measures and ``PerChannel`` requires).
+PER_CHANNEL_KINDS = frozenset({"relu", "maxpool", "silu", "gelu"})
 
 
 class Schedule:
@@ -134,7 +137,7 @@ class PerChannel(Schedule):
 
     def rule(self, site: Site) -> Gate:
         t = self.temperatures.get(site.key)
-        if t is None and site.kind not in ("relu", "maxpool", "silu", "gelu"):  # no per-channel T: not calibrated
+        if t is None and site.kind not in PER_CHANNEL_KINDS:  # no per-channel T: not calibrated
             return _HARD if self.default is None else self.default.rule(site)
         if t is None:
             if self.default is None:

@@ -101,6 +101,9 @@ class Rule:
         """What a substitute needs besides z (max-pool: its window geometry); None for most rules."""
         return None
 
+    def check_substitute(self, call: Call, site: Site) -> None:
+        """ValueError where a substitute's output cannot stand in for this call's (nothing for most rules)."""
+
     def apply(self, call: Call, site: Site, gate: Gate, canonizers: tuple) -> Any:
         """The call's output, bit for bit, with the surrogate backward of ``gate`` (a resolved gate that is not
         hard). ``canonizers``: the context's (:mod:`~excitation_pullbacks.canonizers`), for rules that reuse

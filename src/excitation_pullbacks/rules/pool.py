@@ -315,6 +315,10 @@ class MaxPool2d(Rule):
     def returns_indices(self, call: Call) -> bool:
         return call.func is F.max_pool2d_with_indices or bool(call.get("return_indices", False))
 
+    def check_substitute(self, call: Call, site) -> None:
+        if self.returns_indices(call):
+            raise ValueError(f"a substituted max-pool call cannot return indices ({site.key})")
+
     def apply(self, call, site, gate, canonizers):
         g = self.geometry(call)
         return soft_max_pool2d(
