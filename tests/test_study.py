@@ -34,6 +34,13 @@ def test_train_is_deterministic_and_keeps_the_chosen_steps(tmp_path):
     logged = read_rows(a["results"] / "csv_train" / "metrics.csv")
     assert any(r.get("train/loss") for r in logged) and any(r.get("checkpoint/test_acc") for r in logged)
     assert Image.open(a["results"] / "training.png").size[0] > 100
+    # the time split: training steps, the epoch's validation and the 4 checkpoints' held-out accuracy are
+    # model passes, each timed; everything else is the rest of the wall time
+    timing = json.loads((a["results"] / "timing.json").read_text())
+    parts = [timing["steps_s"], timing["validation_s"], timing["held_out_s"]]
+    assert all(p > 0 for p in parts) and timing == a["timing"]
+    assert timing["model_passes_s"] == pytest.approx(sum(parts), abs=2e-3)
+    assert timing["other_s"] == pytest.approx(timing["total_s"] - timing["model_passes_s"], abs=2e-3)
 
 
 @pytest.mark.slow  # two train runs and the study: about a minute on 2 cores

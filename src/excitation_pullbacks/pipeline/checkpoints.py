@@ -18,6 +18,7 @@ from excitation_pullbacks.models import DIGITS_CNN, ImageNetInput
 from .atomic import save_torch, write_text
 from .classes import class_names
 from .errors import PipelineError
+from .timing import timer_of
 
 __all__ = ["INDEX", "MODEL", "CheckpointSteps", "model_info", "read_checkpoints", "saved_module"]
 
@@ -61,7 +62,12 @@ class CheckpointSteps(L.Callback):
         name = f"step_{step:06d}.pt"
         self.folder.mkdir(parents=True, exist_ok=True)
         save_torch(saved_module(module.model).state_dict(), self.folder / name)
-        acc = _accuracy(module.model, self.held_out)
+        timer = timer_of(trainer)
+        if timer is None:
+            acc = _accuracy(module.model, self.held_out)
+        else:
+            with timer.measure("held_out", module):  # a model pass over the held-out set, not overhead
+                acc = _accuracy(module.model, self.held_out)
         self.saved.append({"step": step, "epoch": int(trainer.current_epoch), "test_acc": acc, "file": name})
         for logger in trainer.loggers:
             logger.log_metrics({"checkpoint/test_acc": acc}, step=step)

@@ -176,12 +176,15 @@ def save_tensors(obj, path: Path) -> None:
     save_torch(obj, path)
 
 
-def write_timing(folder: Path, total: float, model: float) -> dict:
-    """timing.json: wall time of the run split into model passes (predict or training batches in this process,
-    :class:`~.timing.StepTimer`) and everything else (model and data loading, selection, figures, writing, logging). Returns the dict."""
+def write_timing(folder: Path, total: float, model: float, parts: dict[str, float] | None = None) -> dict:
+    """timing.json: wall time of the run split into model passes (predict or training batches, validation
+    batches and held-out evaluations in this process, :class:`~.timing.StepTimer`; ``parts`` {part: seconds}
+    each written as ``<part>_s``) and everything else (model and data loading, selection, figures, writing,
+    logging). Returns the dict."""
     timing = {
         "total_s": round(total, 3),
         "model_passes_s": round(model, 3) if model else None,
+        **{f"{k}_s": round(v, 3) for k, v in (parts or {}).items() if v},
         "other_s": round(total - model, 3) if model else None,
         "other_fraction": round((total - model) / total, 4) if model else None,
     }

@@ -232,7 +232,7 @@ def run(cfg: DictConfig) -> dict:
                 raise PipelineError(f"the run finished without writing its results into {staging}")
             payload = json.loads((staging / PAYLOAD).read_text())
             (staging / PAYLOAD).unlink()
-            timing = write_timing(staging, time.perf_counter() - started, timer.seconds)
+            timing = write_timing(staging, time.perf_counter() - started, timer.seconds, timer.parts)
             if dashboard is not None:
                 dashboard.log_results(
                     payload["figures"],
@@ -292,8 +292,10 @@ def report_lines(result: dict) -> list[str]:
         lines.append(f"device: {result['device']}")
     timing = result.get("timing") or {}
     if timing.get("model_passes_s") is not None:
+        parts = [f"{k} {timing[k + '_s']:.1f} s" for k in ("steps", "validation", "held_out") if timing.get(k + "_s")]
+        split = f" ({', '.join(parts)})" if len(parts) > 1 else ""
         lines.append(
-            f"time: {timing['total_s']:.1f} s, model passes {timing['model_passes_s']:.1f} s, everything else "
+            f"time: {timing['total_s']:.1f} s, model passes {timing['model_passes_s']:.1f} s{split}, everything else "
             f"{timing['other_s']:.1f} s ({100 * timing['other_fraction']:.1f}%)"
         )
     elif timing.get("total_s") is not None:
