@@ -109,6 +109,10 @@ def test_inductor_pullback_within_tolerance():
     ref = pullback(model, x, t)
     got = pullback(compiled, x, t)
     assert (got - ref).abs().max() <= COMPILE_RTOL * ref.abs().max()
+    # K targets: K backward passes through one compiled forward (retain_graph) - no donated-buffer refusal
+    grid = torch.tensor([[1, 3], [3, 0]])
+    ref, got = pullback(model, x, grid), pullback(compiled, x, grid)
+    assert got.shape == (2, 2, 3, 16, 16) and (got - ref).abs().max() <= COMPILE_RTOL * ref.abs().max()
     with excitation(compiled) as report:
         compiled(x)
     assert report.relu_calls == 2 and report.maxpool_calls == 2

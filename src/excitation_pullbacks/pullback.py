@@ -169,7 +169,7 @@ def pullback(
     images: (N, C, H, W) (any range the model takes; [-1, 1] with ImageNetInput).
     targets: an int (same class for every image) or N ints -> returns (N, C, H, W);
         N lists of K ints, or an (N, K) tensor -> returns (N, K, C, H, W), one forward per image batch and
-        K backward passes sharing it; or a :class:`Neuron` -> (N, C, H, W).
+        K backward passes sharing it (a ``torch.compile``'d model: one forward per target); or a :class:`Neuron` -> (N, C, H, W).
     schedule, **gate: the gates (:func:`~excitation_pullbacks.gates.as_schedule`), e.g. ``0.3``,
         ``temperature=0`` (the exact vanilla input gradient) or a Schedule.
     batch_size: images per forward pass (None: all at once), to bound memory.
@@ -206,6 +206,13 @@ def pullback(
 def _pullback_chunk(
     engine: Excitation, x: Tensor, t: Tensor | None, neuron: Neuron | None, should_stop: ShouldStop = None
 ) -> Tensor:
+    if t is not None and t.dim() == 2 and t.shape[1] > 1 and engine.route.compiled:
+        # a compiled backward may hold donated buffers, which refuse retain_graph: one forward per target
+        grads = []
+        for j in range(t.shape[1]):
+            check_stop(should_stop)
+            grads.append(_pullback_chunk(engine, x, t[:, j], None, should_stop))
+        return torch.stack(grads, 1)
     out = gated_forward(engine, x, neuron)
     if neuron is not None:
         with no_subnormals(x.dtype, x.device):
