@@ -70,18 +70,30 @@ def test_zero_message_without_a_zero_head():
     assert "\n" not in message
 
 
-def test_figures_warn_once_when_every_pullback_is_zero(tmp_path, caplog):
+TASKS = {
+    "figures": ["experiment=digits", "ascent=none", "figures=[fig2]", "targets.rows=[0,3]", "batch_size=1"],
+    "evaluate": [
+        "experiment=evaluate_digits",
+        "evaluate.methods=[excitation]",
+        "temperatures=[0.3]",
+        "evaluate.num_images=2",
+        "batch_size=1",
+        "evaluate.perturbation_steps=2",
+        "evaluate.randomization_images=0",
+        "evaluate.ascent_methods=[]",
+    ],
+}
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_tasks_warn_once_when_every_pullback_is_zero(tmp_path, caplog, task):
     model = load_digits_cnn()
     with torch.no_grad():
         model.classifier.weight.zero_()  # a checkpoint with a zero-initialised head
     torch.save(model.state_dict(), tmp_path / "zero_head.pt")
     cfg = compose_config(
-        "experiment=digits",
+        *TASKS[task],  # two batches of one image: one warning line
         "logger=none",
-        "ascent=none",
-        "figures=[fig2]",
-        "targets.rows=[0,3]",
-        "batch_size=1",  # two batches: one warning
         f"model.checkpoint={tmp_path / 'zero_head.pt'}",
         f"output_dir={tmp_path / 'out'}",
     )
