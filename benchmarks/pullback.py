@@ -46,6 +46,7 @@ import torchvision.models as tvm
 from torch import nn
 
 from excitation_pullbacks import ImageNetInput, excitation, preset, pullback
+from excitation_pullbacks.models import randomize_zero_heads
 
 METHODS = (
     "vanilla",
@@ -178,9 +179,7 @@ def make_call(method: str, model: nn.Module):
 def build(arch: str, device: str) -> nn.Module:
     torch.manual_seed(0)
     model = ImageNetInput(tvm.get_model(arch, weights=None)).eval()
-    for m in model.modules():  # torchvision starts ViT's head at zero (every gradient 0): give it weights
-        if isinstance(m, nn.Linear) and not m.weight.any():
-            nn.init.normal_(m.weight, std=0.02)
+    randomize_zero_heads(model)  # torchvision starts ViT's head at zero (every gradient 0): give it weights
     return model.to(device)
 
 

@@ -41,10 +41,8 @@ KINDS = ("relu", "silu", "gelu", "maxpool", "norm", "attention")
 
 def row(name: str, size: int, batch: int) -> str:
     torch.manual_seed(0)
+    # random weights; build_model draws torchvision ViT's zero-initialised head (randomize_zero_heads)
     model = build_model(name, weights=None).double().eval()
-    for m in model.modules():  # torchvision starts ViT's head at zero: every logit constant, every gradient 0
-        if isinstance(m, torch.nn.Linear) and not m.weight.any():
-            torch.nn.init.normal_(m.weight, std=0.02)
     for p in model.parameters():
         p.requires_grad_(False)
     x = torch.rand(batch, 3, size, size, dtype=torch.float64) * 2 - 1

@@ -32,6 +32,7 @@ from excitation_pullbacks.app.models import (
     output_layout,
     spec_from_key,
 )
+from excitation_pullbacks.models import randomize_zero_heads
 from excitation_pullbacks.pipeline.schedules import gate_options
 
 from helpers import compose_config
@@ -247,7 +248,7 @@ def vit():
 
     torch.manual_seed(0)
     model = VisionTransformer(32, 8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=10)
-    torch.nn.init.normal_(model.heads.head.weight, std=0.5)
+    randomize_zero_heads(model, std=0.5)
     return loaded_model(ModelSpec("vit_tiny", None), model, "cpu", "imagenet", 32, 32)
 
 

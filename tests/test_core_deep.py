@@ -20,6 +20,7 @@ from torchvision.models.swin_transformer import (
 from torchvision.models.vision_transformer import VisionTransformer
 
 from excitation_pullbacks import Gate, GateOptions, excitation, preset, pullback
+from excitation_pullbacks.models import randomize_zero_heads
 from excitation_pullbacks.rules import frozen_group_norm, frozen_layer_norm, soft_attention, soft_softmax
 
 from reference_deep import reference_pullback
@@ -165,9 +166,7 @@ def _semantic_reference_options(options: GateOptions) -> dict:
 def _tiny(name):
     torch.manual_seed(0)
     model = TINY[name]().double().eval()
-    for m in model.modules():  # torchvision starts some heads at zero: give every layer a gradient
-        if isinstance(m, nn.Linear) and not m.weight.any():
-            nn.init.normal_(m.weight, std=0.1)
+    randomize_zero_heads(model, std=0.1)  # torchvision starts ViT's head at zero: give every layer a gradient
     return model
 
 

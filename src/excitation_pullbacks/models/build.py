@@ -9,6 +9,7 @@ from torch import nn
 
 from .checkpoint import load_checkpoint
 from .digits import DigitsCNN, load_digits_cnn
+from .heads import randomize_zero_heads
 from .imagenet import torchvision_model
 from .timm_models import TIMM_PREFIX, timm_model
 
@@ -44,7 +45,10 @@ def build_model(
     ``timm/<name>`` for a timm model (the ``timm`` extra; weights ``timm`` or a tag such as ``in1k``), or ``digits_cnn``
     (:class:`~excitation_pullbacks.models.digits.DigitsCNN`, 10 classes; it takes [-1, 1] images itself and is
     never wrapped).
-    weights: a weights enum member name (IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT) or None for random weights.
+    weights: a weights enum member name (IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT) or None for random weights:
+    the library's initialisation, except that an all-zero classifier head (torchvision's ViTs start theirs at
+    zero, which makes every logit constant and every pullback 0) is drawn from N(0, 0.02^2) with torch's random
+    state (:func:`~excitation_pullbacks.models.heads.randomize_zero_heads`); not when a checkpoint is loaded.
     For digits_cnn: omitted, DEFAULT or digits -> the committed checkpoint; None -> random init.
     checkpoint: a local state-dict file loaded into the (randomly initialised) model instead.
     num_classes: the number of logits (None: the weights' own); with weights for another count, the classifier
@@ -67,6 +71,8 @@ def build_model(
             if str(err).startswith("unknown model"):
                 raise ValueError(f"{err}; or {DIGITS_CNN}") from None
             raise
+    if weights is None and checkpoint is None:
+        randomize_zero_heads(model)
     return torch.compile(model) if compile else model
 
 

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from excitation_pullbacks.gates import NORM_SHAPES, RELU_SHAPES
 from excitation_pullbacks.options import COMPAT
+from excitation_pullbacks.variants import VARIANTS
 
 __all__ = [
     "CONFIG_DIR",
@@ -32,6 +33,9 @@ __all__ = [
     "LoggerMode",
     "NormShape",
     "TrainerConfig",
+    "VariantName",
+    "VariantsConfig",
+    "WeightNoise",
     "job_folder",
     "register_schemas",
 ]
@@ -54,6 +58,17 @@ GateShape = Enum("GateShape", [(s, s) for s in RELU_SHAPES], type=str)
 NormShape = Enum("NormShape", [(s, s) for s in NORM_SHAPES], type=str)
 #: ``default``, or the quirks of one published code (:data:`~excitation_pullbacks.options.COMPAT`).
 Compat = Enum("Compat", [(s, s) for s in COMPAT], type=str)
+
+
+#: A pullback variant: the core's :data:`~excitation_pullbacks.variants.VARIANTS`, one member each.
+VariantName = Enum("VariantName", [(v, v) for v in VARIANTS], type=str)
+
+
+class WeightNoise(str, Enum):
+    """How FusionPullback perturbs the weights."""
+
+    multiplicative = "multiplicative"
+    additive = "additive"
 
 
 class LoggerMode(str, Enum):
@@ -142,6 +157,34 @@ class BaselinesConfig:
 
 
 @dataclass
+class VariantsConfig:
+    """Pullback variants (``variants=``) that ``figures=[variants]`` draws beside the excitation pullback, at
+    the run's gate setting at ``gate.temperature``; their maps go to tensors.pt (``variants``) and their map
+    structure to metrics_table.csv. ``methods``: any of :data:`~excitation_pullbacks.variants.VARIANTS`;
+    times_input: draw x * map (the input x map) instead of each map. The other fields are the keywords of the
+    factories in ``excitation_pullbacks.variants``, which document them: ascent_* of ``pullback_ascent``
+    (steps K, step_size alpha, eps, clip), smooth_* of ``smooth_pullback``, fusion_* of ``fusion_pullback``;
+    seed, draws_per_pass and batch_size of both noisy variants."""
+
+    methods: List[VariantName] = field(default_factory=list)
+    times_input: bool = False
+    ascent_steps: int = 5
+    ascent_step_size: float = 20.0
+    ascent_eps: Optional[float] = None  # L2 radius around the image (null: none)
+    ascent_clip: bool = True  # clamp the final image to [-1, 1]
+    smooth_samples: int = 50
+    smooth_noise: float = 0.15  # noise std in input units ([-1, 1] images)
+    fusion_weight_samples: int = 10
+    fusion_input_samples: int = 10
+    fusion_weight_noise: float = 0.1
+    fusion_weight_noise_type: WeightNoise = WeightNoise.multiplicative
+    fusion_noise: float = 0.15
+    seed: Optional[int] = 0  # the noise draws (null: torch's global random state)
+    draws_per_pass: int = 1  # noisy copies of the batch per pullback call
+    batch_size: Optional[int] = None  # images per forward pass within a call (null: all)
+
+
+@dataclass
 class TrainerConfig:
     """Lightning ``Trainer`` placement (``trainer=``)."""
 
@@ -168,6 +211,7 @@ SCHEMAS = {
     "gate": GateConfig,
     "ascent": AscentConfig,
     "baselines": BaselinesConfig,
+    "variants": VariantsConfig,
     "trainer": TrainerConfig,
     "logger": LoggerConfig,
 }

@@ -21,6 +21,7 @@ __all__ = [
     "fig_ascent",
     "fig_baselines",
     "fig_sweep",
+    "fig_variants",
     "labelled_grid",
     "methods_grid",
     "metric_curves",
@@ -180,6 +181,24 @@ def fig_baselines(
         "integrated_gradients": "Integrated gradients (Captum)",
     }
     return stack_panels(panels, [names.get(m, m) for m in methods] + [f"Excitation pullbacks (T = {temperature})"])
+
+
+def fig_variants(
+    images: Tensor,
+    variants: Tensor,
+    excitation: Tensor,
+    titles: Sequence[str],
+    columns: Sequence[str],
+    rows: Sequence[str] | None = None,
+    *,
+    temperature: str = "0.3",
+) -> Image.Image:
+    """Fig 2's grid for each pullback variant, then for the excitation pullback itself: images (R, 3, H, W),
+    variants (R, nV, K, 3, H, W) under the panel ``titles`` (nV), excitation (R, K, 3, H, W)."""
+    cols = ["original", *columns]
+    panels = [labelled_grid(_with_original(images, variants[:, i]), cols, rows) for i in range(len(titles))]
+    panels.append(labelled_grid(_with_original(images, excitation), cols, rows))
+    return stack_panels(panels, [*titles, f"Excitation pullbacks (T = {temperature})"])
 
 
 def methods_grid(

@@ -17,6 +17,7 @@ from excitation_pullbacks.baselines import as_direction, explainer
 from ..evaluate_metrics import METRICS
 from ..method_settings import MethodSetting
 from ..signals import check_stop, stop_requested
+from ..zero_maps import warn_if_zero
 
 __all__ = ["EvaluateModule"]
 
@@ -57,6 +58,7 @@ class EvaluateModule(L.LightningModule):
         self.randomization_images, self.layer_names = int(randomization_images), list(randomization_layers)
         self.transfer = nn.ModuleDict(transfer or {})
         self.seed = int(seed)
+        self._warned_zero = False
 
     def predict_step(self, batch, batch_idx: int = 0) -> dict[str, Tensor]:
         with torch.enable_grad():  # Lightning predicts under no_grad / inference_mode
@@ -106,6 +108,8 @@ class EvaluateModule(L.LightningModule):
             check_stop()
             maps = explain(self.model, x, t)
             maps_all.append(maps)
+            if s.method == "excitation" and not self._warned_zero:  # one line per run
+                self._warned_zero = warn_if_zero(maps, self.model, log)
             dele = M.deletion(self.model, x, maps, t, should_stop=stop_requested, **self.perturbation)
             ins = M.insertion(self.model, x, maps, t, should_stop=stop_requested, **self.perturbation)
             cols["deletion_auc"][:, i] = dele.cpu().double()

@@ -15,6 +15,7 @@ from excitation_pullbacks.baselines import explainer
 from ..neurons import neuron_views
 from ..schedules import VANILLA, GateSetting
 from ..signals import check_stop, stop_requested
+from ..zero_maps import warn_if_zero
 
 __all__ = ["PullbackModule"]
 
@@ -32,9 +33,11 @@ class PullbackModule(L.LightningModule):
 
     model: images (N, 3, H, W) in [-1, 1] -> logits. columns: target classes (K). settings: the gate settings
     (nT). steps/step_size/eps: the ascent (steps 0: none); keep_steps: the trajectory steps kept (S).
-    baselines: {Captum method: explainer options} for the same grid. one_target_per_pass: one forward and
-    backward pass per target column instead of K backward passes through one forward (``retain_graph``),
-    which a ``torch.compile``'d model's backward refuses once compiled with donated buffers.
+    baselines: {Captum method: explainer options} for the same grid. variants: {name: explain function} of
+    pullback variants (:mod:`excitation_pullbacks.variants`), each called as it is once per target column.
+    one_target_per_pass: one forward and backward pass per target column instead of K backward passes through
+    one forward (``retain_graph``), which a ``torch.compile``'d model's backward refuses once compiled with
+    donated buffers. A warning line when a batch's vanilla gradients and pullbacks are all exactly 0.
     """
 
     def __init__(
@@ -48,6 +51,7 @@ class PullbackModule(L.LightningModule):
         eps: float = 100.0,
         keep_steps: Sequence[int] | None = None,
         baselines: dict | None = None,
+        variants: dict | None = None,
         neurons: Sequence[Neuron] = (),
         neuron_setting: int = 0,
         one_target_per_pass: bool = False,
@@ -56,6 +60,8 @@ class PullbackModule(L.LightningModule):
         self.one_target_per_pass = bool(one_target_per_pass)
         self.neurons, self.neuron_setting = list(neurons), int(neuron_setting)
         self.baselines = dict(baselines or {})
+        self.variants = dict(variants or {})
+        self._warned_zero = False
         self.model = model
         self.columns = list(columns)
         self.settings = list(settings)
@@ -96,7 +102,8 @@ class PullbackModule(L.LightningModule):
 
     def predict_step(self, batch, batch_idx: int = 0) -> dict[str, Tensor]:
         """batch: (images (B, 3, H, W), labels (B,), dataset indices (B,), rows (B,)) -> dict of CPU tensors:
-        vanilla (B, K, 3, H, W), excitation (B, nT, K, 3, H, W), baselines (B, nB, K, 3, H, W) when asked,
+        vanilla (B, K, 3, H, W), excitation (B, nT, K, 3, H, W), baselines (B, nB, K, 3, H, W) and variants
+        (B, nV, K, 3, H, W) when asked,
         logit_before (B, K), top1_before (B,) and with ascent exc_ascent (B, nT, S, K, 3, H, W),
         van_ascent (B, S, K, 3, H, W), exc_logit_after / exc_top1_after (B, nT, K), van_logit_after /
         van_top1_after (B, K).
@@ -117,6 +124,8 @@ class PullbackModule(L.LightningModule):
         )
         out["vanilla"] = self._pullbacks(x, t, VANILLA)
         out["excitation"] = torch.stack([self._pullbacks(x, t, s) for s in self.settings], 1)
+        if not self._warned_zero and not out["vanilla"].any():  # once per run: its other batches are alike
+            self._warned_zero = warn_if_zero(out["excitation"], self.model, log)
         if self.baselines:
             maps = []
             for method, options in self.baselines.items():
@@ -124,6 +133,12 @@ class PullbackModule(L.LightningModule):
                 explain = explainer(method, **options)
                 maps.append(torch.stack([_checked(explain, self.model, x, t[:, k]) for k in range(t.shape[1])], 1))
             out["baselines"] = torch.stack(maps, 1)  # (B, nB, K, 3, H, W)
+        if self.variants:
+            maps = []
+            for name, explain in self.variants.items():
+                log.info("rank %d: %s maps", self.global_rank, name)
+                maps.append(torch.stack([_checked(explain, self.model, x, t[:, k]) for k in range(t.shape[1])], 1))
+            out["variants"] = torch.stack(maps, 1)  # (B, nV, K, 3, H, W)
         with torch.no_grad():
             logits = self.model(x)
         out["logit_before"] = logits.gather(1, t)

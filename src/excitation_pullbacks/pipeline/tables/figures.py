@@ -78,17 +78,30 @@ TABLE_METRICS = {
 }
 
 
-def method_table(merged: dict[str, Tensor], columns: Sequence[int], settings: Sequence[GateSetting]) -> list[dict]:
-    """One row per method - excitation at each gate setting, then vanilla - with the means over images x
-    targets of :data:`TABLE_METRICS` (the ascent's only where there was one). merged: the predictions
-    (excitation (N, S, K, C, H, W), vanilla (N, K, C, H, W), logits and top-1 before/after)."""
+def method_table(
+    merged: dict[str, Tensor],
+    columns: Sequence[int],
+    settings: Sequence[GateSetting],
+    variants: Sequence[str] = (),
+    main: int | None = None,
+) -> list[dict]:
+    """One row per method - excitation at each gate setting, then vanilla, then each pullback variant (at
+    ``settings[main]``) - with the means over images x targets of :data:`TABLE_METRICS` (the ascent's only
+    where there was one, not for the variants). merged: the predictions (excitation (N, S, K, C, H, W),
+    vanilla (N, K, C, H, W), variants (N, V, K, C, H, W), logits and top-1 before/after)."""
     target = torch.tensor(list(columns))
-    has_ascent = "exc_ascent" in merged
     methods = [("excitation", s.label, s.temperature, j) for j, s in enumerate(settings)]
     methods.append(("vanilla", VANILLA.label, None, None))
+    if variants:
+        s = settings[0 if main is None else main]
+        methods += [(name, s.label, s.temperature, v) for v, name in enumerate(variants)]
     rows = []
     for method, label, temperature, j in methods:
-        maps = merged["vanilla"] if j is None else merged["excitation"][:, j]
+        has_ascent = "exc_ascent" in merged and method in ("excitation", "vanilla")
+        if method in ("excitation", "vanilla"):
+            maps = merged["vanilla"] if j is None else merged["excitation"][:, j]
+        else:
+            maps = merged["variants"][:, j]
         flat = maps.flatten(0, 1).double()  # (N*K, C, H, W)
         row = {
             "method": method,
@@ -115,10 +128,10 @@ def _metric_keys(row: dict) -> list[str]:
 
 def summary(rows: list[dict], main: int | None) -> dict[str, float]:
     """The run's scalars: ``excitation/<metric>`` at the main setting (the one at gate.temperature; none
-    when the run has no main setting) and ``vanilla/<metric>``."""
+    when the run has no main setting), ``vanilla/<metric>`` and ``<variant>/<metric>`` for each variant."""
     out: dict[str, float] = {}
     for i, r in enumerate(rows):
-        if r["method"] == "vanilla" or i == main:
+        if r["method"] != "excitation" or i == main:
             out.update({f"{r['method']}/{k}": r[k] for k in _metric_keys(r)})
     return out
 

@@ -4,8 +4,9 @@ Per batch of selected images (one per target row class) and for every target col
 the excitation pullback at each gate setting, optionally Captum baselines, and projected gradient ascent
 along both. Rank 0 writes::
 
-    results/  fig1.png ... fig4.png, sweep_<r>_<class>.png, baselines.png, tensors.pt (pullbacks and ascent
-              images), metrics.csv (target logit and top-1 before/after ascent per image x target x setting),
+    results/  fig1.png ... fig4.png, sweep_<r>_<class>.png, baselines.png, variants.png, tensors.pt (pullbacks,
+              ascent images, the variants' maps), metrics.csv (target logit and top-1 before/after ascent per
+              image x target x setting),
               metrics_table.csv (per method x setting: logit gain, hit rate, map structure; TABLE_METRICS)
 """
 
@@ -29,11 +30,12 @@ from ..neurons import fig_neurons
 from ..outputs import save_tensors, write_csv
 from ..schedules import check_main_temperature, check_temperatures, main_setting, run_gate_settings
 from ..tables.figures import by_temperature, method_table, summary, write_metrics_csv
+from ..variant_settings import variant_explainers, variant_names, variant_title
 from .base import Outputs, Plan, RunContext, Task
 
 __all__ = ["FIGURES", "FiguresTask"]
 
-FIGURES = ("fig1", "fig2", "fig3", "fig4", "sweep", "baselines", "neurons")
+FIGURES = ("fig1", "fig2", "fig3", "fig4", "sweep", "baselines", "neurons", "variants")
 
 
 class FiguresTask(Task):
@@ -68,6 +70,13 @@ class FiguresTask(Task):
             bad = [m for m in methods if m not in BASELINES]
             if not methods or bad:
                 raise PipelineError(f"baselines.methods must name some of {', '.join(BASELINES)}; got {methods}")
+        if "variants" in cfg.figures:
+            if not list(cfg.variants.methods):
+                raise PipelineError(
+                    "figures=[variants] needs variants.methods (any of soft_pullback, pullback_ascent, "
+                    "smooth_pullback, fusion_pullback)"
+                )
+            variant_explainers(cfg.variants)  # the options' checks, before anything runs
         if "neurons" in cfg.figures and not (cfg.get("neurons") and list(cfg.neurons.channels)):
             raise PipelineError(
                 "figures=[neurons] needs neurons.layer and neurons.channels (experiment=digits_neurons)"
@@ -112,6 +121,9 @@ class FiguresTask(Task):
         baselines = None
         if "baselines" in self.figures:
             baselines = {str(m): baseline_options(cfg.baselines) for m in cfg.baselines.methods}
+        self.variants = variant_names(cfg.variants) if "variants" in self.figures else []
+        self.variant_cfg = cfg.variants
+        variants = variant_explainers(cfg.variants, settings[self.main or 0].schedule) if self.variants else None
         module = PullbackModule(
             model,
             self.columns,
@@ -121,6 +133,7 @@ class FiguresTask(Task):
             eps=float(cfg.ascent.eps),
             keep_steps=keep,
             baselines=baselines,
+            variants=variants,
             neurons=self._neurons(cfg),
             neuron_setting=self.main or 0,
             one_target_per_pass=bool(cfg.model.get("compile", False)),
@@ -169,6 +182,12 @@ class FiguresTask(Task):
                 imgs, merged["baselines"], merged["excitation"][:, main], self.methods, col_names, temperature=t_main
             )
             figs["baselines"] = (im, "Captum baselines and excitation pullbacks for the same images and targets")
+        if "variants" in self.figures:
+            titles = [variant_title(self.variant_cfg, v, t_main) for v in self.variants]
+            im = plots.fig_variants(
+                imgs, merged["variants"], merged["excitation"][:, main], titles, col_names, temperature=t_main
+            )
+            figs["variants"] = (im, f"Pullback variants ({', '.join(self.variants)}) and excitation pullbacks")
         if "sweep" in self.figures:
             for r, name in enumerate(row_names):
                 key = f"sweep_{r}_{name.replace(' ', '_')}"
@@ -199,9 +218,11 @@ class FiguresTask(Task):
             temperatures=self.labels,
             ascent_steps=self.keep_steps,
         )
+        if self.variants:
+            tensors["variant_names"] = self.variants
         save_tensors(tensors, staging / "tensors.pt")
         table = write_metrics_csv(staging / "metrics.csv", merged, self.columns, self.labels, self.names)
-        rows = method_table(merged, self.columns, self.settings)
+        rows = method_table(merged, self.columns, self.settings, self.variants, self.main)
         write_csv(staging / "metrics_table.csv", rows)
         scalars = summary(rows, self.main)
         if self.main is not None and self.settings[self.main].temperature is not None:
