@@ -22,7 +22,8 @@ is the growth of the process's peak RSS after a reset (CPU, Linux) or torch.cuda
 each method in a fresh subprocess (compiled methods: after a warm-up call in that process). ``uptime`` is printed before and after.
 
 Run: ``.venv/bin/python benchmarks/pullback.py``; ``--help`` for options (e.g. ``--batch 2 --size 64
---repeats 3`` for a quick check, ``--archs resnet50`` for one model, ``--no-compile`` to skip compiling).
+--repeats 3`` for a quick check, ``--archs resnet50`` for one model, ``--archs digits_cnn --size 32`` for the
+shipped digits CNN, ``--no-compile`` to skip compiling).
 On a GPU the default batches are 16, 64 and 256.
 """
 
@@ -46,7 +47,7 @@ import torchvision.models as tvm
 from torch import nn
 
 from excitation_pullbacks import ImageNetInput, excitation, preset, pullback
-from excitation_pullbacks.models import randomize_zero_heads
+from excitation_pullbacks.models import DIGITS_CNN, build_model, randomize_zero_heads
 
 METHODS = (
     "vanilla",
@@ -178,6 +179,8 @@ def make_call(method: str, model: nn.Module):
 
 def build(arch: str, device: str) -> nn.Module:
     torch.manual_seed(0)
+    if arch == DIGITS_CNN:  # the shipped trained digits CNN (32 px: pass --size 32)
+        return build_model(DIGITS_CNN, "DEFAULT").eval().to(device)
     model = ImageNetInput(tvm.get_model(arch, weights=None)).eval()
     randomize_zero_heads(model)  # torchvision starts ViT's head at zero (every gradient 0): give it weights
     return model.to(device)
