@@ -20,6 +20,8 @@ from omegaconf import OmegaConf
 from excitation_pullbacks.gates import NORM_SHAPES, RELU_SHAPES
 from excitation_pullbacks.options import COMPAT
 
+from .ablation_settings import ablation_value
+
 __all__ = [
     "CONFIG_DIR",
     "AscentConfig",
@@ -138,6 +140,8 @@ class BaselinesConfig:
     gradient_ascent_steps: int = 5
     gradient_ascent_step_size: float = 20.0
     gradient_ascent_clip: bool = False  # clamp the final image to [-1, 1]
+    pullback_ascent_steps: int = 5  # PullbackAscent's K, as published
+    pullback_ascent_step_size: float = 20.0  # PullbackAscent's alpha, as published
     batch_size: Optional[int] = None  # SmoothGrad / IG / FusionGrad samples per forward (null: all)
 
 
@@ -206,12 +210,13 @@ def job_folder(overrides, exclude=()) -> str:
 
 
 def register_schemas() -> None:
-    """Store every schema as ``<group>/schema`` in Hydra's ConfigStore and register the ``job_folder``
-    resolver (idempotent)."""
+    """Store every schema as ``<group>/schema`` in Hydra's ConfigStore and register the ``job_folder`` and
+    ``ablation`` resolvers (idempotent)."""
     store = ConfigStore.instance()
     for group, node in SCHEMAS.items():
         store.store(group=group, name="schema", node=node)
     OmegaConf.register_new_resolver("job_folder", job_folder, replace=True)
+    OmegaConf.register_new_resolver("ablation", ablation_value, replace=True)
 
 
 register_schemas()
