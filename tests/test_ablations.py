@@ -175,3 +175,23 @@ def test_write_ablation_table_from_job_folders(tmp_path):
     path, rows = write_ablation_table(tmp_path)
     assert read_rows(path)[0]["mean"] == str(rows[0]["mean"]) and rows[0]["mean"] == -0.5
     assert "| alpha | 5 | 20 | pullback_ascent | -0.5 [" in (tmp_path / "ablations.md").read_text()
+
+
+def test_pullback_ascent_takes_k_and_alpha_from_the_baselines_options():
+    import torch
+
+    from excitation_pullbacks import variants
+    from excitation_pullbacks.baselines import explainer
+    from excitation_pullbacks.models import digits_images, load_digits_cnn
+
+    model = load_digits_cnn().eval()
+    x, y = (v[:3] for v in digits_images("test", 32))
+    s = variants.variant_schedule("semantic")
+    got = explainer("pullback_ascent", s, pullback_ascent_steps=2, pullback_ascent_step_size=3.0)(model, x, y)
+    expected = variants.pullback_ascent(s, steps=2, step_size=3.0)(model, x, y)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    default = explainer("pullback_ascent", s)(model, x, y)  # published: K 5, alpha 20
+    torch.testing.assert_close(
+        default, variants.pullback_ascent(s, steps=5, step_size=20.0)(model, x, y), rtol=0, atol=0
+    )
+    assert not torch.equal(got, default)
