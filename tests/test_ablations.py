@@ -28,8 +28,8 @@ from helpers import CLI, compose_config, read_rows, read_wandb_run
 @pytest.mark.parametrize(
     ("setting", "temperature", "steps", "step_size", "methods"),
     [
-        ("default", 0.6, 5, 20.0, ["excitation", "pullback_ascent"]),
-        ("T@0.3", 0.3, 5, 20.0, ["excitation", "pullback_ascent"]),
+        ("default", 0.6, 5, 20.0, ["pullback_ascent", "excitation"]),
+        ("T@0.3", 0.3, 5, 20.0, ["pullback_ascent", "excitation"]),
         ("K@10", 0.6, 10, 20.0, ["pullback_ascent"]),
         ("alpha@5", 0.6, 5, 5.0, ["pullback_ascent"]),
     ],
@@ -118,17 +118,20 @@ SMALL = [
 ]
 
 
-@pytest.mark.slow  # a subprocess running three jobs (about 40 s of work)
+@pytest.mark.slow  # a subprocess running four jobs (about 50 s of work)
 def test_multirun_through_the_command_line_writes_the_table_csv_markdown_and_wandb(tmp_path):
     sweep = tmp_path / "sweep"
-    args = ["-m", "experiment=ablations", "ablation.setting=K@1,default,T@0.3", *SMALL, f"hydra.sweep.dir={sweep}"]
+    args = ["-m", "experiment=ablations", "ablation.setting=K@1,default,T@0.3,K@5", *SMALL, f"hydra.sweep.dir={sweep}"]
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
     proc = subprocess.run(
         [*CLI, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False
     )
     assert proc.returncode == 0, proc.stderr
-    assert "3 job(s): 3 done" in proc.stdout and "ablation table:" in proc.stdout
+    assert "4 job(s): 4 done" in proc.stdout and "ablation table:" in proc.stdout
     table = read_rows(sweep / "ablations.csv")
+    same = [r for r in table if r["value"] == "5"]  # K@5 is the default: the same maps and the same metric draws
+    assert len(same) == 6 and all(float(r[k]) == 0.0 for r in same for k in ("mean", "low", "high", "std"))
+    table = [r for r in table if r["value"] != "5"]
     assert {(r["parameter"], r["value"], r["method"]) for r in table} == {
         ("T", "0.3", "excitation"),
         ("T", "0.3", "pullback_ascent"),
@@ -156,8 +159,8 @@ def test_multirun_through_the_command_line_writes_the_table_csv_markdown_and_wan
     runs = [read_wandb_run(f) for f in (sweep / "wandb").glob("offline-run-*")]
     (ablations,) = [r for r in runs if r.run.job_type == "ablations"]
     columns, data = ablations.table("ablations")
-    assert columns == list(table[0]) and len(data) == len(table)
-    got = {(row[0], row[3], row[4]): row[columns.index("mean")] for row in data}
+    assert columns == list(table[0]) and len(data) == len(table) + len(same)
+    got = {(row[0], row[3], row[4]): row[columns.index("mean")] for row in data if row[1] != 5}
     for r in table:
         assert got[(r["parameter"], r["method"], r["metric"])] == pytest.approx(float(r["mean"]), rel=1e-12)
     (job_run,) = (folders["default"] / "wandb").glob("offline-run-*")

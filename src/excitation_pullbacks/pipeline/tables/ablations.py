@@ -88,8 +88,8 @@ def read_jobs(sweep_dir: Path) -> list[AblationJob]:
 def ablation_rows(jobs: list[AblationJob]) -> list[dict]:
     """One row per (setting, method, metric): the setting's mean, the default's mean on the paired images, and
     the mean setting - default difference with its bootstrap interval (the default job's
-    ``published.bootstrap``). Ordered by parameter (``ablation.defaults``' order), value, method, metric,
-    whatever order the jobs ran in. Raises PipelineError without a default job or when a job's model, data,
+    ``published.bootstrap``). Ordered by parameter (``ablation.defaults``' order), value, method (the default
+    job's ``published.methods`` order), metric, whatever order the jobs ran in. Raises PipelineError without a default job or when a job's model, data,
     targets or seed differ from the default's."""
     default = next((j for j in jobs if j.parameter is None), None)
     if default is None:
@@ -107,7 +107,9 @@ def ablation_rows(jobs: list[AblationJob]) -> list[dict]:
     others = [j for j in jobs if j.parameter is not None]
     for job in sorted(others, key=lambda j: (order.index(j.parameter), float(j.value))):
         base_value = default.config["ablation"]["defaults"][job.parameter]
-        for method, by_image in job.scores.items():
+        listed = [str(m) for m in default.config["published"].get("methods") or []]
+        for method in sorted(job.scores, key=lambda m: listed.index(m) if m in listed else len(listed)):
+            by_image = job.scores[method]
             if method not in default.scores:
                 raise PipelineError(f"job {job.folder.name} scored {method}, which the default job did not score")
             reference = default.scores[method]
