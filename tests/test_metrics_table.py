@@ -15,7 +15,7 @@ from excitation_pullbacks.pipeline import PipelineError
 from excitation_pullbacks.pipeline.run import run
 from excitation_pullbacks.pipeline.tasks.published_table import COLUMNS
 
-from helpers import compose_config
+from helpers import compose_config, read_rows, read_wandb_run
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -83,3 +83,30 @@ def test_published_table_rejects_bad_settings(tmp_path):
         run(compose_config(f"output_dir={tmp_path}", *SMALL, "+published.settings.focal.samples=2"))
     with pytest.raises(PipelineError, match="mosaics"):
         run(compose_config(f"output_dir={tmp_path}", *SMALL, "published.mosaics=9"))
+
+
+def test_paired_differences_are_a_wandb_table(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    small = [o for o in SMALL if not o.startswith(("logger=", "published.methods", "published.num_images"))]
+    small += ["logger=wandb", "published.methods=[excitation,vanilla]", "published.num_images=2", "published.mosaics=0"]
+    result = run(compose_config(f"output_dir={tmp_path}", *small, "published.bootstrap.resamples=50"))
+    rec = read_wandb_run(result["wandb"])
+    paired = read_rows(result["results"] / "paired.csv")
+    columns, data = rec.table("paired")
+    assert columns == list(paired[0]) == ["method", "reference", "metric", "mean", "low", "high", "std", "n",
+                                          "confidence", "resamples"]  # fmt: skip
+    assert len(data) == len(paired) == len(COLUMNS)  # vanilla - excitation per metric (Focus: no mosaics, n = 0)
+    for row, p in zip(data, paired):
+        assert row[:3] == ["vanilla", "excitation", p["metric"]] and row[-1] == 50
+        if p["n"] != "0":
+            assert row[3] == pytest.approx(float(p["mean"]), rel=1e-12) and row[7] == 2
+    columns, data = rec.table("metrics")
+    assert columns[0] == "method" and [r[0] for r in data] == ["excitation", "vanilla"]
+
+
+def test_published_table_rejects_bad_bootstrap_settings(tmp_path):
+    with pytest.raises(PipelineError, match="resamples"):
+        run(compose_config(f"output_dir={tmp_path}", *SMALL, "published.bootstrap.resamples=0"))
+    with pytest.raises(PipelineError, match="unknown keys"):
+        run(compose_config(f"output_dir={tmp_path}", *SMALL, "+published.bootstrap.draws=5"))

@@ -82,6 +82,7 @@ def test_config_groups_have_the_documented_options():
     ]
     assert options("baselines") == ["captum"]
     assert options("experiment") == [
+        "ablations",
         "all_figures",
         "baselines",
         "digits",

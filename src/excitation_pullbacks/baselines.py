@@ -79,6 +79,7 @@ class BaselineOptions:
     gradient_ascent_steps, gradient_ascent_step_size, gradient_ascent_clip: GradientAscent, the image change
         after that many steps of the vanilla gradient ascent (step L2 norm ``step_size``, no L2 ball); clip:
         the final image is clamped to [-1, 1] (the published "ClipLast" variant; default: no clamp).
+    pullback_ascent_steps, pullback_ascent_step_size: PullbackAscent's K and alpha (published: 5 and 20).
     value_range: the width of the images' value range (2 for [-1, 1]).
     batch_size: images per forward pass for SmoothGrad / IG / FusionGrad samples (None: all at once).
     """
@@ -102,6 +103,8 @@ class BaselineOptions:
     gradient_ascent_steps: int = 5
     gradient_ascent_step_size: float = 20.0
     gradient_ascent_clip: bool = False
+    pullback_ascent_steps: int = 5
+    pullback_ascent_step_size: float = 20.0
     value_range: float = 2.0
     batch_size: int | None = None
 
@@ -119,6 +122,8 @@ class BaselineOptions:
             in ("multiplicative", "additive"),
             "gradient_ascent needs steps >= 1 and step_size >= 0": self.gradient_ascent_steps >= 1
             and self.gradient_ascent_step_size >= 0,
+            "pullback_ascent needs steps >= 0 and step_size >= 0": self.pullback_ascent_steps >= 0
+            and self.pullback_ascent_step_size >= 0,
             "gradcam_interpolate must be nearest, bilinear or bicubic": self.gradcam_interpolate
             in ("nearest", "bilinear", "bicubic"),
         }
@@ -322,7 +327,9 @@ REGISTRY: dict[str, Factory] = {
     "gradient_ascent": lambda o, s: partial(_gradient_ascent, o=o),
     "excitation": lambda o, s: partial(_excitation, schedule=s),
     # the pullback's variants (excitation_pullbacks.variants) at the run's gates, the author's settings
-    "pullback_ascent": lambda o, s: variants.pullback_ascent(s),
+    "pullback_ascent": lambda o, s: variants.pullback_ascent(
+        s, steps=o.pullback_ascent_steps, step_size=o.pullback_ascent_step_size
+    ),
     "smooth_pullback": lambda o, s: variants.smooth_pullback(s),
     "fusion_pullback": lambda o, s: variants.fusion_pullback(s),
 }

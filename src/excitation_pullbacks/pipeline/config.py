@@ -21,6 +21,8 @@ from excitation_pullbacks.gates import NORM_SHAPES, RELU_SHAPES
 from excitation_pullbacks.options import COMPAT
 from excitation_pullbacks.variants import VARIANTS
 
+from .ablation_settings import ablation_value
+
 __all__ = [
     "CONFIG_DIR",
     "AscentConfig",
@@ -153,6 +155,8 @@ class BaselinesConfig:
     gradient_ascent_steps: int = 5
     gradient_ascent_step_size: float = 20.0
     gradient_ascent_clip: bool = False  # clamp the final image to [-1, 1]
+    pullback_ascent_steps: int = 5  # PullbackAscent's K, as published
+    pullback_ascent_step_size: float = 20.0  # PullbackAscent's alpha, as published
     batch_size: Optional[int] = None  # SmoothGrad / IG / FusionGrad samples per forward (null: all)
 
 
@@ -250,12 +254,13 @@ def job_folder(overrides, exclude=()) -> str:
 
 
 def register_schemas() -> None:
-    """Store every schema as ``<group>/schema`` in Hydra's ConfigStore and register the ``job_folder``
-    resolver (idempotent)."""
+    """Store every schema as ``<group>/schema`` in Hydra's ConfigStore and register the ``job_folder`` and
+    ``ablation`` resolvers (idempotent)."""
     store = ConfigStore.instance()
     for group, node in SCHEMAS.items():
         store.store(group=group, name="schema", node=node)
     OmegaConf.register_new_resolver("job_folder", job_folder, replace=True)
+    OmegaConf.register_new_resolver("ablation", ablation_value, replace=True)
 
 
 register_schemas()

@@ -14,7 +14,8 @@ Rank 0 writes::
 
     results/  published_table.csv (method, then mean, std, n per metric), published_table.md (mean ± std),
               per_image.csv, paired.csv (each method minus the first, per metric: mean and bootstrap
-              interval); the skeleton saves focus.png (mosaics, target quadrants, relevance per method)
+              interval, ``published.bootstrap``); the skeleton saves focus.png (mosaics, target quadrants,
+              relevance per method) and logs the table and the paired differences (``paired``) to W&B
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from ..errors import PipelineError
 from ..outputs import write_csv
 from ..schedules import check_main_temperature, check_temperatures, main_setting, run_gate_settings
 from ..signals import check_stop, stop_requested
+from ..tables.paired import as_table, bootstrap_options, difference
 from .base import Outputs, Plan, RunContext, Task
 
 __all__ = ["PublishedTableModule", "PublishedTableTask", "markdown_table", "summary_rows"]
@@ -196,6 +198,10 @@ class PublishedTableTask(Task):
             raise PipelineError(
                 f"published.settings names unknown metrics {bad}; choose from {', '.join(M.METRIC_NAMES)}"
             )
+        try:
+            bootstrap_options(p.get("bootstrap"))
+        except ValueError as err:
+            raise PipelineError(str(err)) from None
         if "excitation" in p.methods:
             check_main_temperature(cfg.gate, check_temperatures(cfg.temperatures))
 
@@ -227,6 +233,7 @@ class PublishedTableTask(Task):
         schedule = gates[main_setting(gates, cfg.gate)].schedule
         options = {f.name: cfg.baselines[f.name] for f in fields(BaselineOptions) if f.name in cfg.baselines}
         self.methods = [str(m) for m in p.methods]
+        self.bootstrap = bootstrap_options(p.get("bootstrap"))
         explainers = {m: explainer(m, schedule, **options) for m in self.methods}
         protocol = M.PUBLISHED if size == M.PUBLISHED.size else M.PUBLISHED.scaled(size)
         self.protocol_size = protocol.size
@@ -262,9 +269,8 @@ class PublishedTableTask(Task):
         for i, method in enumerate(self.methods[1:], start=1):
             columns = [(name, scores[:, :, j]) for j, name in enumerate(M.METRIC_NAMES)] + [("focus", focus)]
             for name, values in columns:
-                d = M.paired_difference(values[:, i], values[:, 0])
-                paired.append({"method": method, "reference": self.methods[0], "metric": name, "mean": d.mean,
-                               "low": d.low, "high": d.high, "std": d.std, "n": d.n})  # fmt: skip
+                d = difference(values[:, i], values[:, 0], self.bootstrap)
+                paired.append({"method": method, "reference": self.methods[0], "metric": name, **d})
         if paired:
             write_csv(staging / "paired.csv", paired)
         figures = {}
@@ -282,4 +288,4 @@ class PublishedTableTask(Task):
         table = [["method"] + [f"{c}_{s}" for c in COLUMNS for s in ("mean", "std", "n")]]
         table += [[r["method"]] + [r[f"{c}_{s}"] for c in COLUMNS for s in ("mean", "std", "n")] for r in rows]
         summary = {f"{r['method']}/{c}": r[f"{c}_mean"] for r in rows for c in COLUMNS if r[f"{c}_mean"] != ""}
-        return Outputs(figures=figures, table=table, summary=summary)
+        return Outputs(figures=figures, table=table, summary=summary, tables={"paired": as_table(paired)})
