@@ -147,7 +147,7 @@ def test_a_real_write_failure_in_torch_save_is_one_line(tmp_path):
         check=False,
     )
     assert_one_error_line(
-        res.returncode, res.stderr, "shards/rank0.pt", "larger than this process may write", "free on"
+        res.returncode, res.stderr, "shards/c000000.r0.pt", "larger than this process may write", "free on"
     )
     assert "Traceback" not in res.stderr and not (tmp_path / "out" / "results").exists()
     assert not (tmp_path / "out" / ".results.partial").exists()

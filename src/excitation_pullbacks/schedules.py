@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .gates import Gate
+from .saving import save_atomic
 from .sites import Site
 
 __all__ = ["PER_CHANNEL_KINDS", "ByDepth", "ByName", "ByType", "PerChannel", "Schedule"]
@@ -151,8 +152,8 @@ class PerChannel(Schedule):
         return Gate(shape, t)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the schedule as a torch file (tensors on CPU)."""
-        torch.save(
+        """Write the schedule as a torch file (tensors on CPU), atomically (:func:`~.saving.save_atomic`)."""
+        save_atomic(
             {
                 "format": "excitation_pullbacks.PerChannel/1",
                 "shape": self.shape,

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..saving import save_atomic
+
 __all__ = ["load_checkpoint", "save_state_dict"]
 
 
@@ -68,10 +70,6 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
 
 def save_state_dict(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write ``model.state_dict()`` to ``path`` atomically (a temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
-    return path
+    """Write ``model.state_dict()`` to ``path`` atomically (:func:`~excitation_pullbacks.saving.save_atomic`: a
+    failed write leaves nothing behind and an older file as it was)."""
+    return save_atomic(model.state_dict(), path)

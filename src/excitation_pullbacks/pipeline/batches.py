@@ -1,4 +1,5 @@
-"""Seeded training batches that are the same on one process and on W DDP processes.
+"""Seeded training batches that are the same on one process and on W DDP processes, and the row chunks of a
+predict run.
 
 Pass (epoch) e draws one permutation of the training set from a generator seeded by (seed, e), the same on
 every rank (:func:`generator_for`; no generator is held between passes, so the sampler pickles into
@@ -10,6 +11,10 @@ one-process gradient when the parts have equal sizes and the forward of a part d
 others' (it does through BatchNorm's batch statistics unless they are synchronised, and through dropout
 masks). A global batch that does not split evenly is filled up by repeating its first images (as torch's
 DistributedSampler pads), so every rank always has a batch.
+
+A predict run (:class:`RowChunks`) goes through its rows in chunks of ``batch_size`` consecutive rows, the same
+batches on one process and on W: rank r takes every W-th of the chunks still to compute, so a resumed run
+computes the missing chunks only and every batch holds the same images as in an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-__all__ = ["GlobalBatches", "generator_for"]
+__all__ = ["GlobalBatches", "RowChunks", "generator_for"]
 
 
 def generator_for(*keys: int) -> torch.Generator:
@@ -80,3 +85,28 @@ class GlobalBatches(Sampler[list[int]]):
         self.epoch += 1
         skip, self.skip = self.skip, 0
         yield from self.epoch_batches(self.epoch - 1, rank, world)[skip:]
+
+
+class RowChunks(Sampler[list[int]]):
+    """A batch sampler over the rows 0 .. n-1 of a predict run: chunk c is rows ``[c * size, (c + 1) * size)``
+    (the last one shorter); it yields the chunks in ``todo`` this rank takes - rank r of W takes
+    ``todo[r::W]``, and a rank left without one (fewer chunks than ranks) repeats ``todo[r % len(todo)]`` so
+    that every rank has a batch. The rank is read from ``torch.distributed`` when the batches are drawn; the
+    Trainer must not wrap it (``use_distributed_sampler=False``)."""
+
+    def __init__(self, n: int, size: int, todo):
+        self.n, self.size, self.todo = int(n), int(size), [int(c) for c in todo]
+
+    def chunks(self) -> list[int]:
+        """The chunks this rank takes (see the class)."""
+        rank, world = GlobalBatches._world()
+        if not self.todo:
+            return []
+        return self.todo[rank::world] or [self.todo[rank % len(self.todo)]]
+
+    def __len__(self) -> int:
+        return len(self.chunks())
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for c in self.chunks():
+            yield list(range(c * self.size, min((c + 1) * self.size, self.n)))

@@ -28,6 +28,7 @@ from .signals import check_stop
 
 __all__ = [
     "DigitsDataset",
+    "EvaluationRows",
     "FolderDataset",
     "SyntheticDataset",
     "build_dataset",
@@ -358,12 +359,29 @@ def select_images(
     return images, torch.tensor(list(classes)), torch.tensor([found[c][1] for c in classes])
 
 
+class EvaluationRows(Dataset):
+    """The first ``num_images`` of a seeded shuffle of ``dataset``, read on demand (no image is held): item r
+    is (image (C, H, W), label, dataset index, r). ``order`` (N,): the dataset indices of the rows."""
+
+    def __init__(self, dataset, num_images: int, seed: int):
+        if len(dataset) == 0:
+            raise PipelineError("the dataset is empty")
+        if num_images < 1:
+            raise PipelineError(f"evaluate.num_images must be >= 1, got {num_images}")
+        self.dataset = dataset
+        self.order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num_images]
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, r: int):
+        i = int(self.order[r])
+        x, y = self.dataset[i]
+        return x, int(y), i, int(r)
+
+
 def evaluation_images(dataset, num_images: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The first ``num_images`` of a seeded shuffle of the dataset -> images (N, C, H, W), labels (N,), indices (N,)."""
-    if len(dataset) == 0:
-        raise PipelineError("the dataset is empty")
-    if num_images < 1:
-        raise PipelineError(f"evaluate.num_images must be >= 1, got {num_images}")
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num_images]
-    items = [dataset[int(i)] for i in order]
-    return torch.stack([im for im, _ in items]), torch.tensor([int(y) for _, y in items]), order
+    """The rows of :class:`EvaluationRows` stacked -> images (N, C, H, W), labels (N,), indices (N,)."""
+    rows = EvaluationRows(dataset, num_images, seed)
+    items = [rows[r] for r in range(len(rows))]
+    return torch.stack([im for im, *_ in items]), torch.tensor([y for _, y, *_ in items]), rows.order

@@ -86,15 +86,20 @@ def staging_for(final: Path) -> Path:
     return final.parent / f".{final.name}.partial"
 
 
-def prepare_staging(final: Path, launcher: bool, keep: bool = False) -> Path:
+def prepare_staging(final: Path, launcher: bool, keep: bool | str = False) -> Path:
     """Create the output dir and an empty staging folder for ``final`` (the launcher clears an old one, unless
-    ``keep``: a training run resumes from what it holds) -> the staging path."""
+    ``keep``: True keeps all of it - a training run resumes from what it holds; a name keeps that entry only -
+    a predict run's saved shards) -> the staging path."""
     out, staging = final.parent, staging_for(final)
     check_directory(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         if launcher and staging.exists() and not keep:
             shutil.rmtree(staging)
+        elif launcher and staging.is_dir() and isinstance(keep, str):
+            for entry in staging.iterdir():
+                if entry.name != keep:
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         staging.mkdir(exist_ok=True)
         (staging / ".write-test").write_text("")
         (staging / ".write-test").unlink()

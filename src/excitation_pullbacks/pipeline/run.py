@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from excitation_pullbacks.stopping import Stopped
 
 from .atomic import write_file, write_text
+from .batches import RowChunks
 from .dashboard import Dashboard
 from .errors import PipelineError
 from .fitting import Resume, fit
@@ -45,6 +47,8 @@ from .outputs import (
     write_timing,
 )
 from .resume import read_state
+from .shards import FOLDER as SHARDS
+from .shards import ShardStore, chunk_count
 from .signals import StopCallback, check_stop, exit_code, handling_signals, received
 from .tasks import TASKS
 from .tasks.base import Plan, RunContext, Task
@@ -101,11 +105,25 @@ class Finish:
         write_text(staging / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(self.resolved)))
 
 
-def predict(cfg: DictConfig, plan: Plan, writer: ResultWriter, out: Path, timer: StepTimer) -> str:
+def predict(
+    cfg: DictConfig, plan: Plan, finish: Finish, store: ShardStore, out: Path, timer: StepTimer, launcher: bool
+) -> tuple[str, dict]:
     """``Trainer.predict`` of ``plan.module`` over (image, label, dataset index, row) batches of
-    ``cfg.batch_size`` on ``cfg.trainer``'s devices; ``writer`` gathers the ranks' results, ``timer`` adds up
-    the predict steps' time. Returns the device it ran on (:func:`describe_device`)."""
+    ``cfg.batch_size`` consecutive rows on ``cfg.trainer``'s devices, only the batches ``store`` holds no
+    shard of; each batch is saved as a shard as it is made and rank 0 merges them into ``finish``
+    (:class:`~.writer.ResultWriter`); ``timer`` adds up the predict steps' time. Returns the device it ran on
+    (:func:`describe_device`) and {"batches", "reused", "computed"}: the run's batches, those a stopped run
+    had saved, and those computed now."""
     progress, bar = progress_callbacks()
+    data = plan.data
+    if data is None:
+        data = TensorDataset(plan.images, plan.labels, plan.index, torch.arange(len(plan.images)))
+    size, n = int(cfg.batch_size), len(data)
+    chunks = chunk_count(n, size)
+    if launcher:
+        store.open(n, size)
+    todo = store.missing(chunks)
+    writer = ResultWriter(store, chunks, size, finish, plan.keep_first)
     try:
         trainer = L.Trainer(
             accelerator=cfg.trainer.accelerator,
@@ -118,15 +136,22 @@ def predict(cfg: DictConfig, plan: Plan, writer: ResultWriter, out: Path, timer:
             enable_progress_bar=bar,
             enable_model_summary=False,
             default_root_dir=str(out),
+            use_distributed_sampler=False,  # RowChunks splits the batches among the ranks
         )
     except (MisconfigurationException, RuntimeError, ValueError) as err:
         raise PipelineError(f"trainer settings {dict(cfg.trainer)} cannot be used here: {err}") from None
-    rows = torch.arange(len(plan.images))
-    loader = DataLoader(
-        TensorDataset(plan.images, plan.labels, plan.index, rows), batch_size=int(cfg.batch_size), shuffle=False
-    )
-    trainer.predict(plan.module, dataloaders=loader, return_predictions=False)
-    return describe_device(trainer)
+    if launcher and len(todo) < chunks:
+        print(
+            f"resuming: {chunks - len(todo)} of {chunks} batches are saved in {store.folder}; computing the other {len(todo)}"
+        )
+    if todo:
+        loader = DataLoader(data, batch_sampler=RowChunks(n, size, todo))
+        with warnings.catch_warnings():  # RowChunks yields every row of its chunks: nothing is dropped
+            warnings.filterwarnings("ignore", message="You are using a custom batch sampler")
+            trainer.predict(plan.module, dataloaders=loader, return_predictions=False)
+    elif launcher:  # every batch was saved by a stopped run: merge them
+        writer.merge()
+    return describe_device(trainer), {"batches": chunks, "reused": chunks - len(todo), "computed": len(todo)}
 
 
 def task_for(cfg: DictConfig) -> Task:
@@ -211,9 +236,12 @@ def run(cfg: DictConfig) -> dict:
     chash = config_hash(ident)
     with handling_signals(resume_signals):
         state = read_state(staging_for(final), chash) if resume_signals else None
-        staging = prepare_staging(final, launcher, keep=state is not None)
+        shards = ShardStore(staging_for(final), chash)
+        keep = True if state is not None else SHARDS if shards.count()[0] else False
+        staging = prepare_staging(final, launcher, keep=keep)
         if launcher and state is not None:
             print(f"resuming from step {state.step}: {state.folder}")
+        batches = None
         dashboard = Dashboard.open(resolved, out, run_name(cfg)) if launcher else None
         try:
             torch.manual_seed(int(cfg.seed))  # random weights (weights=null) are the same on every rank and run
@@ -222,7 +250,7 @@ def run(cfg: DictConfig) -> dict:
             finish = Finish(task, resolved, final)
             timer = StepTimer()
             if plan.fit is None:
-                device = predict(cfg, plan, ResultWriter(staging, finish), out, timer)
+                device, batches = predict(cfg, plan, finish, shards, out, timer, launcher)
             else:  # a training task
                 device = fit(cfg, plan, finish, staging, dashboard, timer, Resume(chash, resume_signals, state))
             if not launcher:  # a DDP child: rank 0 (the launcher) publishes and reports
@@ -250,8 +278,9 @@ def run(cfg: DictConfig) -> dict:
         except Stopped as err:
             what = signal.Signals(received()).name if received() else f"a stop request ({err})"
             saved = read_state(staging, chash) if resume_signals else None
+            done, chunks = shards.count()
             if launcher:
-                if saved is None:
+                if saved is None and not done:
                     discard_staging(final)
                 if dashboard is not None:
                     dashboard.finish(exit_code(), stopped_by=what)
@@ -259,6 +288,12 @@ def run(cfg: DictConfig) -> dict:
                 raise Stopped(
                     f"stopped by {what}: nothing was published to {final}; the training state is saved in "
                     f"{saved.folder}; run the same command again and it resumes from step {saved.step}"
+                ) from None
+            if done:
+                raise Stopped(
+                    f"stopped by {what}: nothing was published to {final}; the results of {done} of {chunks} batches "
+                    f"are saved in {shards.folder}; run the same command again and it computes only the other "
+                    f"{chunks - done}"
                 ) from None
             raise Stopped(
                 f"stopped by {what}: nothing was published to {final} (its staging folder is removed); run the same "
@@ -280,6 +315,7 @@ def run(cfg: DictConfig) -> dict:
         "timing": timing,
         "device": device,
         "kept": kept,
+        "batches": batches,
         **task.result(final),
     }
 

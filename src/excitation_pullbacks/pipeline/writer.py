@@ -1,55 +1,58 @@
-"""Gathering ``Trainer.predict`` results across ranks: one shard file per rank, merged on rank 0.
+"""Writing ``Trainer.predict`` results as they are made and merging them on rank 0.
 
-``trainer.predict`` returns only the local rank's results (nothing under ddp_spawn) and ranks may hold
-uneven image counts, so every rank saves its predictions, a barrier waits for all of them, and rank 0
-concatenates them in row order and hands them to ``finalize``.
+Every rank saves each batch's predictions as a shard in the staging folder (:class:`~.shards.ShardStore`), so
+nothing accumulates in memory and an interrupted run keeps what it computed. At the end of the pass a barrier
+waits for all ranks; rank 0 merges the shards in row order, hands them to ``finalize`` and removes them.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable, Mapping
 
-import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 
-from .outputs import save_tensors
+from .shards import ShardStore
 
-__all__ = ["ResultWriter", "merge_shards"]
-
-
-def merge_shards(shards: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
-    """Concatenate per-rank prediction dicts along the image axis and sort by ``row``."""
-    merged = {k: torch.cat([s[k] for s in shards]) for k in shards[0]}
-    order = merged["row"].argsort()
-    return {k: v[order] for k, v in merged.items()}
+__all__ = ["ResultWriter"]
 
 
 class ResultWriter(BasePredictionWriter):
-    """Writes ``staging/shards/rank<r>.pt`` on every rank; rank 0 merges after a barrier and calls
-    ``finalize(merged)``. ``finalize`` must be picklable (ddp_spawn)."""
+    """Saves each predict batch (one chunk of ``batch_size`` rows, :class:`~.batches.RowChunks`) as a shard
+    on the rank that computed it; rank 0 merges the ``chunks`` shards after a barrier and calls
+    ``finalize(merged)``. keep_first: {key: n} - keep ``key`` only for rows < n (see :mod:`.shards`).
+    Picklable (ddp_spawn) when ``finalize`` is."""
 
-    def __init__(self, staging: str | os.PathLike, finalize: Callable[[dict[str, Tensor]], None]):
-        super().__init__(write_interval="epoch")
-        self.staging = Path(staging)
+    def __init__(
+        self,
+        store: ShardStore,
+        chunks: int,
+        batch_size: int,
+        finalize: Callable[[dict[str, Tensor]], None],
+        keep_first: Mapping[str, int] | None = None,
+    ):
+        super().__init__(write_interval="batch")
+        self.store, self.chunks, self.batch_size = store, int(chunks), int(batch_size)
         self.finalize = finalize
+        self.keep_first = dict(keep_first or {})
+        self.computed = 0  # shards this process wrote
 
-    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices):
-        preds = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
-        shard_dir = self.staging / "shards"
-        shard_dir.mkdir(parents=True, exist_ok=True)
-        shard = {k: torch.cat([p[k] for p in preds]) for k in preds[0]} if preds else {}
-        save_tensors(shard, shard_dir / f"rank{trainer.global_rank}.pt")
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        chunk = int(prediction["row"][0]) // self.batch_size
+        self.store.write(chunk, trainer.global_rank, prediction, self.keep_first)
+        self.computed += 1
+
+    def merge(self) -> None:
+        """Rank 0 (or the launcher when every shard was there): merge, ``finalize``, remove the shards."""
+        self.finalize(self.store.merge(self.chunks))
+        self.store.discard()
+
+    def on_predict_epoch_end(self, trainer, pl_module) -> None:
         trainer.strategy.barrier("shards written")
         error = None
         if trainer.is_global_zero:
             try:
-                shards = [torch.load(shard_dir / f"rank{r}.pt", weights_only=True) for r in range(trainer.world_size)]
-                shutil.rmtree(shard_dir)
-                self.finalize(merge_shards([s for s in shards if s]))
+                self.merge()
             except BaseException as err:  # noqa: BLE001 - re-raised after the barrier so other ranks do not hang
                 error = err
         trainer.strategy.barrier("results written")

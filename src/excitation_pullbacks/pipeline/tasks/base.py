@@ -15,6 +15,7 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig
 from torch import Tensor
+from torch.utils.data import Dataset
 
 __all__ = ["Fit", "Outputs", "Plan", "RunContext", "Task"]
 
@@ -48,14 +49,20 @@ class Plan:
     """What a task hands the run skeleton: the per-batch module and the images it runs on, row r = image r.
 
     images (N, C, H, W), labels (N,), index (N,) dataset indices (the skeleton times the module's steps with
-    :class:`~..timing.StepTimer`). fit: a training run (:class:`Fit`) instead of predict over the images.
+    :class:`~..timing.StepTimer`). data: instead of the three tensors, a dataset whose item r is (image
+    (C, H, W), label, dataset index, r), read batch by batch (images None). keep_first: {prediction key: n} -
+    per-image results the task needs only for rows < n (e.g. the images and maps its figure draws); the
+    others are dropped as the batches are written. fit: a training run (:class:`Fit`) instead of predict over
+    the images.
     """
 
     module: L.LightningModule
-    images: Tensor
-    labels: Tensor
-    index: Tensor
+    images: Tensor | None
+    labels: Tensor | None
+    index: Tensor | None
     fit: Fit | None = None
+    data: Dataset | None = None
+    keep_first: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass

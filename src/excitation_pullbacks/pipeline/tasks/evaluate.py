@@ -1,6 +1,6 @@
 """The ``evaluate`` task: a metric table for attribution methods x gate temperatures on one model.
 
-Per image (Lightning ``Trainer.predict``, one shard per rank as for the figures): each method's maps, their
+Per image (Lightning ``Trainer.predict``, each batch saved as a shard as it is made, :mod:`..shards`): each method's maps, their
 deletion/insertion AUC and structure proxies, ascent counterfactuals along the method (fixed L2 budget) with
 their logit gain per unit norm, flip rate, structure and transfer to other models, and the cascading
 parameter-randomization check on the first images. Rank 0 writes::
@@ -28,7 +28,7 @@ from .. import plots
 from ..atomic import write_text
 from ..baselines import baseline_options
 from ..classes import class_names, class_space, resolve_classes
-from ..data import build_dataset, evaluation_images
+from ..data import EvaluationRows, build_dataset
 from ..errors import PipelineError
 from ..evaluate_metrics import METRICS, is_metric
 from ..method_settings import method_settings
@@ -39,7 +39,10 @@ from ..tables.evaluate import per_image_table, randomization_means, summary_tabl
 from ..transfer_models import transfer_models
 from .base import Outputs, Plan, RunContext, Task
 
-__all__ = ["EvaluateTask"]
+__all__ = ["METHODS_GRID_ROWS", "EvaluateTask"]
+
+#: Images (the first rows) the methods figure shows.
+METHODS_GRID_ROWS = 8
 
 
 def _baseline(value) -> str | float:
@@ -82,7 +85,8 @@ class EvaluateTask(Task):
             compile=bool(cfg.model.get("compile", False)),
         )
         dataset = build_dataset(cfg.data, resolve_classes(list(cfg.targets.rows), space), space)
-        images, labels, index = evaluation_images(dataset, int(ev.num_images), int(cfg.seed))
+        rows = EvaluationRows(dataset, int(ev.num_images), int(cfg.seed))  # read batch by batch
+        images = rows[0][0][None]  # the first image: calibration and the randomization check's layers
 
         gates = run_gate_settings(
             cfg, model, dataset, images[:1], save_to=ctx.staging / "calibration.pt" if ctx.launcher else None
@@ -117,7 +121,9 @@ class EvaluateTask(Task):
             transfer=transfer,
             seed=int(cfg.seed),
         )
-        return Plan(module, images, labels, index)
+        # the methods figure draws the first rows only: the other images and maps are not kept
+        keep = {"images": METHODS_GRID_ROWS, "maps": METHODS_GRID_ROWS}
+        return Plan(module, None, None, None, data=rows, keep_first=keep)
 
     def finalize(self, merged: dict[str, Tensor], staging: Path) -> Outputs:
         table = summary_table(self.model_name, self.rows, merged)
@@ -150,7 +156,11 @@ class EvaluateTask(Task):
         titles = [short.get(r.label, r.label).replace("excitation ", "exc. ") for r in self.rows]
         figs["methods"] = (
             plots.methods_grid(
-                merged["images"], merged["maps"], titles, [self.class_names[int(c)] for c in merged["target"]]
+                merged["images"],
+                merged["maps"],
+                titles,
+                [self.class_names[int(c)] for c in merged["target"]],
+                max_rows=METHODS_GRID_ROWS,
             ),
             "Maps of every method for the target class (each cell min-max scaled)",
         )
