@@ -312,7 +312,7 @@ class Events:
         state = {"result": result, "command": "\n".join(lines), "input_dir": str(folder)}
         return {
             self.ui.state: state,
-            self.ui.note: f"Input {note}",
+            self.ui.note: f"Input {note}; method map: {result.method_name}",
             **self._panels(result, settings.steps),
             self.ui.report: result.report,
             self.ui.command: state["command"],
@@ -391,9 +391,7 @@ class Events:
             ui.after_ex: result.after.get("excitation"),
             ui.after_va: result.after.get("vanilla"),
             ui.strip: render_strip(result.strip, result.temperatures),
-            ui.method_img: gr.update(
-                value=None if result.method is None else render_map(result.method[0]), label=result.method_name
-            ),
+            ui.method_img: None if result.method is None else render_map(result.method[0]),
             ui.step: gr.update(
                 maximum=max(steps, 1) if has_ascent else 1, value=steps if has_ascent else 0, interactive=has_ascent
             ),
