@@ -29,7 +29,7 @@ def build_demo(
     work_dir: str | os.PathLike | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     keep: int = 64,
-    delete_cache: tuple[int, int] | None = (600, 3600),
+    delete_cache: tuple[int, int] | None = (300, 900),
 ) -> gr.Blocks:
     """The explorer page, with ``initial`` loaded (and cached) and the folder ``images`` in the gallery.
 
