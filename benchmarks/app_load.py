@@ -134,6 +134,16 @@ def main() -> None:
                     with lock:
                         errors.append(f"request {i}: {type(err).__name__}: {' '.join(str(err).split())[:200]}")
 
+        samples, running = [], threading.Event()
+
+        def watch() -> None:  # the server's RSS against the number of requests answered, every half second
+            while not running.wait(0.5):
+                with lock:
+                    done = len(latencies) + len(errors)
+                samples.append((done, rss_mb(server.pid)))
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
         start = time.perf_counter()
         threads = [threading.Thread(target=client_loop, args=(k,)) for k in range(args.clients)]
         for t in threads:
@@ -141,6 +151,8 @@ def main() -> None:
         for t in threads:
             t.join()
         wall = time.perf_counter() - start
+        running.set()
+        watcher.join()
         rss_after = rss_mb(server.pid)
         work_files, work_bytes = disk(next(server_tmp.glob("pullbacks-app-*")))
         cache_files, cache_bytes = disk(server_tmp / "gradio")
@@ -153,6 +165,8 @@ def main() -> None:
             print(f"  {line}")
         print(f"/run latency (queued, {args.clients} clients): p50 {p50:.2f} s, p90 {p90:.2f} s, p99 {p99:.2f} s")
         print(f"server RSS: {rss_before:.0f} MB after warm-up, {rss_after:.0f} MB after {n} requests")
+        quarters = [next((mb for done, mb in samples if done >= q * n // 4), rss_after) for q in (1, 2, 3, 4)]
+        print("server RSS at 25/50/75/100% of the requests: " + ", ".join(f"{mb:.0f}" for mb in quarters) + " MB")
         print(
             f"server files: work folder (runs, exports; newest 64 kept) {work_files} files, {work_bytes / 1e6:.1f} MB; "
             f"Gradio cache (uploads, results; swept by age) {cache_files} files, {cache_bytes / 1e6:.1f} MB"
