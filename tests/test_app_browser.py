@@ -91,3 +91,32 @@ def test_page_runs_and_follows_temperature(served_app, tmp_path):
             assert (tmp_path / "explorer.png").stat().st_size > 10_000
         finally:
             browser.close()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on this machine (apt-get install chromium)")
+def test_a_bad_upload_is_a_message_in_the_page(served_app, tmp_path):
+    """A file that is no image, uploaded through the page: Run shows the one-line message, and the page goes on
+    to run a gallery image."""
+    url, _ = served_app
+    bad = tmp_path / "photo.png"
+    bad.write_bytes(b"this is not an image")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            page.locator("#image input[type=file]").set_input_files(str(bad))
+            page.wait_for_timeout(1000)
+            page.click("#run")
+            message = page.get_by_text("cannot read image photo.png: not an image file PIL can identify")
+            message.first.wait_for(timeout=60_000)
+            assert message.first.is_visible()
+            page.locator("#gallery .gallery-item").nth(2).click()
+            page.wait_for_selector("#image img", timeout=30_000)
+            page.click("#run")
+            page.wait_for_function(
+                "() => document.querySelector('#note').innerText.includes('02_digit_2.png')", timeout=120_000
+            )
+            assert page.locator("#out-method img").count() == 1
+        finally:
+            browser.close()

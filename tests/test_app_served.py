@@ -14,7 +14,14 @@ pytestmark = [
 ]
 
 
-def run_args(path, temperature=0.3, target="digit 3 (3)", mode="class", rules="paper", shape="sigmoid", pool=""):
+#: The method panel's values (soft_pullback; K, alpha, clip, samples, noise, weight samples, weight noise, seed).
+METHOD = ("soft_pullback", False, 5, 2.857, True, 10, 0.15, 10, 0.1, 0)
+
+
+def run_args(
+    path, temperature=0.3, target="digit 3 (3)", mode="class", rules="paper", shape="sigmoid", pool="", method=METHOD
+):
+    """/run's values by position: model, checkpoint, image, target, gate, ascent, strip, method."""
     return (
         "digits_cnn|DEFAULT",
         "",
@@ -34,6 +41,7 @@ def run_args(path, temperature=0.3, target="digit 3 (3)", mode="class", rules="p
         2.857,
         14.29,
         "0, 0.3, 1",
+        *method,
     )
 
 
@@ -44,23 +52,41 @@ def test_named_endpoints_run_step_export(served_app):
         client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     )
     out = client.predict(*run_args(files[3]), api_name="/run")
-    shown, vanilla, excitation, before, after_ex, _, strip, step, ex, ex_diff, va, va_diff, report, command = out
-    for p in (shown, vanilla, excitation, strip, ex, ex_diff, va, va_diff):
+    (
+        note,
+        shown,
+        vanilla,
+        excitation,
+        before,
+        after_ex,
+        _,
+        strip,
+        method,
+        step,
+        ex,
+        ex_diff,
+        va,
+        va_diff,
+        report,
+        command,
+    ) = out
+    assert note == "Input 03_digit_3.png: 32 x 32, mode L; method map: soft_pullback()"
+    for p in (shown, vanilla, excitation, strip, method, ex, ex_diff, va, va_diff):
         assert Path(p).is_file()
     assert before["label"] == "digit 3 (3)" and after_ex["label"] == "digit 3 (3)"
     assert step["maximum"] == 3
     assert "3 ReLU at 3 sites" in report
     assert "model=digits_cnn" in command and "'targets.rows=[3]'" in command
     other = client.predict(*run_args(files[3], temperature=1.5), api_name="/run")
-    assert Path(other[2]).read_bytes() != Path(excitation).read_bytes()  # the pullback panel follows T
-    assert Path(other[1]).read_bytes() == Path(vanilla).read_bytes()  # the vanilla panel does not
+    assert Path(other[3]).read_bytes() != Path(excitation).read_bytes()  # the pullback panel follows T
+    assert Path(other[2]).read_bytes() == Path(vanilla).read_bytes()  # the vanilla panel does not
     first = client.predict(0, api_name="/step")
     assert Path(first[0]).read_bytes() == Path(shown).read_bytes()  # step 0 is the input image
     exported = client.predict(3, api_name="/export")
     names = {Path(p).name for p in exported}
     assert {"vanilla_gradient.png", "excitation_pullback.png", "tensors.pt", "command.txt"} <= names
     neuron = client.predict(*run_args(files[3], mode="hidden neuron"), api_name="/run")
-    assert Path(neuron[2]).is_file() and neuron[8] is None  # no ascent for a hidden neuron
+    assert Path(neuron[3]).is_file() and neuron[10] is None  # no ascent for a hidden neuron
 
 
 def test_rules_presets_fill_the_gate_panel(served_app):
@@ -108,6 +134,16 @@ RUN_PARAMETERS = [
     "Step size (L2)",
     "Radius eps (L2)",
     "Temperature strip (T values; 0 = vanilla)",
+    "Method",
+    "Times the input (x * map)",
+    "Ascent K",
+    "Ascent alpha (L2)",
+    "Clip x_K to [-1, 1]",
+    "Noise samples",
+    "Input noise (std)",
+    "Fusion weight samples",
+    "Weight noise (x(1 + s u))",
+    "Noise seed",
 ]
 
 
@@ -124,9 +160,9 @@ def test_endpoint_parameters_keep_their_order(served_app):
 def test_load_model_and_pick_image(served_app):
     url, files = served_app
     client = gradio_client.Client(url, verbose=False)
-    status, _, layer, step_size, eps = client.predict("digits_cnn|null", "", api_name="/load_model")
+    status, _, layer, step_size, eps, alpha = client.predict("digits_cnn|null", "", api_name="/load_model")
     assert status == "**digits_cnn: random weights** on cpu: 10 classes, input 32 x 32, 6 gated calls"
-    assert layer["value"] == "features.2" and (step_size, eps) == (2.857, 14.29)
+    assert layer["value"] == "features.2" and (step_size, eps, alpha) == (2.857, 14.29, 2.857)
     target = client.predict("digits_cnn|DEFAULT", "", gradio_client.handle_file(str(files[7])), api_name="/pick_image")
     assert target["value"] == "digit 7 (7)"
     with pytest.raises(gradio_client.exceptions.AppError, match="is not offered by this explorer"):

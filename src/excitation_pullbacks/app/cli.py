@@ -6,7 +6,10 @@ import argparse
 import ipaddress
 import sys
 
-__all__ = ["exposure_warning", "main", "parse_args"]
+__all__ = ["MAX_FILE_SIZE", "exposure_warning", "main", "parse_args"]
+
+#: The largest upload Gradio accepts (its own message refuses larger files before they reach the page's code).
+MAX_FILE_SIZE = "50mb"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     warning = exposure_warning(args.host, args.port, args.checkpoint_dir)
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    demo.launch(server_name=args.host, server_port=args.port, show_error=True, max_file_size="50mb")
+    demo.launch(server_name=args.host, server_port=args.port, show_error=True, max_file_size=MAX_FILE_SIZE)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ them into a small dataclass by field name (:meth:`.Layout.read`); it returns a d
 handler depends on the order of a list of inputs or outputs. Endpoints (also for ``gradio_client``):
 ``/load_model``, ``/pick_image``, ``/pick_rules``, ``/run``, ``/step``, ``/export``, ``/stop``; their parameters come in the
 order the components are created (:func:`.build_layout`), their results in the order of the outputs listed in
-:meth:`Events.connect`.
+:meth:`Events.connect`. A session that goes away (page closed, API client gone) stops its running computation.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 import shutil
 import threading
-import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from excitation_pullbacks import Neuron
 
 from .checkpoints import Checkpoints
 from .command import command_line
-from .images import ImageError, open_image, preprocess
+from .images import ImageError, open_upload, preprocess
 from .inputs import (
     ascent_defaults,
     class_choices,
@@ -36,6 +35,7 @@ from .inputs import (
     target_neuron,
 )
 from .layout import Layout, layer_choices, model_status
+from .methods import read_settings
 from .models import LoadedModel, ModelError, ModelSpec, load_model, spec_from_key
 from .panels import (
     AscentSettings,
@@ -47,6 +47,7 @@ from .panels import (
     render_strip,
     step_views,
 )
+from .workspace import Workspace
 
 __all__ = ["Events", "ImageInputs", "ModelInputs", "RulesInputs", "RunInputs", "StepInputs"]
 
@@ -69,8 +70,9 @@ class ImageInputs(ModelInputs):
 @dataclass(frozen=True)
 class RunInputs(ImageInputs):
     """Everything a run reads: model, image, target (a class, or a hidden neuron at layer/channel and a
-    position or token), gate (a preset's rules with shape, T, max-pool T and detach), ascent and the
-    temperature strip's values, as the widgets hold them."""
+    position or token), gate (a preset's rules with shape, T, max-pool T and detach), ascent, the
+    temperature strip's values and the method panel (a pullback variant and its settings), as the widgets
+    hold them."""
 
     mode: str
     target_class: str | None
@@ -87,6 +89,16 @@ class RunInputs(ImageInputs):
     step_size: float
     eps: float
     temperatures: str
+    method: str
+    times_input: bool
+    method_steps: float
+    method_step_size: float
+    method_clip: bool
+    samples: float
+    noise: float
+    weight_samples: float
+    weight_noise: float
+    seed: float
 
 
 @dataclass(frozen=True)
@@ -115,6 +127,18 @@ class _Stops:
         with self._lock:
             return self._flags.setdefault(session, threading.Event())
 
+    def stop(self, session: str) -> None:
+        """Set the session's flag when it has one (a session gone away: nothing is kept for it)."""
+        with self._lock:
+            flag = self._flags.get(session)
+        if flag is not None:
+            flag.set()
+
+    def release(self, session: str) -> None:
+        """Forget the session's flag (its run ended)."""
+        with self._lock:
+            self._flags.pop(session, None)
+
 
 def _session(request: gr.Request | None) -> str:
     return getattr(request, "session_hash", None) or "local"
@@ -127,10 +151,14 @@ def _message(err: BaseException) -> str:
 class Events:
     """The handlers of the page ``ui``: models are built for ``device`` (``initial`` as given, others from the
     picker, local checkpoints only those ``checkpoints`` offers), runs save their input image and exports under
-    ``work``; one computation runs at a time (the excitation context hooks the shared model)."""
+    ``work`` (the newest ``keep`` of each); one computation runs at a time (the excitation context hooks the
+    shared model)."""
 
-    def __init__(self, ui: Layout, initial: ModelSpec, device: str, work: Path, checkpoints: Checkpoints):
-        self.ui, self.initial, self.device, self.work = ui, initial, device, Path(work)
+    def __init__(
+        self, ui: Layout, initial: ModelSpec, device: str, work: Path, checkpoints: Checkpoints, keep: int = 64
+    ):
+        self.ui, self.initial, self.device = ui, initial, device
+        self.work = Workspace(work, keep)
         self.checkpoints = checkpoints
         self.stops = _Stops()
         self.compute = threading.Lock()
@@ -164,6 +192,7 @@ class Events:
             ui.layer: gr.update(choices=layer_choices(loaded), value=loaded.layers[0] if loaded.layers else None),
             ui.step_size: step_size,
             ui.eps: eps,
+            ui.method_step_size: step_size,
         }
 
     def on_image(self, values: dict) -> dict:
@@ -196,11 +225,12 @@ class Events:
     def run(self, values: dict, request: gr.Request, progress=gr.Progress()) -> dict:  # noqa: B008 - as above
         """Pullbacks, ascent and strip for the picked image and target; the command line that reproduces it."""
         v = self.ui.read(values, RunInputs)
-        stop = self.stops.flag(_session(request))
+        session = _session(request)
+        stop = self.stops.flag(session)
         stop.clear()
         try:
             loaded = self.model(v.model_key, v.checkpoint)
-            image = open_image(v.image)
+            image, note = open_upload(v.image)
             x = preprocess(image, loaded.resize, loaded.crop).to(loaded.device)
             if v.mode == "hidden neuron":
                 target = target_neuron(loaded, v.layer, v.channel, v.position, v.token)
@@ -209,7 +239,19 @@ class Events:
             gate = rules_gate(str(v.rules), v.shape, v.temperature, v.pool_temperature, v.pool_detach)
             settings = AscentSettings(int(v.steps), float(v.step_size), float(v.eps))
             temps = parse_temperatures(v.temperatures)
-            total = 3 + (0 if isinstance(target, Neuron) else 2 * settings.steps)  # explore's ticks
+            method = read_settings(
+                v.method,
+                v.times_input,
+                v.method_steps,
+                v.method_step_size,
+                v.method_clip,
+                v.samples,
+                v.noise,
+                v.weight_samples,
+                v.weight_noise,
+                v.seed,
+            )
+            total = 4 + (0 if isinstance(target, Neuron) else 2 * settings.steps)  # explore's ticks
             done = [0]
 
             def tick(what: str) -> None:
@@ -218,20 +260,29 @@ class Events:
                 progress(min(done[0] / total, 1.0), desc=f"{what} ({done[0] + 1}/{total})")
                 done[0] += 1
 
+            def should_stop() -> None:
+                if stop.is_set():
+                    raise Cancelled("stopped")
+
             with self.compute:
-                result = explore(loaded.model, x, target, loaded.classes, gate, settings, temps, tick)
+                should_stop()  # stopped, or its client went away, while it waited for the model
+                result = explore(
+                    loaded.model, x, target, loaded.classes, gate, settings, temps, tick, method, should_stop
+                )
         except Cancelled:
             raise gr.Error("stopped", print_exception=False) from None
         except (ImageError, ModelError, ValueError) as err:
             raise gr.Error(_message(err), print_exception=False) from None
+        finally:
+            self.stops.release(session)
         row = label_class(v.image, loaded)
         if row is None:
             row = int(re.search(r"\((\d+)\)$", next(iter(result.before))).group(1))
             where = "the top-1 prediction"
         else:
             where = "the file name"
-        folder = self.work / "runs" / uuid.uuid4().hex[:12] / "input"
-        folder.mkdir(parents=True)
+        folder = self.work.new("runs") / "input"
+        folder.mkdir()
         image.save(folder / f"0_{row}.png")
         column = row if isinstance(target, Neuron) else target
         lines = [
@@ -243,6 +294,7 @@ class Events:
         ]
         if isinstance(target, Neuron):
             lines.append("# hidden-neuron targets are no pipeline option: this command targets the image's class")
+        lines.append(f"# the page's method map: {result.method_name} (with the gate below)")
         lines.append(
             command_line(
                 replace(loaded.spec, checkpoint=self.checkpoints.public(loaded.spec.checkpoint)),
@@ -260,6 +312,7 @@ class Events:
         state = {"result": result, "command": "\n".join(lines), "input_dir": str(folder)}
         return {
             self.ui.state: state,
+            self.ui.note: f"Input {note}; method map: {result.method_name}",
             **self._panels(result, settings.steps),
             self.ui.report: result.report,
             self.ui.command: state["command"],
@@ -279,14 +332,17 @@ class Events:
             raise gr.Error("nothing to export yet: press Run first", print_exception=False)
         result: Exploration = v.state["result"]
         step = int(v.step)
-        out = self.work / "exports" / uuid.uuid4().hex[:12]
-        out.mkdir(parents=True)
+        if not Path(v.state["input_dir"]).is_dir():
+            raise gr.Error("this run's files were cleaned up since: press Run again", print_exception=False)
+        out = self.work.new("exports")
         panels = {
             "input": render_image(result.x[0]),
             "vanilla_gradient": render_map(result.vanilla[0]),
             "excitation_pullback": render_map(result.excitation[0]),
             "temperature_strip": render_strip(result.strip, result.temperatures),
         }
+        if result.method is not None:
+            panels["method"] = render_map(result.method[0])
         if result.trajectories:
             names = ("ascent_excitation", "difference_excitation", "ascent_vanilla", "difference_vanilla")
             views = self._step_views(result, step)
@@ -304,6 +360,8 @@ class Events:
                 "temperatures": torch.tensor(result.temperatures),
                 "strip": result.strip,
                 "trajectories": result.trajectories,
+                "method": result.method,
+                "method_name": result.method_name,
             },
             out / "tensors.pt",
         )
@@ -315,6 +373,11 @@ class Events:
     def request_stop(self, request: gr.Request) -> None:
         """Stop this session's running computation (at its next tick)."""
         self.stops.flag(_session(request)).set()
+
+    def on_unload(self, request: gr.Request) -> None:
+        """A session went away (its page closed, its API client gone): stop its running computation, so that
+        the queue goes on with the next."""
+        self.stops.stop(_session(request))
 
     # -- results -> components ------------------------------------------------------------------------
     def _panels(self, result: Exploration, steps: int) -> dict:
@@ -328,6 +391,7 @@ class Events:
             ui.after_ex: result.after.get("excitation"),
             ui.after_va: result.after.get("vanilla"),
             ui.strip: render_strip(result.strip, result.temperatures),
+            ui.method_img: None if result.method is None else render_map(result.method[0]),
             ui.step: gr.update(
                 maximum=max(steps, 1) if has_ascent else 1, value=steps if has_ascent else 0, interactive=has_ascent
             ),
@@ -343,10 +407,11 @@ class Events:
         return {ui.ex_img: ex, ui.ex_diff: ex_diff, ui.va_img: va, ui.va_diff: va_diff}
 
     # -- wiring ---------------------------------------------------------------------------------------
-    def connect(self) -> None:
-        """Attach the handlers to the components (inside the page's ``gr.Blocks``), with their API names."""
+    def connect(self, blocks: gr.Blocks) -> None:
+        """Attach the handlers to the components (inside the page's ``gr.Blocks``, ``blocks``), with their API
+        names; a session's unload stops its computation."""
         ui = self.ui
-        model_outputs = [ui.status, ui.target_class, ui.layer, ui.step_size, ui.eps]
+        model_outputs = [ui.status, ui.target_class, ui.layer, ui.step_size, ui.eps, ui.method_step_size]
         ui.model_key.change(self.on_model, ui.inputs(ModelInputs), model_outputs, api_name="load_model")
         ui.checkpoint.input(self.on_model, ui.inputs(ModelInputs), model_outputs, api_name=False)
         ui.image.change(
@@ -362,6 +427,7 @@ class Events:
         )
         run_outputs = [
             ui.state,
+            ui.note,
             ui.shown,
             ui.vanilla,
             ui.excitation,
@@ -369,6 +435,7 @@ class Events:
             ui.after_ex,
             ui.after_va,
             ui.strip,
+            ui.method_img,
             ui.step,
             ui.ex_img,
             ui.ex_diff,
@@ -390,3 +457,4 @@ class Events:
         ui.stop_btn.click(
             self.request_stop, None, None, cancels=[run_event], api_name="stop", concurrency_limit=None, queue=False
         )
+        blocks.unload(self.on_unload)

@@ -22,17 +22,21 @@ from excitation_pullbacks.models import digits_images
 __all__ = [
     "IMAGE_EXTENSIONS",
     "MAX_PIXELS",
+    "MIN_SIDE",
     "ImageError",
     "digits_folder",
     "image_label",
     "list_images",
     "open_image",
+    "open_upload",
     "preprocess",
     "to_rgb",
 ]
 
 #: Largest image (width x height) the explorer decodes; larger ones are refused before decoding.
 MAX_PIXELS = 40_000_000
+#: Smallest width and height the explorer takes (a 1 x 1 "image" carries nothing to attribute).
+MIN_SIDE = 8
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -51,6 +55,35 @@ def open_image(source: str | os.PathLike | Image.Image) -> Image.Image:
     if not path.is_file():
         raise ImageError(f"image file {path.name} does not exist")
     return to_rgb(core_images.open_image(path, max_pixels=MAX_PIXELS))
+
+
+def open_upload(path: str | os.PathLike) -> tuple[Image.Image, str]:
+    """An uploaded or picked file -> (RGB PIL image as :func:`open_image` reads it, a one-line note of what was
+    read: size, mode, and for an animated image that its first frame is used).
+
+    Raises ImageError as :func:`open_image` does, and for an image smaller than :data:`MIN_SIDE` on a side;
+    messages name the file by its name only (not the server's path to it).
+    """
+    if path is None:
+        raise ImageError("no image: upload one, paste one, or pick one from the gallery")
+    path = Path(path)
+    try:
+        raw = core_images.open_image(path, max_pixels=MAX_PIXELS)
+    except ImageError as err:
+        raise ImageError(str(err).replace(str(path), path.name)) from None
+    w, h = raw.size
+    if min(w, h) < MIN_SIDE:
+        raise ImageError(f"image {path.name} is {w} x {h} pixels: too small, give one at least {MIN_SIDE} x {MIN_SIDE}")
+    with Image.open(path) as header:
+        frames = int(getattr(header, "n_frames", 1))
+    note = f"{path.name}: {w} x {h}, mode {raw.mode}"
+    if raw.mode.startswith("I;16"):
+        note += " (16-bit, read by its value range: / 65535)"
+    elif raw.mode in ("I", "F"):
+        note += " (32-bit, read by its value range)"
+    if frames > 1:
+        note += f"; {frames} frames: the first is used"
+    return to_rgb(raw), note
 
 
 def preprocess(image: Image.Image, resize: int, crop: int) -> Tensor:

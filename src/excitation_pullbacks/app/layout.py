@@ -13,6 +13,7 @@ import gradio as gr
 from excitation_pullbacks.gates import RELU_SHAPES
 
 from .inputs import RULES, ascent_defaults, class_choices, preset_fields
+from .methods import METHODS, MethodSettings
 from .models import LoadedModel, ModelSpec
 
 __all__ = [
@@ -72,9 +73,11 @@ class Layout:
     """Every component of the page that an event reads or writes, by name.
 
     Inputs (left column): model_key, checkpoint, image, mode, target_class, layer, channel, position, token,
-    rules, shape, temperature, pool_temperature, pool_detach, steps, step_size, eps, temperatures. Outputs (right column):
-    shown, vanilla, excitation (panels), before, after_ex, after_va (top-5 labels), strip, step (slider),
-    ex_img, ex_diff, va_img, va_diff (ascent step views), report, command, files. ``state`` holds the last
+    rules, shape, temperature, pool_temperature, pool_detach, steps, step_size, eps, temperatures, method,
+    times_input, method_steps, method_step_size, method_clip, samples, noise, weight_samples, weight_noise, seed.
+    Outputs (right column): note (what was read from the image), shown, vanilla, excitation (panels), before,
+    after_ex, after_va (top-5 labels), strip, method_img (the method's map), step (slider), ex_img, ex_diff,
+    va_img, va_diff (ascent step views), report, command, files. ``state`` holds the last
     run (its Exploration, command and input folder) per session.
     """
 
@@ -100,6 +103,17 @@ class Layout:
     step_size: gr.Number
     eps: gr.Number
     temperatures: gr.Textbox
+    method: gr.Dropdown
+    times_input: gr.Checkbox
+    method_steps: gr.Slider
+    method_step_size: gr.Number
+    method_clip: gr.Checkbox
+    samples: gr.Slider
+    noise: gr.Number
+    weight_samples: gr.Slider
+    weight_noise: gr.Number
+    seed: gr.Number
+    note: gr.Markdown
     shown: gr.Image
     vanilla: gr.Image
     excitation: gr.Image
@@ -107,6 +121,7 @@ class Layout:
     after_ex: gr.Label
     after_va: gr.Label
     strip: gr.Image
+    method_img: gr.Image
     step: gr.Slider
     ex_img: gr.Image
     ex_diff: gr.Image
@@ -212,7 +227,25 @@ def build_layout(
                 step_size = gr.Number(step0, label="Step size (L2)")
                 eps = gr.Number(eps0, label="Radius eps (L2)")
             temperatures = gr.Textbox(DEFAULT_TEMPERATURES, label="Temperature strip (T values; 0 = vanilla)")
+            m0 = MethodSettings(step_size=step0)
+            with gr.Accordion("Method (a pullback variant, with the gate above)", open=False):
+                method = gr.Dropdown(list(METHODS), value=m0.name, label="Method", elem_id="method")
+                times_input = gr.Checkbox(m0.times_input, label="Times the input (x * map)")
+                with gr.Row(equal_height=True):
+                    method_steps = gr.Slider(0, 50, value=m0.steps, step=1, label="Ascent K", min_width=100)
+                    method_step_size = gr.Number(m0.step_size, label="Ascent alpha (L2)", min_width=80)
+                    method_clip = gr.Checkbox(m0.clip, label="Clip x_K to [-1, 1]", min_width=80)
+                with gr.Row(equal_height=True):
+                    samples = gr.Slider(1, 200, value=m0.samples, step=1, label="Noise samples", min_width=100)
+                    noise = gr.Number(m0.noise, label="Input noise (std)", min_width=80)
+                with gr.Row(equal_height=True):
+                    weight_samples = gr.Slider(
+                        1, 50, value=m0.weight_samples, step=1, label="Fusion weight samples", min_width=100
+                    )
+                    weight_noise = gr.Number(m0.weight_noise, label="Weight noise (x(1 + s u))", min_width=80)
+                seed = gr.Number(m0.seed, precision=0, label="Noise seed")
         with gr.Column(scale=2):
+            note = gr.Markdown("", elem_id="note")
             with gr.Row():
                 shown = gr.Image(label="Input (preprocessed)", elem_id="out-input", format="png")
                 vanilla = gr.Image(label="Vanilla gradient", elem_id="out-vanilla", format="png")
@@ -223,6 +256,7 @@ def build_layout(
                 after_va = gr.Label(num_top_classes=5, label="After vanilla ascent")
             gr.Markdown("**Excitation pullback at several temperatures**")
             strip = gr.Image(show_label=False, elem_id="out-strip", format="png")
+            method_img = gr.Image(label="Method map", elem_id="out-method", format="png", height=240)
             step = gr.Slider(0, 10, value=0, step=1, label="Ascent step", interactive=False, elem_id="step")
             with gr.Row():
                 ex_img = gr.Image(label="Excitation ascent", format="png", elem_id="out-ex-step")
@@ -258,6 +292,17 @@ def build_layout(
         step_size=step_size,
         eps=eps,
         temperatures=temperatures,
+        method=method,
+        times_input=times_input,
+        method_steps=method_steps,
+        method_step_size=method_step_size,
+        method_clip=method_clip,
+        samples=samples,
+        noise=noise,
+        weight_samples=weight_samples,
+        weight_noise=weight_noise,
+        seed=seed,
+        note=note,
         shown=shown,
         vanilla=vanilla,
         excitation=excitation,
@@ -265,6 +310,7 @@ def build_layout(
         after_ex=after_ex,
         after_va=after_va,
         strip=strip,
+        method_img=method_img,
         step=step,
         ex_img=ex_img,
         ex_diff=ex_diff,

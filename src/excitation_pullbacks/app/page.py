@@ -28,13 +28,20 @@ def build_demo(
     images: str | os.PathLike | None = None,
     work_dir: str | os.PathLike | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
+    keep: int = 64,
+    delete_cache: tuple[int, int] | None = (300, 900),
 ) -> gr.Blocks:
     """The explorer page, with ``initial`` loaded (and cached) and the folder ``images`` in the gallery.
 
     device: where models run (auto: cuda when available). work_dir: where runs save their input image and
     exports (default: a new temporary folder). checkpoint_dir: the folder whose checkpoint files the page
-    offers (None: none; ``initial``'s own checkpoint is offered either way). Raises ModelError for a model
-    that cannot be loaded or a checkpoint_dir that is no folder.
+    offers (None: none; ``initial``'s own checkpoint is offered either way). keep: how many runs' and exports'
+    folders stay in work_dir (the oldest beyond go). delete_cache: Gradio's (frequency, age) in seconds: every
+    ``frequency`` s its cached uploads and results older than ``age`` s are deleted (None: kept until the
+    server stops). Raises ModelError for a model that cannot be loaded or a checkpoint_dir that is no folder.
+
+    Uploads are limited in size by ``launch(max_file_size=...)`` (``pullbacks-app``: :data:`.cli.MAX_FILE_SIZE`),
+    images in pixels by :data:`.images.MAX_PIXELS`.
     """
     checkpoints = Checkpoints.offered(checkpoint_dir, initial.checkpoint)
     loaded = load_model(initial, device)
@@ -44,10 +51,10 @@ def build_demo(
     work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="pullbacks-app-"))
     work.mkdir(parents=True, exist_ok=True)
     gallery = [str(p) for p in list_images(images)]
-    with gr.Blocks(title="Excitation pullbacks explorer") as demo:
+    with gr.Blocks(title="Excitation pullbacks explorer", delete_cache=delete_cache) as demo:
         ui = build_layout(
             initial, options, loaded, gallery, checkpoints.choices(), checkpoints.shown(initial.checkpoint)
         )
-        Events(ui, initial, device, work, checkpoints).connect()
+        Events(ui, initial, device, work, checkpoints, keep).connect(demo)
     demo.queue(max_size=32, default_concurrency_limit=1)
     return demo

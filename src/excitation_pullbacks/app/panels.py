@@ -14,6 +14,8 @@ from torch import Tensor, nn
 
 from excitation_pullbacks import PRESETS, GateOptions, Neuron, ascent, excitation, pullback
 
+from .methods import MethodSettings, method_map, method_title
+
 __all__ = [
     "DISPLAY_SIZE",
     "AscentSettings",
@@ -176,7 +178,8 @@ class Exploration:
 
     x: (1, 3, H, W) in [-1, 1]; vanilla, excitation: (1, 3, H, W); strip: (K, 3, H, W) at ``temperatures``;
     trajectories: {"excitation", "vanilla"} -> (steps + 1, 3, H, W), empty for a hidden-neuron target;
-    before / after: top-k {name: probability} of x and of each ascent's final image; report: call sites.
+    before / after: top-k {name: probability} of x and of each ascent's final image; report: call sites;
+    method: (1, 3, H, W) the Method panel's variant map (None: not asked for), method_name: its title.
     """
 
     x: Tensor
@@ -188,6 +191,8 @@ class Exploration:
     before: dict[str, float]
     after: dict[str, dict[str, float]]
     report: str
+    method: Tensor | None = None
+    method_name: str = ""
 
 
 def explore(
@@ -199,9 +204,13 @@ def explore(
     settings: AscentSettings,
     temperatures: Sequence[float],
     tick: Callable[[str], None] | None = None,
+    method: MethodSettings | None = None,
+    should_stop: Callable[[], None] | None = None,
 ) -> Exploration:
     """All panels for x (1, 3, H, W) on the model's device: gradients, strip, ascent (class targets only),
-    top-5 before and after, call sites. ``tick(what)`` runs between the pieces of work (progress, Stop)."""
+    top-5 before and after, call sites, and the ``method``'s map (:func:`.methods.method_map`; None: none).
+    ``tick(what)`` runs between the pieces of work (progress, Stop); ``should_stop()`` before each forward
+    pass of the method (it may raise :class:`Cancelled`)."""
 
     def note(what: str) -> None:
         if tick is not None:
@@ -215,6 +224,10 @@ def explore(
     if not isinstance(target, Neuron):
         trajs = trajectories(model, x, target, gate, settings, tick)
         after = {kind: top_k(model, t[-1:], classes) for kind, t in trajs.items()}
+    mapped = None
+    if method is not None:
+        note("method")
+        mapped = method_map(model, x, target, method, gate, should_stop).detach().cpu()
     note("call sites")
     return Exploration(
         x.cpu(),
@@ -226,4 +239,6 @@ def explore(
         top_k(model, x, classes),
         after,
         call_site_report(model, x, gate),
+        mapped,
+        method_title(method) if method is not None else "",
     )
