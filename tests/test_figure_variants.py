@@ -111,3 +111,21 @@ def test_bad_variant_options_fail_before_running(tmp_path, overrides, message):
     with pytest.raises(PipelineError, match=message):
         run(cfg)
     assert not (tmp_path / "results").exists()
+
+
+def test_variant_explainers_survive_pickling_as_a_spawned_worker_gets_them():
+    """A spawned DDP worker receives the module's explain functions pickled: the same maps after the round
+    trip (the core's closures are rebuilt from their recipe)."""
+    import pickle
+
+    from excitation_pullbacks.models import digits_images
+    from excitation_pullbacks.pipeline.variant_settings import variant_explainers
+
+    cfg = compose_config(*BASE, *OVERRIDES)
+    explainers = variant_explainers(cfg.variants, None)
+    copies = pickle.loads(pickle.dumps(explainers))
+    model = build_model("digits_cnn").eval()
+    x, y = digits_images("test", 32)
+    x, y = x[:2], y[:2]
+    for name, explain in explainers.items():
+        assert torch.equal(copies[name](model, x, y), explain(model, x, y)), name

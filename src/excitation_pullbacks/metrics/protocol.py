@@ -68,6 +68,10 @@ class MetricProtocol:
     max_sensitivity: Mapping[str, Any] = _frozen(samples=10, radius=0.02)
     random_logit: Mapping[str, Any] = _frozen(seed=42, similarity="pearson")
 
+    def __reduce__(self):
+        # read-only views cannot be pickled (a spawned DDP worker receives the protocol): rebuilt from dicts
+        return _protocol, (self.size, {m: dict(getattr(self, m)) for m in METRIC_NAMES})
+
     def settings(self, metric: str) -> dict[str, Any]:
         """The keyword arguments of ``metric`` (one of :data:`METRIC_NAMES`) as a new dict."""
         if metric not in METRIC_NAMES:
@@ -107,3 +111,8 @@ class MetricProtocol:
 
 #: The published settings (224 x 224 images).
 PUBLISHED = MetricProtocol()
+
+
+def _protocol(size: int, settings: dict[str, dict[str, Any]]) -> MetricProtocol:
+    """A :class:`MetricProtocol` from its size and plain per-metric dicts (unpickling)."""
+    return MetricProtocol(size, **{m: MappingProxyType(v) for m, v in settings.items()})

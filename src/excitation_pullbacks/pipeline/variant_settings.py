@@ -7,6 +7,7 @@ from excitation_pullbacks.schedules import Schedule
 from excitation_pullbacks.variants import make_variant
 
 from .errors import PipelineError
+from .picklable import Rebuilt
 
 __all__ = ["variant_explainers", "variant_names", "variant_options", "variant_title"]
 
@@ -50,8 +51,8 @@ def variant_explainers(v, schedule: Schedule | None = None) -> dict[str, Explain
     out = {}
     for name in names:
         try:
-            out[name] = make_variant(
-                name, times_input=bool(v.times_input), schedule=schedule, **variant_options(v, name)
+            out[name] = Rebuilt(
+                make_variant, name, times_input=bool(v.times_input), schedule=schedule, **variant_options(v, name)
             )
         except ValueError as err:
             raise PipelineError(f"variants ({name}): {err}") from None

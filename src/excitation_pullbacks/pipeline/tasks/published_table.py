@@ -41,6 +41,7 @@ from ..classes import class_names, class_space, resolve_classes
 from ..data import build_dataset
 from ..errors import PipelineError
 from ..outputs import write_csv
+from ..picklable import Rebuilt
 from ..schedules import check_main_temperature, check_temperatures, main_setting, run_gate_settings
 from ..signals import check_stop, stop_requested
 from ..tables.paired import as_table, bootstrap_options, difference
@@ -234,7 +235,7 @@ class PublishedTableTask(Task):
         options = {f.name: cfg.baselines[f.name] for f in fields(BaselineOptions) if f.name in cfg.baselines}
         self.methods = [str(m) for m in p.methods]
         self.bootstrap = bootstrap_options(p.get("bootstrap"))
-        explainers = {m: explainer(m, schedule, **options) for m in self.methods}
+        explainers = {m: Rebuilt(explainer, m, schedule, **options) for m in self.methods}
         protocol = M.PUBLISHED if size == M.PUBLISHED.size else M.PUBLISHED.scaled(size)
         self.protocol_size = protocol.size
         self.mosaics = mosaics
