@@ -46,7 +46,7 @@ def check_images(model: nn.Module, images: Tensor) -> None:
 def _all_finite(x: Tensor) -> bool:
     """Whether every entry of x is finite: a NaN or infinity makes the sum non-finite, so one reduction decides
     (torch.isfinite is several passes); only a sum that overflows from finite values is checked entry by entry."""
-    return math.isfinite(x.sum().item()) or bool(torch.isfinite(x).all())
+    return math.isfinite(x.detach().sum().item()) or bool(torch.isfinite(x).all())
 
 
 def class_targets(targets, n: int, device=None, *, grid: bool = True) -> Tensor:
