@@ -117,3 +117,20 @@ def test_schedule_argument_types():
         make_schedule(schedule=lambda site: Gate())
     with pytest.raises(ValueError, match="max-pool gate"):
         make_schedule(gate="softmax")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_finiteness_check_is_exact(dtype):
+    """Finite images whose sum overflows pass; one NaN or infinity anywhere, also among such values, fails."""
+    from excitation_pullbacks.checks import check_images
+
+    model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU())
+    big = torch.full((2, 3, 8, 8), torch.finfo(dtype).max, dtype=dtype)
+    check_images(model, big)
+    check_images(model, -big)
+    for x in (big, torch.rand(2, 3, 8, 8).to(dtype)):
+        for bad in (math.nan, math.inf, -math.inf):
+            y = x.clone()
+            y[1, 2, 3, 4] = bad
+            with pytest.raises(ValueError, match="NaN or infinite"):
+                check_images(model, y)

@@ -52,3 +52,22 @@ def test_train_mode_uses_batch_statistics(tiny_net):
     torch.testing.assert_close(got, expected)
     tiny_net.eval()
     assert not torch.allclose(pullback(tiny_net, x, t, temperature=0), got)
+
+
+def test_preserved_model_with_shared_parameters_and_freeze():
+    """preserved_model(freeze=True): every parameter frozen inside the block (also one shared by two modules),
+    each flag, training flag and buffer restored after it, also after an exception."""
+    from excitation_pullbacks.state import preserved_model
+
+    shared = torch.nn.Linear(4, 4)
+    net = torch.nn.Sequential(shared, torch.nn.BatchNorm1d(4), shared, torch.nn.Linear(4, 2))
+    net[3].weight.requires_grad_(False)
+    net[1].eval()
+    before = model_state(net)
+    with pytest.raises(KeyError), preserved_model(net, freeze=True):
+        assert not any(p.requires_grad for p in net.parameters())
+        net.train()
+        net(torch.rand(3, 4))  # updates the running statistics
+        net[1].running_mean = torch.ones(4)  # a buffer object replaced
+        raise KeyError
+    assert_model_unchanged(net, before)

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .checks import check_class_range, check_images, class_targets, warn_if_training
 from .options import as_schedule, resolve_schedule
-from .pullback import Neuron, Targets, engine_for, frozen_parameters, gated_forward
+from .pullback import Neuron, Targets, engine_for, gated_forward
 from .schedules import Schedule
 from .state import preserved_model
 from .stopping import ShouldStop, check_stop
@@ -88,7 +88,7 @@ def ascent(
     x = x0.clone()
     trajectory = [x0.clone()] if return_trajectory else None
     dims = tuple(range(1, x.dim()))
-    with preserved_model(model), frozen_parameters(model), torch.enable_grad():
+    with preserved_model(model, freeze=True), torch.enable_grad():
         for _ in range(steps):
             check_stop(should_stop)
             if neuron is not None:

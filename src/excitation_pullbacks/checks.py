@@ -6,6 +6,7 @@ core reports a wrong argument as a ValueError also where its type is wrong (ruff
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 
@@ -38,8 +39,14 @@ def check_images(model: nn.Module, images: Tensor) -> None:
         raise ValueError(f"inputs must have shape (N, {first.in_features}) for this model, got {tuple(images.shape)}")
     if images.shape[0] == 0:
         raise ValueError("images is an empty batch")
-    if not torch.isfinite(images).all():
+    if not _all_finite(images):
         raise ValueError("images contain NaN or infinite values")
+
+
+def _all_finite(x: Tensor) -> bool:
+    """Whether every entry of x is finite: a NaN or infinity makes the sum non-finite, so one reduction decides
+    (torch.isfinite is several passes); only a sum that overflows from finite values is checked entry by entry."""
+    return math.isfinite(x.detach().sum().item()) or bool(torch.isfinite(x).all())
 
 
 def class_targets(targets, n: int, device=None, *, grid: bool = True) -> Tensor:
@@ -96,8 +103,11 @@ def captum_targets(target, n: int, device=None) -> Tensor:
 
 def check_class_range(targets: Tensor, num_classes: int) -> None:
     """Raise ValueError unless every class index in ``targets`` (any shape) is in [0, num_classes)."""
-    bad = targets[(targets < 0) | (targets >= num_classes)]
-    if bad.numel():
+    if not targets.numel():
+        return
+    low, high = torch.aminmax(targets)
+    if low < 0 or high >= num_classes:
+        bad = targets[(targets < 0) | (targets >= num_classes)]
         raise ValueError(f"target class {int(bad[0])} is out of range for a model with {num_classes} outputs")
 
 

@@ -193,7 +193,7 @@ def pullback(
     engine = engine_for(model, sched)
     step = batch_size or n
     chunks = []
-    with preserved_model(model), frozen_parameters(model), torch.enable_grad():
+    with preserved_model(model, freeze=True), torch.enable_grad():
         for start in range(0, n, step):
             check_stop(should_stop)
             x = images[start : start + step].detach().requires_grad_(True)

@@ -22,18 +22,27 @@ F = TypeVar("F", bound=Callable)
 
 
 @contextmanager
-def preserved_model(model: nn.Module) -> Iterator[nn.Module]:
+def preserved_model(model: nn.Module, *, freeze: bool = False) -> Iterator[nn.Module]:
     """Run the block on ``model``, then restore its buffers (values and objects), parameters' requires_grad
     flags and modules' training flags, also after an exception. Buffers are cloned once per block (for a
     ResNet50 about 50k numbers); values equal to the snapshot are left untouched, so eval-mode results and
-    models are bit-identical."""
+    models are bit-identical. freeze: also set requires_grad=False on every parameter for the block (the
+    core's pullbacks: no weight gradients), restored with the rest.
+
+    One walk of the module tree serves all three, and only flags that differ are set back (a batch-1 pullback
+    of a small model spends as long here as in a layer)."""
     if not isinstance(model, nn.Module):
         yield model
         return
-    buffers = [(m, name, b, b.clone()) for m in model.modules() for name, b in m._buffers.items() if b is not None]
-    params = [(p, p.requires_grad) for p in model.parameters()]
-    modes = [(m, m.training) for m in model.modules()]
+    modules = list(model.modules())
+    modes = [m.training for m in modules]
+    buffers = [(m, name, b, b.clone()) for m in modules for name, b in m._buffers.items() if b is not None]
+    # a parameter shared by two modules appears twice: both entries hold its flag from before the block
+    params = [(p, p.requires_grad) for m in modules for p in m._parameters.values() if p is not None]
     try:
+        if freeze:
+            for p, _ in params:
+                p.requires_grad_(False)
         yield model
     finally:
         with torch.no_grad():
@@ -43,9 +52,11 @@ def preserved_model(model: nn.Module) -> Iterator[nn.Module]:
                 if not torch.equal(original, copy):
                     original.copy_(copy)
         for p, flag in params:
-            p.requires_grad_(flag)
-        for m, training in modes:
-            m.training = training
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
+        for m, training in zip(modules, modes):
+            if m.training != training:
+                m.training = training
 
 
 def keeps_model(fn: F) -> F:

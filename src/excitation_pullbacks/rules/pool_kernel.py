@@ -3,7 +3,8 @@
 The C source (``pool_kernel.c`` beside this file) is compiled on first use by the system C compiler into a
 per-user cache (about a second; the file name hashes the source, compiler, flags, CPU and OpenMP runtime)
 and called through ctypes. It is registered with ``torch.library`` (with a fake implementation for tracing),
-so a ``torch.compile``d backward calls it like any op instead of stepping aside.
+so a ``torch.compile``d backward calls it like any op instead of stepping aside; eager backward passes call the
+kernel without the op's dispatch.
 
 OpenMP: the library is linked against the OpenMP runtime that torch itself has loaded (read from the
 process's memory map - ``libgomp.so.1``, or a wheel's renamed ``libgomp-<hash>.so.1``, or ``libiomp5``), so
@@ -189,16 +190,9 @@ def denormals_flushed() -> bool | None:
     return _lib.denormals_state() == 0x8040
 
 
-@torch.library.custom_op("excitation_pullbacks::soft_pool_backward", mutates_args=(), device_types="cpu")
-def soft_pool_backward(
-    x: Tensor, grad: Tensor, temperatures: Tensor, geometry: list[int], zero: bool, detach: bool
-) -> Tensor:
-    """The softmax-pool input gradient on CPU (see ``rules.pool.soft_pool_backward``).
-
-    x: (N, C, H, W) float32/float64; grad: (N, C, Ho, Wo) same dtype; temperatures: (1,) or (C,) > 0, finite;
-    geometry: [kh, kw, sh, sw, ph, pw, dh, dw]; zero: padding enters as zeros (else excluded); detach: the
-    gradient is the softmax weights alone. Returns (N, C, H, W). Needs :func:`available`.
-    """
+def _run(x: Tensor, grad: Tensor, temperatures: Tensor, geometry: list[int], zero: bool, detach: bool) -> Tensor:
+    """The kernel on the op's arguments (see :func:`soft_pool_backward`): the op's body, and the eager path,
+    which calls it without the op's dispatch (tens of microseconds per call, a batch-1 pullback's scale)."""
     global calls
     calls += 1
     if not available():
@@ -217,6 +211,19 @@ def soft_pool_backward(
     if code:
         raise MemoryError("soft-pool kernel: out of memory for its row buffers")
     return result
+
+
+@torch.library.custom_op("excitation_pullbacks::soft_pool_backward", mutates_args=(), device_types="cpu")
+def soft_pool_backward(
+    x: Tensor, grad: Tensor, temperatures: Tensor, geometry: list[int], zero: bool, detach: bool
+) -> Tensor:
+    """The softmax-pool input gradient on CPU (see ``rules.pool.soft_pool_backward``).
+
+    x: (N, C, H, W) float32/float64; grad: (N, C, Ho, Wo) same dtype; temperatures: (1,) or (C,) > 0, finite;
+    geometry: [kh, kw, sh, sw, ph, pw, dh, dw]; zero: padding enters as zeros (else excluded); detach: the
+    gradient is the softmax weights alone. Returns (N, C, H, W). Needs :func:`available`.
+    """
+    return _run(x, grad, temperatures, geometry, zero, detach)
 
 
 @soft_pool_backward.register_fake
@@ -252,4 +259,5 @@ def pool_backward(x: Tensor, grad: Tensor, t, k, s, p, d, zero: bool, detach: bo
     temps = _temperatures(t, x.shape[1], x.dtype)
     if temps is None or x.numel() == 0 or grad.numel() == 0 or not available():
         return None
-    return soft_pool_backward(x, grad, temps, [*k, *s, *p, *d], zero, detach)
+    op = soft_pool_backward if torch.compiler.is_compiling() else _run  # the op only where a graph traces it
+    return op(x, grad, temps, [*k, *s, *p, *d], zero, detach)
