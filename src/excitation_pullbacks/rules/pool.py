@@ -309,6 +309,9 @@ class MaxPool2d(Rule):
         torch.max_pool2d: _pool_stub,
     }
 
+    def prepare(self) -> None:
+        pool_kernel.available()  # builds or loads the kernel library now: no file access inside a graph
+
     def geometry(self, call: Call) -> PoolArgs:
         return PoolArgs(call["kernel_size"], call["stride"], call["padding"], call["dilation"], bool(call["ceil_mode"]))
 
