@@ -116,3 +116,27 @@ def test_inductor_pullback_within_tolerance():
     with excitation(compiled) as report:
         compiled(x)
     assert report.relu_calls == 2 and report.maxpool_calls == 2
+
+
+def test_compiled_resnet_one_graph_per_batch_size():
+    """The gating traces into the model's graph: a compiled ResNet18 pullback is one graph (no graph break in
+    the gating), replayed on repeated calls and compiled once more for a new batch size (then dynamic).
+
+    Counted through the backend, which torch.compile calls once per graph it compiles (a graph break or a
+    recompile makes another)."""
+    from torchvision.models import resnet18
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.manual_seed(0)
+    model = resnet18(num_classes=10).eval()
+    compiled = torch.compile(model, backend=backend)
+    x, t = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 3, 5])
+    for n in (2, 2, 2, 3, 3):
+        got = pullback(compiled, x[:n], t[:n], temperature=0.3)
+    assert len(graphs) == 2
+    torch.testing.assert_close(got, pullback(model, x, t, temperature=0.3), rtol=COMPILE_RTOL, atol=1e-8)
