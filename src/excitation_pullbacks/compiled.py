@@ -23,6 +23,7 @@ __all__ = ["CompiledRoute", "gated_call", "is_compiled", "unwrap_compiled"]
 _wrapper: type | None = None
 #: {original module: {tag: code object}}: each model's own code for its gated calls (see :func:`gated_call`)
 _CODES: weakref.WeakKeyDictionary[nn.Module, dict[str, CodeType]] = weakref.WeakKeyDictionary()
+_made = 0
 
 
 def _wrapper_type() -> type:
@@ -53,16 +54,20 @@ def gated_call(model: nn.Module, tag: str = "") -> Callable:
     function (separate graphs) for calls that also hook one layer.
 
     torch.compile caches graphs per code object, and recompiles one at most ``recompile_limit`` times before it
-    runs it uncompiled: each model and tag gets a code object of its own (made once, kept while the model
-    lives), so that models compiled side by side (at one or two batch sizes each) never share that budget."""
+    runs it uncompiled, and remembers which sizes and numbers changed between compiles per code name: each model
+    and tag gets a code object and name of its own (made once, kept while the model lives), so that models
+    compiled side by side (at one or two batch sizes each) share neither."""
     root = unwrap_compiled(model)
 
     def call(*args, **kwargs):
         return root(*args, **kwargs)
 
     codes = _CODES.setdefault(root, {})
-    if tag not in codes:
-        codes[tag] = call.__code__.replace()  # a new code object: an empty graph cache
+    if tag not in codes:  # a new code object (an empty graph cache) and name (torch.compile's dynamic-shape memory)
+        global _made
+        _made += 1
+        name = f"gated_call_{_made}"
+        codes[tag] = call.__code__.replace(co_name=name)
     call.__code__ = codes[tag]
     options = getattr(model, "dynamo_ctx", None)
     return options(call) if callable(options) else torch.compile(call)
