@@ -171,3 +171,15 @@ def test_compiled_models_side_by_side_keep_their_graphs():
             x = _x()[:1].expand(n, -1, -1, -1)
             torch.testing.assert_close(pullback(compiled, x, 1), pullback(compiled._orig_mod, x, 1), rtol=0, atol=0)
     assert backend.runs == 4 * 9 and backend.graphs <= 2 * 9
+
+
+def test_compiled_temperature_sweep_recompiles_once():
+    """A new temperature on a compiled model compiles once more at most (torch.compile then takes T as a
+    symbolic number, which the gates trace without a graph break); each pullback runs one graph."""
+    backend = _Counting()
+    model, x, t = net(), _x(), torch.tensor([1, 3])
+    compiled = torch.compile(model, backend=backend)
+    for temperature in (0.3, 0.5, 0.7, 0.7, 0.9):
+        got = pullback(compiled, x, t, temperature=temperature)
+        torch.testing.assert_close(got, pullback(model, x, t, temperature=temperature), rtol=1e-12, atol=1e-12)
+    assert backend.graphs <= 2 and backend.runs == 5

@@ -119,7 +119,9 @@ class Gate:
         if self.shape in ("hard", "frozen"):
             return False
         t = self.temperature
-        return bool(torch.isinf(t).all()) if isinstance(t, Tensor) else math.isinf(t)
+        return (
+            bool(torch.isinf(t).all()) if isinstance(t, Tensor) else t == math.inf
+        )  # T >= 0; traceable for a symbolic T
 
     def resolve(self, kind: str) -> Gate:
         """The concrete gate for a site of ``kind`` (relu, maxpool, silu, gelu, gelu_tanh): replaces the shape
