@@ -116,3 +116,70 @@ def test_inductor_pullback_within_tolerance():
     with excitation(compiled) as report:
         compiled(x)
     assert report.relu_calls == 2 and report.maxpool_calls == 2
+
+
+class _Counting:
+    """A torch.compile backend that runs each graph as it is and counts the graphs it compiled and the calls
+    that ran through one (a graph break makes a forward run several graphs; a model past the recompile limit
+    runs none)."""
+
+    def __init__(self):
+        self.graphs = self.runs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+
+        def run(*args):
+            self.runs += 1
+            return gm.forward(*args)
+
+        return run
+
+
+def test_compiled_resnet_one_graph_per_batch_size():
+    """The gating traces into the model's graph: each pullback of a compiled ResNet18 runs one graph (no graph
+    break in the gating), repeated calls replay it, and a new batch size compiles once more at most (after
+    which torch.compile marks the batch dynamic)."""
+    from torchvision.models import resnet18
+
+    backend = _Counting()
+    torch.manual_seed(0)
+    model = resnet18(num_classes=10).eval()
+    compiled = torch.compile(model, backend=backend)
+    x, t = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 3, 5])
+    new = []
+    for n in (2, 2, 2, 3, 3):
+        graphs = backend.graphs
+        got = pullback(compiled, x[:n], t[:n], temperature=0.3)
+        new.append(backend.graphs - graphs)
+    assert new[0] == 1 and new[1:3] == [0, 0] and new[3] <= 1 and new[4] == 0
+    assert backend.runs == 5
+    torch.testing.assert_close(got, pullback(model, x, t, temperature=0.3), rtol=COMPILE_RTOL, atol=1e-8)
+
+
+def test_compiled_models_side_by_side_keep_their_graphs():
+    """Each compiled model's gated calls have a graph cache (and recompile budget) of their own: nine models
+    at two batch sizes all run compiled, past torch.compile's default recompile limit of one cache (8)."""
+    backend = _Counting()
+    models = []
+    for seed in range(9):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 49, 5))
+        models.append(torch.compile(model.double().eval(), backend=backend))
+    for n in (2, 3, 2, 3):
+        for compiled in models:
+            x = _x()[:1].expand(n, -1, -1, -1)
+            torch.testing.assert_close(pullback(compiled, x, 1), pullback(compiled._orig_mod, x, 1), rtol=0, atol=0)
+    assert backend.runs == 4 * 9 and backend.graphs <= 2 * 9
+
+
+def test_compiled_temperature_sweep_recompiles_once():
+    """A new temperature on a compiled model compiles once more at most (torch.compile then takes T as a
+    symbolic number, which the gates trace without a graph break); each pullback runs one graph."""
+    backend = _Counting()
+    model, x, t = net(), _x(), torch.tensor([1, 3])
+    compiled = torch.compile(model, backend=backend)
+    for temperature in (0.3, 0.5, 0.7, 0.7, 0.9):
+        got = pullback(compiled, x, t, temperature=temperature)
+        torch.testing.assert_close(got, pullback(model, x, t, temperature=temperature), rtol=1e-12, atol=1e-12)
+    assert backend.graphs <= 2 and backend.runs == 5

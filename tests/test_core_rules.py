@@ -1,5 +1,7 @@
 """The rule registry: a new layer type is one file (tests/toy_rule.py) plus one registration."""
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -76,3 +78,41 @@ def test_calls_are_bound_by_their_signatures():
     assert isinstance(relu.bind(torch.relu_, (x,), {}), Call)
     gelu = rule_for(nn.functional.gelu)
     assert gelu.bind(nn.functional.gelu, (x,), {"approximate": "tanh"})["approximate"] == "tanh"
+
+
+def _signature_examples(a, b=2, /, c=3, *rest, d, e=5, **more):
+    pass
+
+
+@pytest.mark.parametrize(
+    "args, kwargs",
+    [
+        ((1,), {"d": 4}),
+        ((1, 2, 3, 6, 7), {"d": 4, "x": 8}),
+        ((1,), {"c": 0, "d": 4, "b": 9}),  # b positional only: into **more
+        ((), {"d": 4}),  # missing a
+        ((1, 2, 3), {"c": 0, "d": 4}),  # c twice
+        ((1, 2, 3), {}),  # too many for two parameters
+        ((1,), {"d": 4, "alpha": 0.5, "other": 2}),
+    ],
+)
+def test_binder_matches_signature_bind(args, kwargs):
+    """The traceable binder gives Signature.bind's arguments (defaults applied), or its TypeError."""
+    import inspect
+
+    from excitation_pullbacks.rules.base import Binder
+
+    def stub(input, other, *, alpha=1):
+        pass
+
+    for fn in (_signature_examples, stub, nn.functional.max_pool2d, nn.functional.batch_norm):
+        sig = inspect.signature(fn)
+        try:
+            bound = sig.bind(*args, **kwargs)
+        except TypeError as err:
+            with pytest.raises(TypeError, match=f"^{re.escape(str(err))}$"):
+                Binder(sig).bind(args, kwargs)
+            continue
+        bound.apply_defaults()
+        got = Binder(sig).bind(args, kwargs)
+        assert got == dict(bound.arguments) and list(got) == list(bound.arguments)

@@ -10,8 +10,10 @@ guard on module hooks) is never replayed inside it, nor one traced with the engi
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from contextlib import contextmanager
+from types import CodeType
 
 import torch
 from torch import nn
@@ -19,6 +21,9 @@ from torch import nn
 __all__ = ["CompiledRoute", "gated_call", "is_compiled", "unwrap_compiled"]
 
 _wrapper: type | None = None
+#: {original module: {tag: code object}}: each model's own code for its gated calls (see :func:`gated_call`)
+_CODES: weakref.WeakKeyDictionary[nn.Module, dict[str, CodeType]] = weakref.WeakKeyDictionary()
+_made = 0
 
 
 def _wrapper_type() -> type:
@@ -46,18 +51,26 @@ def gated_call(model: nn.Module, tag: str = "") -> Callable:
     """``model``'s original module called through its own compiled function, compiled with the options of
     ``torch.compile(model)`` (the default ones when they cannot be read). Its graphs trace the module's
     hooks and the engine's gating as they are when it first runs; ``tag`` "neuron" gives a separate
-    function (separate graphs) for calls that also hook one layer."""
+    function (separate graphs) for calls that also hook one layer.
+
+    torch.compile caches graphs per code object, and recompiles one at most ``recompile_limit`` times before it
+    runs it uncompiled, and remembers which sizes and numbers changed between compiles per code name: each model
+    and tag gets a code object and name of its own (made once, kept while the model lives), so that models
+    compiled side by side (at one or two batch sizes each) share neither."""
     root = unwrap_compiled(model)
 
     def call(*args, **kwargs):
         return root(*args, **kwargs)
 
-    def neuron_call(*args, **kwargs):
-        return root(*args, **kwargs)
-
-    fn = neuron_call if tag == "neuron" else call
+    codes = _CODES.setdefault(root, {})
+    if tag not in codes:  # a new code object (an empty graph cache) and name (torch.compile's dynamic-shape memory)
+        global _made
+        _made += 1
+        name = f"gated_call_{_made}"
+        codes[tag] = call.__code__.replace(co_name=name)
+    call.__code__ = codes[tag]
     options = getattr(model, "dynamo_ctx", None)
-    return options(fn) if callable(options) else torch.compile(fn)
+    return options(call) if callable(options) else torch.compile(call)
 
 
 class CompiledRoute:

@@ -118,8 +118,8 @@ class Gate:
             return True
         if self.shape in ("hard", "frozen"):
             return False
-        t = self.temperature
-        return bool(torch.isinf(t).all()) if isinstance(t, Tensor) else math.isinf(t)
+        t = self.temperature  # T >= 0: t == inf, which torch.compile also traces for a symbolic T
+        return bool(torch.isinf(t).all()) if isinstance(t, Tensor) else t == math.inf
 
     def resolve(self, kind: str) -> Gate:
         """The concrete gate for a site of ``kind`` (relu, maxpool, silu, gelu, gelu_tanh): replaces the shape

@@ -33,7 +33,7 @@ from .compiled import CompiledRoute, unwrap_compiled
 from .gates import Gate
 from .options import GateOptions, resolve_schedule
 from .rules import PoolArgs, Rule, rules
-from .rules.base import signature
+from .rules.base import binder
 from .schedules import Schedule
 from .sites import Site
 
@@ -225,7 +225,10 @@ class Excitation:
         self._canonizers = {func: c for c in self.canonizers for func in c.functions}
         for c in self.canonizers:  # signatures read before any compiled graph traces a call
             for func, stub in c.functions.items():
-                signature(func, stub)
+                binder(func, stub)
+        if self.route.compiled:
+            for rule in registered:
+                rule.prepare()
         try:
             # always_call: the stack stays right when a forward raises; not under torch.compile, whose graphs
             # guard on the (new each time) hook ids that always_call records (__exit__ closes the pass anyway).

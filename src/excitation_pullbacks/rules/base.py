@@ -18,9 +18,10 @@ from torch import Tensor, nn
 from ..gates import Gate
 from ..sites import Site
 
-__all__ = ["Call", "Rule", "signature"]
+__all__ = ["Binder", "Call", "Rule", "binder", "signature"]
 
 _SIGNATURES: dict[Callable, inspect.Signature] = {}
+_BINDERS: dict[Callable, Binder] = {}
 
 
 def signature(func: Callable, stub: Callable | None = None) -> inspect.Signature:
@@ -41,6 +42,96 @@ def signature(func: Callable, stub: Callable | None = None) -> inspect.Signature
     return sig
 
 
+_POSITIONAL_ONLY, _VAR_POSITIONAL, _KEYWORD_ONLY, _VAR_KEYWORD = (
+    inspect.Parameter.POSITIONAL_ONLY,
+    inspect.Parameter.VAR_POSITIONAL,
+    inspect.Parameter.KEYWORD_ONLY,
+    inspect.Parameter.VAR_KEYWORD,
+)
+
+
+class Binder:
+    """Maps a call's ``args`` / ``kwargs`` to {parameter name: value} for one signature, defaults included, as
+    ``inspect.Signature.bind`` + ``apply_defaults`` do (same steps, same TypeError for a bad call), in plain tuple
+    and dict operations that ``torch.compile`` traces without a graph break (``Signature.bind`` reads a
+    mappingproxy, which Dynamo refuses once a dict has changed). Built once per signature by :func:`binder`."""
+
+    __slots__ = ("params",)
+
+    def __init__(self, sig: inspect.Signature):
+        #: (name, kind, has a default, default) per parameter, in signature order
+        self.params = tuple(
+            (p.name, p.kind, p.default is not inspect.Parameter.empty, p.default) for p in sig.parameters.values()
+        )
+
+    def bind(self, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """{parameter name: value} in signature order (``*args`` a tuple, ``**kwargs`` a dict); TypeError for a
+        call the signature does not accept."""
+        params, kwargs, n = self.params, dict(kwargs), len(args)
+        arguments = {}
+        start = len(params)  # the first parameter left to the keywords
+        for i, (name, kind, has_default, _) in enumerate(params):
+            if i < n:  # a positional argument for this parameter
+                if kind in (_KEYWORD_ONLY, _VAR_KEYWORD):
+                    raise TypeError("too many positional arguments")
+                if kind == _VAR_POSITIONAL:
+                    arguments[name] = tuple(args[i:])
+                    start = i + 1
+                    break
+                if name in kwargs and kind != _POSITIONAL_ONLY:
+                    raise TypeError(f"multiple values for argument {name!r}")
+                arguments[name] = args[i]
+                continue
+            if kind == _VAR_POSITIONAL:
+                start = i + 1
+                break
+            if name in kwargs:
+                if kind == _POSITIONAL_ONLY:
+                    raise TypeError(f"{name!r} parameter is positional only, but was passed as a keyword")
+                start = i
+                break
+            if kind == _VAR_KEYWORD or has_default:
+                start = i
+                break
+            raise TypeError(f"missing a required argument: {name!r}")
+        else:
+            if n > len(params):
+                raise TypeError("too many positional arguments")
+        var_keyword = None
+        for name, kind, has_default, _ in params[start:]:
+            if kind == _VAR_KEYWORD:
+                var_keyword = name
+            elif kind != _VAR_POSITIONAL:
+                if name in kwargs:
+                    if kind == _POSITIONAL_ONLY:
+                        raise TypeError(f"{name!r} parameter is positional only, but was passed as a keyword")
+                    arguments[name] = kwargs.pop(name)
+                elif not has_default:
+                    raise TypeError(f"missing a required argument: {name!r}")
+        if kwargs:
+            if var_keyword is None:
+                raise TypeError(f"got an unexpected keyword argument {next(iter(kwargs))!r}")
+            arguments[var_keyword] = kwargs
+        bound = {}
+        for name, kind, has_default, default in params:  # apply_defaults: every parameter, in signature order
+            if name in arguments:
+                bound[name] = arguments[name]
+            elif has_default:
+                bound[name] = default
+            else:
+                bound[name] = () if kind == _VAR_POSITIONAL else {}
+        return bound
+
+
+def binder(func: Callable, stub: Callable | None = None) -> Binder:
+    """The :class:`Binder` of ``func``'s :func:`signature` (``stub``: as there). Cached per callable; the
+    registry and the gating context build it before any compiled graph traces a call."""
+    b = _BINDERS.get(func)
+    if b is None:
+        b = _BINDERS[func] = Binder(signature(func, stub))
+    return b
+
+
 @dataclass
 class Call:
     """One call of ``func`` with ``args`` / ``kwargs`` as the model made it; ``bound`` maps each parameter
@@ -53,9 +144,7 @@ class Call:
 
     @classmethod
     def bind(cls, func: Callable, args: tuple, kwargs: Mapping[str, Any], stub: Callable | None = None) -> Call:
-        bound = signature(func, stub).bind(*args, **kwargs)
-        bound.apply_defaults()
-        return cls(func, args, kwargs, dict(bound.arguments))
+        return cls(func, args, kwargs, binder(func, stub).bind(args, kwargs))
 
     def __getitem__(self, name: str) -> Any:
         return self.bound[name]
@@ -84,6 +173,11 @@ class Rule:
 
     def bind(self, func: Callable, args: tuple, kwargs: Mapping[str, Any]) -> Call:
         return Call.bind(func, args, kwargs, self.functions.get(func))
+
+    def prepare(self) -> None:
+        """Work done once before a compiled graph traces this rule's calls (e.g. loading a native library),
+        which a traced region cannot do without a graph break. Called when a context opens on a compiled
+        model."""
 
     def handles(self, call: Call) -> bool:
         """False for calls this rule leaves alone (they run natively and make no site)."""

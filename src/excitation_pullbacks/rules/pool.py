@@ -288,7 +288,7 @@ def soft_max_pool2d(
     k, s, p, d = pool_geometry(kernel_size, stride, padding, dilation)
     if gate.is_hard:
         return F.max_pool2d(x, k, s, p, d, ceil_mode=ceil_mode, return_indices=return_indices)
-    if not gate.is_none and not isinstance(gate.temperature, Tensor) and math.isinf(gate.temperature):
+    if not gate.is_none and not isinstance(gate.temperature, Tensor) and gate.temperature == math.inf:
         gate = Gate("none", math.inf, padding=gate.padding)
     return _SoftMaxPool2d.apply(x, gate, k, s, p, d, bool(ceil_mode), bool(return_indices))
 
@@ -308,6 +308,9 @@ class MaxPool2d(Rule):
         F.max_pool2d_with_indices: None,
         torch.max_pool2d: _pool_stub,
     }
+
+    def prepare(self) -> None:
+        pool_kernel.available()  # builds or loads the kernel library now: no file access inside a graph
 
     def geometry(self, call: Call) -> PoolArgs:
         return PoolArgs(call["kernel_size"], call["stride"], call["padding"], call["dilation"], bool(call["ceil_mode"]))

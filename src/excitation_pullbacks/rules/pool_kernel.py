@@ -150,12 +150,13 @@ def threads() -> int:
 
 
 def available() -> bool:
-    """True when the kernel is built and loaded (builds it on the first call); False when it is switched
-    off (``EXCITATION_PULLBACKS_KERNELS=0``) or cannot be built (the reason is logged once)."""
+    """True when the kernel is built and loaded (builds it on the first call, except while torch.compile traces:
+    the rule's ``prepare`` builds it before); False when it is switched off (``EXCITATION_PULLBACKS_KERNELS=0``)
+    or cannot be built (the reason is logged once)."""
     global _lib, _failed
     if os.environ.get("EXCITATION_PULLBACKS_KERNELS", "1") == "0":
         return False
-    if _lib is None and _failed is None:
+    if _lib is None and _failed is None and not torch.compiler.is_compiling():  # no build inside a graph
         try:
             _lib = _build()
         except (OSError, RuntimeError, subprocess.SubprocessError) as err:

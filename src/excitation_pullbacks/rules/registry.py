@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .base import Rule, signature
+from .base import Rule, binder
 
 __all__ = ["register", "rule_for", "rules", "unregister"]
 
@@ -24,7 +24,7 @@ def register(rule: Rule) -> Rule:
         names = ", ".join(getattr(f, "__qualname__", repr(f)) for f in taken)
         raise ValueError(f"{names} already handled by {_BY_FUNCTION[taken[0]]!r}")
     for func, stub in rule.functions.items():
-        signature(func, stub)  # read now: torch.compile cannot trace inspect.signature inside a graph
+        binder(func, stub)  # read now: torch.compile cannot trace inspect.signature inside a graph
     if rule not in _RULES:
         _RULES.append(rule)
     for func in rule.functions:
