@@ -2,8 +2,8 @@
 half-written.
 
 No full file system can be made here without root, so a full disk is simulated: the file objects the
-pipeline's writer (``pipeline.atomic``) opens raise ``OSError(ENOSPC)`` once a byte limit is passed, exactly
-as ``write(2)`` fails on a full disk; ``torch.save``'s real zip writer writes through them. A real kernel write
+pipeline's writer (``pipeline.atomic``, through the core's ``saving.write_atomic``) opens raise
+``OSError(ENOSPC)`` once a byte limit is passed, exactly as ``write(2)`` fails on a full disk; ``torch.save``'s real zip writer writes through them. A real kernel write
 failure comes from the file size limit (``RLIMIT_FSIZE``, ``EFBIG``) of a CLI subprocess.
 """
 
@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from excitation_pullbacks import saving
 from excitation_pullbacks.pipeline import atomic
 from excitation_pullbacks.pipeline.cli import main
 from excitation_pullbacks.pipeline.errors import describe_failure
@@ -62,7 +63,7 @@ def full_disk(monkeypatch):
             f = real_open(path, mode, *args, **kwargs)
             return FullDisk(f, limit) if "w" in mode and any(n in str(path) for n in names) else f
 
-        monkeypatch.setattr(atomic, "open", fake_open, raising=False)
+        monkeypatch.setattr(saving, "open", fake_open, raising=False)
 
     return make
 

@@ -5,12 +5,13 @@ nor a stray temporary file, and an older file at the target stays as it was."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
-__all__ = ["save_atomic"]
+__all__ = ["save_atomic", "write_atomic"]
 
 
 def _os_cause(err: BaseException) -> OSError | None:
@@ -24,19 +25,21 @@ def _os_cause(err: BaseException) -> OSError | None:
     return None
 
 
-def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically (see the module); the folder is created when missing.
+def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], *, sync: bool = False) -> Path:
+    """Write ``path`` atomically (see the module): ``write(f)`` fills a binary file object of a temporary file
+    in the same folder, which then replaces ``path`` (``sync``: fsync it first).
 
-    Raises what ``torch.save`` raised; an OSError (also one torch's zip writer wrapped in a RuntimeError, e.g. a
-    full disk) as ``OSError(errno, strerror, path)`` naming the target. Returns ``path``.
+    Raises what ``write`` raised; an OSError (also one torch's zip writer wrapped in a RuntimeError, e.g. a full
+    disk) as ``OSError(errno, strerror, path)`` naming the target. Returns ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
+            if sync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as err:
         try:
@@ -48,3 +51,11 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
             raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from None
         raise
     return path
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically (:func:`write_atomic`); the folder is created when missing.
+    Returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_atomic(path, lambda f: torch.save(obj, f))

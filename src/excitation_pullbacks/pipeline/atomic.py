@@ -18,46 +18,22 @@ from typing import IO, Any
 
 import torch
 
+from excitation_pullbacks.saving import write_atomic
+
 __all__ = ["save_torch", "write_bytes", "write_file", "write_text"]
 
 
-def _cause(err: BaseException) -> OSError | None:
-    """The first OSError in ``err``'s cause / context chain (``err`` itself included)."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, OSError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
-
-
 def write_file(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], *, sync: bool = False) -> Path:
-    """Write ``path`` atomically: ``write(f)`` fills a binary file object of a temporary file in the same
-    folder, which then replaces ``path`` (``sync``: fsync it first). Nothing is left at ``path`` or beside it
-    when ``write`` fails; an OSError (also one that torch wrapped in a RuntimeError) is raised as
-    ``OSError(errno, strerror, path)``. Returns ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Write ``path`` atomically (the core's :func:`~excitation_pullbacks.saving.write_atomic`): nothing is
+    left at ``path`` or beside it when ``write`` fails; an OSError (also one that torch wrapped in a
+    RuntimeError) is raised as ``OSError(errno, strerror, path)``, and a failure of torch's zip writer whose
+    cause it hid as ``OSError(EIO)``. Returns ``path``."""
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            if sync:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        cause = _cause(err)
-        if cause is not None:
-            raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from None
-        if isinstance(err, RuntimeError) and "inline_container" in str(err):  # torch's writer, cause unknown
+        return write_atomic(path, write, sync=sync)
+    except RuntimeError as err:
+        if "inline_container" in str(err):  # torch's writer, cause unknown
             raise OSError(errno.EIO, f"torch.save failed ({str(err).splitlines()[0][:120]})", str(path)) from None
         raise
-    return path
 
 
 def write_bytes(path: str | os.PathLike, data: bytes, *, sync: bool = False) -> Path:
