@@ -5,6 +5,9 @@ For each architecture (random weights; timings do not depend on them) at batch N
   vanilla-grad       the same with parameters requiring grad (as users often write it)
   pullback           excitation_pullbacks.pullback, sigmoid T=0.3, softmax pool T=0.3
   pullback-noflush   the same with subnormal floats left in the backward (EXCITATION_PULLBACKS_FLUSH=0)
+  pullback-torchbn   the same with the in-place ReLUs of BatchNorm outputs backpropagated by torch ops (a
+                     batch_norm recompute and a softplus backward) instead of the one-pass C kernel
+                     (EXCITATION_PULLBACKS_BN_KERNEL=0)
   semantic           pullback with preset("semantic") (LayerNorm frozen, attention softened at T=1, ...)
   semantic-noattn    the same with attention's exact gradient (semantic's T = 1 is that gradient: the native op runs)
   semantic-attn07    semantic with attention at T = 0.7: what the softened attention backward costs
@@ -59,6 +62,7 @@ METHODS = (
     "vanilla-grad",
     "pullback",
     "pullback-noflush",
+    "pullback-torchbn",
     "semantic",
     "semantic-noattn",
     "semantic-attn07",
@@ -151,14 +155,15 @@ def make_call(method: str, model: nn.Module):
         return lambda x, t: _grad(model, x, t)
     if method == "pullback":
         return lambda x, t: pullback(model, x, t, temperature=0.3)
-    if method == "pullback-noflush":
+    if method in ("pullback-noflush", "pullback-torchbn"):
+        switch = "EXCITATION_PULLBACKS_FLUSH" if method == "pullback-noflush" else "EXCITATION_PULLBACKS_BN_KERNEL"
 
         def call(x, t):
-            os.environ["EXCITATION_PULLBACKS_FLUSH"] = "0"
+            os.environ[switch] = "0"
             try:
                 return pullback(model, x, t, temperature=0.3)
             finally:
-                del os.environ["EXCITATION_PULLBACKS_FLUSH"]
+                del os.environ[switch]
 
         return call
     if method == "semantic":

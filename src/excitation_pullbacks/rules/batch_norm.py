@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..gates import Gate
+from . import batch_norm_kernel
 from .activations import gated_grad, soft_relu
 
 __all__ = ["RECOMPUTE_CHUNK", "frozen_batch_norm", "soft_relu_of_batch_norm"]
@@ -26,8 +27,8 @@ RECOMPUTE_CHUNK = 1 << 18
 
 class _SoftReLUOfBatchNorm(torch.autograd.Function):
     """relu_(z) in place for z = batch_norm(x, ...) + sum(addends), the forward's own values; the backward
-    recomputes z from x and the addends with the same ops, so bit for bit the forward's z. (A C kernel fusing
-    the recompute with the sigmoid gate measured slower than these ops wherever the tensors fit in cache.)"""
+    recomputes z from x and the addends: in one CPU kernel pass with the gate where it applies
+    (:mod:`~excitation_pullbacks.rules.batch_norm_kernel`), else with the same torch ops in batch chunks."""
 
     @staticmethod
     def forward(ctx, z: Tensor, gate: Gate, channel_dim: int, eps: float, x, mean, var, weight, bias, *addends):
@@ -40,6 +41,10 @@ class _SoftReLUOfBatchNorm(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor):
         x, mean, var, weight, bias, *addends = ctx.saved_tensors
+        if ctx.channel_dim == 1:  # one CPU pass where the kernel applies
+            result = batch_norm_kernel.soft_relu_grad(grad, ctx.gate, x, mean, var, weight, bias, ctx.eps, addends)
+            if result is not None:
+                return (result,) + (None,) * (8 + len(addends))
         result = torch.empty_like(grad)
         # CPU: batch chunks; elsewhere one pass (a kernel launch per chunk would cost more than it saves)
         step = max(1, RECOMPUTE_CHUNK // max(1, x[0].numel())) if x.device.type == "cpu" else x.shape[0]

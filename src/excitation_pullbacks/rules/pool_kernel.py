@@ -39,6 +39,7 @@ __all__ = [
     "denormals_flushed",
     "denormals_off",
     "denormals_restore",
+    "library",
     "openmp_runtime",
     "pool_backward",
     "soft_pool_backward",
@@ -49,7 +50,11 @@ log = logging.getLogger(__name__)
 
 #: The C source shipped with the package.
 SOURCE = Path(__file__).with_name("pool_kernel.c")
-_FLAGS = ("-O3", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math")
+#: Every C source of the library: this kernel's and the BatchNorm soft-ReLU kernel's
+#: (:mod:`~excitation_pullbacks.rules.batch_norm_kernel`), built and loaded together.
+SOURCES = (SOURCE, Path(__file__).with_name("batch_norm_kernel.c"))
+# -ffp-contract=off: no fused multiply-adds the source does not write, so results round as torch's ops do
+_FLAGS = ("-O3", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off")
 _ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 14 + [ctypes.c_int] * 2
 _FUNCS = {torch.float32: "soft_pool_f32", torch.float64: "soft_pool_f64"}
 _lib: ctypes.CDLL | None = None
@@ -109,10 +114,10 @@ def _build() -> ctypes.CDLL:
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
-    source = SOURCE.read_text()
+    sources = [path.read_text() for path in SOURCES]
     omp = openmp_runtime()
     builds = _builds(omp)
-    key = "\0".join((source, cc, *_FLAGS, repr(builds), platform.machine(), sys.platform, _cpu()))
+    key = "\0".join((*sources, cc, *_FLAGS, repr(builds), platform.machine(), sys.platform, _cpu()))
     path = _cache_dir() / f"pool_kernel_{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,7 +125,7 @@ def _build() -> ctypes.CDLL:
             lib = Path(tmp) / "pool_kernel.so"
             for flags, libs in builds:
                 done = subprocess.run(
-                    [cc, *_FLAGS, *flags, str(SOURCE), "-o", str(lib), *libs],
+                    [cc, *_FLAGS, *flags, *map(str, SOURCES), "-o", str(lib), *libs],
                     check=False,
                     capture_output=True,
                     text=True,
@@ -140,6 +145,11 @@ def _build() -> ctypes.CDLL:
     lib.denormals_restore.argtypes, lib.denormals_restore.restype = [ctypes.c_void_p, ctypes.c_int], None
     lib.denormals_state.argtypes, lib.denormals_state.restype = [], ctypes.c_uint
     return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded library (None where :func:`available` is False), for the other kernels built into it."""
+    return _lib if available() else None
 
 
 def threads() -> int:

@@ -1,0 +1,98 @@
+"""The backward of the in-place soft ReLU of a frozen BatchNorm output in one CPU pass (``batch_norm_kernel.c``).
+
+:func:`soft_relu_grad` returns grad * sigmoid(z / T) for z = batch_norm(x) (+ one addend), recomputing z
+inside the pass, or None where the kernel does not apply; the caller then computes the same values with torch
+ops (a batch_norm recompute pass and a softplus-backward pass). The kernel is built into the soft-pool
+kernel's library (:mod:`~excitation_pullbacks.rules.pool_kernel`, same cache, compiler and OpenMP runtime).
+
+How close to the torch path: z is recomputed with the forward's operations, each rounded on its own (on this
+package's test machine bit for bit the forward's z); the exponential is glibc's vector exp instead of
+torch's, which differ by an ulp or two, so the gate and the gradient agree with the torch path to a few ulps
+(tests bound it: 1e-6 relative in float32, 1e-14 in float64).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+
+import torch
+from torch import Tensor
+
+from ..gates import Gate
+from . import pool_kernel
+
+__all__ = ["calls", "soft_relu_grad"]
+
+_FUNCS = {torch.float32: "bn_soft_relu_f32", torch.float64: "bn_soft_relu_f64"}
+_ARGS = [ctypes.c_void_p] * 7 + [ctypes.c_double] * 2 + [ctypes.c_int64] * 3
+#: Above z / T = threshold the gate is 1 to the dtype's precision (as the softplus backward's threshold).
+THRESHOLD = {torch.float32: 20.0, torch.float64: 40.0}
+#: Calls of the kernel in this process (tests count them).
+calls = 0
+_declared: set[int] = set()
+
+
+def _function(dtype: torch.dtype):
+    lib = pool_kernel.library()
+    if lib is None:
+        return None
+    fn = getattr(lib, _FUNCS[dtype])
+    if id(lib) not in _declared:
+        for name in _FUNCS.values():
+            getattr(lib, name).argtypes = _ARGS
+            getattr(lib, name).restype = ctypes.c_int
+        _declared.add(id(lib))
+    return fn
+
+
+def _pointer(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def soft_relu_grad(
+    grad: Tensor, gate: Gate, x: Tensor, mean: Tensor, var: Tensor, weight, bias, eps: float, addends: tuple
+) -> Tensor | None:
+    """grad * sigmoid(z / T) for z = F.batch_norm(x, mean, var, weight, bias, eps=eps) + sum(addends), or None
+    where the kernel does not apply: not CPU float32/float64, a gate other than a sigmoid at one finite T > 0,
+    more than one addend, a tensor not contiguous or of another dtype, or no kernel library.
+
+    grad, x, addends: (N, C, ...) of one shape; mean, var, weight, bias: (C,) (weight, bias may be None).
+    Returns a new (N, C, ...) tensor.
+    """
+    t = gate.temperature
+    dtype = x.dtype
+    if (
+        os.environ.get("EXCITATION_PULLBACKS_BN_KERNEL", "1") == "0"
+        or dtype not in _FUNCS
+        or gate.shape != "sigmoid"
+        or isinstance(t, Tensor)
+        or not 0 < t < math.inf
+        or len(addends) > 1
+        or x.dim() < 2
+        or x.numel() == 0
+    ):
+        return None
+    tensors = (grad, x, *addends)
+    params = tuple(p for p in (mean, var, weight, bias) if p is not None)
+    if any(v.device.type != "cpu" or v.dtype != dtype or not v.is_contiguous() for v in tensors + params):
+        return None
+    if any(v.shape != x.shape for v in tensors) or any(p.shape != (x.shape[1],) for p in params):
+        return None
+    fn = _function(dtype)
+    if fn is None:
+        return None
+    global calls
+    calls += 1
+    alpha = torch.rsqrt(var + eps)  # the forward's scale, op for op as ATen's eval-mode batch_norm
+    if weight is not None:
+        alpha = alpha * weight
+    result = torch.empty_like(x, memory_format=torch.contiguous_format)
+    n, c = x.shape[:2]
+    if fn(
+        x.data_ptr(), _pointer(addends[0] if addends else None), grad.data_ptr(), result.data_ptr(),
+        alpha.data_ptr(), mean.data_ptr(), _pointer(bias), 1.0 / t, THRESHOLD[dtype], n, c, x[0, 0].numel(),
+    ):  # fmt: skip
+        raise MemoryError("batch-norm soft-ReLU kernel: out of memory for its channel buffer")
+    return result
