@@ -9,6 +9,8 @@ For each architecture (random weights; timings do not depend on them) at batch N
                      batch_norm recompute and a softplus backward) instead of the one-pass C kernel
                      (EXCITATION_PULLBACKS_BN_KERNEL=0)
   semantic           pullback with preset("semantic") (LayerNorm frozen, attention softened at T=1, ...)
+  semantic-torchgate semantic with the normal-CDF gate's backward (GELU sites) in torch ops instead of the
+                     one-pass C kernel (EXCITATION_PULLBACKS_GATE_KERNEL=0)
   semantic-noattn    the same with attention's exact gradient (semantic's T = 1 is that gradient: the native op runs)
   semantic-attn07    semantic with attention at T = 0.7: what the softened attention backward costs
   listing            the paper's listings: deep copy with every nn.ReLU / nn.MaxPool2d module swapped for a
@@ -64,6 +66,7 @@ METHODS = (
     "pullback-noflush",
     "pullback-torchbn",
     "semantic",
+    "semantic-torchgate",
     "semantic-noattn",
     "semantic-attn07",
     "listing",
@@ -168,6 +171,16 @@ def make_call(method: str, model: nn.Module):
         return call
     if method == "semantic":
         return lambda x, t: pullback(model, x, t, preset("semantic"))
+    if method == "semantic-torchgate":
+
+        def call(x, t):
+            os.environ["EXCITATION_PULLBACKS_GATE_KERNEL"] = "0"
+            try:
+                return pullback(model, x, t, preset("semantic"))
+            finally:
+                del os.environ["EXCITATION_PULLBACKS_GATE_KERNEL"]
+
+        return call
     if method == "semantic-noattn":
         return lambda x, t: pullback(model, x, t, preset("semantic", attention_temperature=None))
     if method == "semantic-attn07":

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ..gates import Gate
+from . import gate_kernel
 from .base import Call, Rule
 
 __all__ = ["GELU", "ReLU", "SiLU", "gated_grad", "soft_gelu", "soft_relu", "soft_silu"]
@@ -37,6 +38,10 @@ def gated_grad(grad: Tensor, z: Tensor, gate: Gate, channel_dim: int, out: Tenso
         if out is None:
             return torch.ops.aten.softplus_backward(grad, z, 1.0 / t, threshold)
         return torch.ops.aten.softplus_backward.grad_input(grad, z, 1.0 / t, threshold, grad_input=out)
+    if out is None:
+        fused = gate_kernel.normal_cdf_grad(grad, z, gate)  # one CPU pass where it applies
+        if fused is not None:
+            return fused
     g = gate(z, channel_dim)
     return g.mul_(grad) if out is None else torch.mul(g, grad, out=out)
 

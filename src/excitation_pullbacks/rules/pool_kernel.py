@@ -50,9 +50,10 @@ log = logging.getLogger(__name__)
 
 #: The C source shipped with the package.
 SOURCE = Path(__file__).with_name("pool_kernel.c")
-#: Every C source of the library: this kernel's and the BatchNorm soft-ReLU kernel's
-#: (:mod:`~excitation_pullbacks.rules.batch_norm_kernel`), built and loaded together.
-SOURCES = (SOURCE, Path(__file__).with_name("batch_norm_kernel.c"))
+#: Every C source of the library, built and loaded together: this kernel's, the BatchNorm soft-ReLU kernel's
+#: (:mod:`~excitation_pullbacks.rules.batch_norm_kernel`) and the normal-CDF gate's
+#: (:mod:`~excitation_pullbacks.rules.gate_kernel`).
+SOURCES = (SOURCE, *(Path(__file__).with_name(f"{name}.c") for name in ("batch_norm_kernel", "gate_kernel")))
 # -ffp-contract=off: no fused multiply-adds the source does not write, so results round as torch's ops do
 _FLAGS = ("-O3", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off")
 _ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 14 + [ctypes.c_int] * 2
