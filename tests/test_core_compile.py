@@ -184,3 +184,27 @@ def test_compiled_temperature_sweep_recompiles_once():
         got = pullback(compiled, x, t, temperature=temperature)
         torch.testing.assert_close(got, pullback(model, x, t, temperature=temperature), rtol=1e-12, atol=1e-12)
     assert backend.graphs <= 2 and backend.runs == 5
+
+
+class _SmoothNet(nn.Module):
+    """SiLU and GELU sites, whose default gate is their own (``own``: sigmoid / Phi at the site's T)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x):
+        return self.head(F.gelu(F.silu(self.conv(x))).mean((2, 3)))
+
+
+def test_compiled_own_gate_takes_a_symbolic_temperature():
+    """After a second temperature torch.compile passes T as a symbolic number; the ``own`` gate resolves it at
+    each SiLU / GELU site without refusing it, and the pullbacks are eager's."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, x, t = _SmoothNet().to(torch.float64).eval(), _x(), torch.tensor([1, 3])
+    compiled = torch.compile(model, backend="aot_eager")
+    for temperature in (0.3, 0.5, 0.7):
+        got = pullback(compiled, x, t, smooth_temperature=temperature)
+        torch.testing.assert_close(got, pullback(model, x, t, smooth_temperature=temperature), rtol=1e-12, atol=1e-12)

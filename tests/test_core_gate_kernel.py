@@ -36,6 +36,9 @@ def test_kernel_matches_an_independent_normal_cdf(dtype, temperature):
     # condition number u^2 (d log Phi / du ~ |u|, and u = z / T itself carries |u| ulps of rounding)
     bound = (8 + 4 * torch.from_numpy(u) ** 2) * ulp * truth.abs()
     assert (err <= bound)[normal].all()
+    low, high = gate_kernel.RANGE[dtype]  # erfc's argument is -u / sqrt 2: past the range the gate is 1 or 0
+    v = -torch.from_numpy(u) / 2**0.5
+    assert torch.equal(got[v < low], grad[v < low]) and (got[v > high] == 0).all()
     # and the torch path (1 + erf(u / sqrt 2)) / 2 agrees to its own absolute rounding
     ref = gate(z).mul_(grad)
     assert (got - ref).abs().max() <= 8 * ulp * grad.abs().max()

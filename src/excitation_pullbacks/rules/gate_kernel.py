@@ -23,7 +23,10 @@ from . import pool_kernel
 __all__ = ["calls", "normal_cdf_grad"]
 
 _FUNCS = {torch.float32: "normal_cdf_gate_f32", torch.float64: "normal_cdf_gate_f64"}
-_ARGS = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_double]
+_ARGS = [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_double] * 3
+#: erfc's argument range: below it the gate is 1 (to the dtype's rounding), above it 0 (erfc is below the
+#: smallest normal number there)
+RANGE = {torch.float32: (-4.0, 9.0), torch.float64: (-6.0, 26.5)}
 #: Calls of the kernel in this process (tests count them).
 calls = 0
 _declared: set[int] = set()
@@ -69,5 +72,5 @@ def normal_cdf_grad(grad: Tensor, z: Tensor, gate: Gate) -> Tensor | None:
     global calls
     calls += 1
     out = torch.empty_like(z, memory_format=torch.contiguous_format)
-    fn(z.data_ptr(), grad.data_ptr(), out.data_ptr(), z.numel(), -1.0 / (t * math.sqrt(2.0)))
+    fn(z.data_ptr(), grad.data_ptr(), out.data_ptr(), z.numel(), -1.0 / (t * math.sqrt(2.0)), *RANGE[z.dtype])
     return out
