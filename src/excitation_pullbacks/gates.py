@@ -57,7 +57,7 @@ def check_temperature(temperature: Temperature) -> None:
         return
     if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
         raise ValueError(f"temperature must be a number or a tensor, got {type(temperature).__name__}")  # noqa: TRY004
-    if math.isnan(temperature) or temperature < 0:
+    if not temperature >= 0:  # negative or NaN; one comparison, which torch.compile traces for a symbolic T
         raise ValueError(f"temperature must be >= 0 and not NaN, got {temperature}")
 
 
