@@ -53,14 +53,15 @@ def test_kernel_agrees_with_the_torch_ops(dtype, addend, affine, temperature):
     assert batch_norm_kernel.calls == before + 1
     ref = _torch_path(grad, gate, x, mean, var, weight, bias, 1e-5, addends)
     assert got.shape == ref.shape and got.dtype == dtype and got.is_contiguous()
-    # every entry to a few ulps of the torch path; below z / T = LOW the gate is exp(LOW) (about the smallest
-    # normal number) instead of a smaller one
-    tail = 2 * math.exp(batch_norm_kernel.LOW[dtype]) * grad.abs()
+    # every entry to a few ulps of the torch path; at and below z / T = LOW the gate is 0 instead of a number
+    # below exp(LOW) (about the smallest normal number)
+    tail = math.exp(batch_norm_kernel.LOW[dtype]) * grad.abs()
     assert ((got - ref).abs() <= TOL[dtype] * ref.abs() + tail).all()
     if temperature == 0.05:  # the cases reach far into the upper tail, and in float32 into the lower one
         u = _torch_z(x, mean, var, weight, bias, 1e-5, addends) / temperature
         assert (u > batch_norm_kernel.THRESHOLD[dtype]).any()
         assert dtype == torch.float64 or (u < batch_norm_kernel.LOW[dtype]).any()
+        assert (got[u < batch_norm_kernel.LOW[dtype]] == 0).all()
         assert torch.equal(got[u > batch_norm_kernel.THRESHOLD[dtype]], grad[u > batch_norm_kernel.THRESHOLD[dtype]])
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import time
@@ -123,11 +124,19 @@ def test_bad_resume_signals_is_one_error(tmp_path):
         run(compose_config(*TRAIN, "train.resume_signals=[SIGNOPE]", f"output_dir={tmp_path}"))
 
 
-def _cli_until(args: list[str], out: Path, step: int, sig: int = signal.SIGTERM) -> subprocess.CompletedProcess:
-    """Run the CLI, send ``sig`` to it once checkpoint ``step`` is in the staging folder, wait for it."""
+def _cli_until(
+    args: list[str], out: Path, step: int, sig: int = signal.SIGTERM, file_limit: int | None = None
+) -> subprocess.CompletedProcess:
+    """Run the CLI (its files limited to ``file_limit`` bytes each, RLIMIT_FSIZE, when given), send ``sig`` to
+    it once checkpoint ``step`` is in the staging folder, wait for it (at most 300 s: a run that does not end
+    by then is killed with its processes and the test fails)."""
     index = out / ".results.partial" / "checkpoints" / "index.json"
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    if file_limit is not None:  # before any rank is started; its processes inherit it
+        resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (file_limit, file_limit))
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
         try:
@@ -137,7 +146,12 @@ def _cli_until(args: list[str], out: Path, step: int, sig: int = signal.SIGTERM)
         except (OSError, ValueError):
             pass
         time.sleep(0.05)
-    stdout, stderr = proc.communicate(timeout=300)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the run did not end within 300 s of the signal")
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
@@ -167,3 +181,28 @@ def test_the_cli_exits_with_the_resume_line_and_resumes(tmp_path, ddp):
     ca, cb = _checkpoints(out / "results"), _checkpoints(tmp_path / "whole" / "results")
     assert ca.keys() == cb.keys()
     assert all(torch.equal(ca[n][k], cb[n][k]) for n in ca for k in ca[n])
+
+
+@pytest.mark.slow  # two 2-process CLI runs' worth, about a minute on 2 cores
+def test_a_failed_state_write_under_ddp_ends_every_rank_with_one_line(tmp_path):
+    """Under 2-process DDP, rank 0's write of the resumable state fails (a file-size limit: EFBIG, as a full
+    disk fails a write). The ranks agree after each stage of the save, so the other rank does not wait in a
+    barrier until the process group's timeout (30 minutes): the run ends at once, non-zero, with one line
+    naming the failure, and publishes nothing."""
+    args = [
+        *TRAIN,
+        "train.epochs=4",
+        "train.checkpoint_steps=[0,1,2,3,4,5,6,7,8,9,10,11,12]",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+    ]
+    out = tmp_path / "run"
+    started = time.monotonic()
+    # files up to 300 KB: a checkpoint (about 140 KB) passes, the state with the optimizer's moments does not
+    done = _cli_until([*args, f"output_dir={out}"], out, step=3, file_limit=300_000)
+    lines = [x for x in done.stderr.splitlines() if x.startswith("error:")]
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert len(lines) == 1 and "the file is larger than this process may write" in lines[0], done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and time.monotonic() - started < 240
+    assert not (out / "results").exists()

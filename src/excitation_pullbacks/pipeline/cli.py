@@ -26,7 +26,7 @@ from excitation_pullbacks.stopping import Stopped
 
 from .callbacks import JobRecord, jobs, overview_lines, record_job
 from .config import CONFIG_DIR
-from .errors import PipelineError, describe_failure
+from .errors import OtherRankFailed, PipelineError, describe_failure
 from .outputs import check_directory, is_launcher
 from .run import report, run
 from .signals import exit_code, pass_on
@@ -85,6 +85,8 @@ def _main(cfg: DictConfig) -> float | None:
         message = describe_failure(err, cfg.get("batch_size"), str(cfg.get("output_dir") or ""))
         if message is None and not isinstance(err, EXPECTED):
             raise
+        if isinstance(err, OtherRankFailed) and not is_launcher():  # the failing process says what failed
+            sys.exit(1)
         print(f"error: {message or _message(err)}", file=sys.stderr)
         if job is None:
             sys.exit(1)

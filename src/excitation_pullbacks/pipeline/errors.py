@@ -10,11 +10,16 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["PipelineError", "describe_failure", "free_space"]
+__all__ = ["OtherRankFailed", "PipelineError", "describe_failure", "free_space"]
 
 
 class PipelineError(Exception):
     """Bad input to the pipeline (unknown class, unreadable data, unwritable output, ...)."""
+
+
+class OtherRankFailed(PipelineError):
+    """Raised on the processes of a multi-process run whose own step went well when another's failed: that
+    one reports its error; of these only the launcher says a line."""
 
 
 DISK = {

@@ -34,6 +34,7 @@ from excitation_pullbacks.stopping import Stopped
 
 from .atomic import save_torch, write_text
 from .batches import GlobalBatches
+from .errors import OtherRankFailed
 from .signals import received, take_over
 
 __all__ = ["FOLDER", "ResumeCallback", "ResumeState", "discard_state", "read_state", "rng_states", "set_rng_states"]
@@ -143,30 +144,62 @@ class ResumeCallback(Callback):
     # -- saving and loading -----------------------------------------------------------------------------
     def _save(self, trainer) -> int:
         """Every rank: the Lightning checkpoint (rank 0 writes it), this rank's RNG states, then rank 0 the
-        state file and the older states' removal. Returns the step."""
+        state file and the older states' removal. Returns the step. A write that fails on one rank fails the
+        step on all (the ranks agree after each stage, where a failure would otherwise leave the others
+        waiting in a barrier until the process group's timeout): that rank raises its error, the others
+        :class:`~.errors.OtherRankFailed`."""
         step = int(trainer.global_step)
         name = f"step_{step:06d}.ckpt"
-        if trainer.is_global_zero:
-            self.folder.mkdir(parents=True, exist_ok=True)
-        trainer.strategy.barrier("resume folder")
         partial = self.folder / f".{name}.partial"
-        trainer.save_checkpoint(partial)  # collective; writes on rank 0
-        save_torch(rng_states(), self.folder / f"rng_{step:06d}_rank{trainer.global_rank}.pt")
-        trainer.strategy.barrier("resume state saved")
+        failed: BaseException | None = None
+        try:
+            if trainer.is_global_zero:
+                self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            failed = err
+        self._agree(trainer, failed)
+        try:
+            trainer.save_checkpoint(partial)  # collective: rank 0 writes, then every rank meets in a barrier
+        except (OSError, RuntimeError) as err:  # torch's zip writer reports some write failures as RuntimeError
+            failed = err
+            if trainer.world_size > 1:  # the save's closing barrier, which its failure skipped
+                trainer.strategy.barrier("Trainer.save_checkpoint")
+        if failed is None:
+            try:
+                save_torch(rng_states(), self.folder / f"rng_{step:06d}_rank{trainer.global_rank}.pt")
+            except OSError as err:
+                failed = err
+        self._agree(trainer, failed)
         if trainer.is_global_zero:
-            partial.replace(self.folder / name)
-            state = {
-                "step": step,
-                "checkpoint": name,
-                "config_hash": self.config_hash,
-                "world_size": trainer.world_size,
-            }
-            write_text(self.folder / STATE, json.dumps(state, indent=1) + "\n")
-            for old in self.folder.iterdir():
-                if old.name != STATE and f"{step:06d}" not in old.name:
-                    old.unlink(missing_ok=True)
-        trainer.strategy.barrier("resume state written")
+            try:
+                partial.replace(self.folder / name)
+                state = {
+                    "step": step,
+                    "checkpoint": name,
+                    "config_hash": self.config_hash,
+                    "world_size": trainer.world_size,
+                }
+                write_text(self.folder / STATE, json.dumps(state, indent=1) + "\n")
+                for old in self.folder.iterdir():
+                    if old.name != STATE and f"{step:06d}" not in old.name:
+                        old.unlink(missing_ok=True)
+            except OSError as err:
+                failed = err
+        self._agree(trainer, failed)
         return step
+
+    @staticmethod
+    def _agree(trainer, failed: BaseException | None) -> None:
+        """A barrier that also tells every rank whether any failed: raises ``failed`` on the rank that has it,
+        :class:`~.errors.OtherRankFailed` on the others."""
+        anyone = failed is not None
+        if trainer.world_size > 1:
+            flag = torch.tensor(float(anyone), device=trainer.strategy.root_device)
+            anyone = bool(trainer.strategy.reduce(flag, reduce_op="max"))
+        if failed is not None:
+            raise failed
+        if anyone:
+            raise OtherRankFailed("another process of this run could not save the resumable state (see its error)")
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         if self.sampler is None:

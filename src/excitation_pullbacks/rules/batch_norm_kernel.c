@@ -5,9 +5,10 @@
    shape) with alpha_c = weight_c / sqrt(var_c + eps) (given) and beta_c = bias_c - mean_c * alpha_c, the
    forward's eval-mode batch_norm and in-place residual sum, and writes gin = grad * sigmoid(z / T) as the
    softplus backward computes it (grad * e / (e + 1), e = exp(z / T); grad itself above the threshold). One
-   pass over memory, where the torch ops make a recompute pass and a gate pass. Below z / T = lo the gate is
-   exp(lo), about the dtype's smallest normal number (the products are flushed to 0 in the backward anyway):
-   glibc's vector exp takes a scalar path for lanes out of its range, five to ten times slower where many are. Rounding: beta and x * alpha +
+   pass over memory, where the torch ops make a recompute pass and a gate pass. At and below z / T = lo the
+   gate is 0: exp(lo) is about the dtype's smallest normal number, so the products would be subnormal (slow,
+   and flushed to 0 in the backward anyway), and glibc's vector exp takes a scalar path for lanes out of its
+   range, five to ten times slower where many are. Rounding: beta and x * alpha +
    beta are fused multiply-adds, as ATen's batch_norm kernels for AVX2/AVX-512 compute them (bit for bit the
    forward's z there); everything else is rounded op by op (built with -ffp-contract=off). */
 #include <math.h>
@@ -21,15 +22,15 @@ extern double exp(double);
 /* Elements below which the kernel runs on the calling thread alone. */
 #define BN_PARALLEL_MIN 65536
 
-/* out = grad * e / (e + 1), e = exp(u), or grad where u > thr, with u clamped to [low, thr + 1] first: the
-   select reads the clamped u, so the compiler keeps the clamp (with a select on u it may drop it where the
-   branch is not taken, and exp would see the whole range again). */
+/* out = grad * e / (e + 1), e = exp(u), or grad where u > thr, or 0 where u <= low, with u clamped to
+   [low, thr + 1] first: the selects read the clamped u, so the compiler keeps the clamp (with selects on u
+   it may drop it as the identity where e is used, and exp would see the whole range again). */
 #define GATE(T, EXP, u, g, out)                                                                                \
     do {                                                                                                 \
         T uc = (u) < low ? low : (u);                                                                    \
         uc = uc > high ? high : uc;                                                                      \
         T e = EXP(uc);                                                                                   \
-        out = uc > thr ? (g) : (g) * e / (e + (T)1);                                                     \
+        out = uc > thr ? (g) : uc <= low ? (T)0 : (g) * e / (e + (T)1);                                  \
     } while (0)
 
 /* bias and add may be NULL (bias 0, no addend). Returns nonzero when its channel buffer could

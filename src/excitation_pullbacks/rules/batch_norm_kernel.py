@@ -8,10 +8,10 @@ kernel's library (:mod:`~excitation_pullbacks.rules.pool_kernel`, same cache, co
 How close to the torch path: z is recomputed with the forward's operations, each rounded on its own (on this
 package's test machine bit for bit the forward's z); the exponential is glibc's vector exp instead of
 torch's, which differ by an ulp or two, so the gate and the gradient agree with the torch path to a few ulps
-(tests bound it: 1e-6 relative in float32, 1e-14 in float64). Where z / T < -87 (float32; -708 in float64)
-the gate is exp(-87) = 1.6e-38 (exp(-708) = 3.3e-308) instead of a smaller number: the products are below the
-smallest normal float, which the backward's flush of subnormals makes 0 (and glibc's vector exp would leave
-its fast path for such arguments).
+(tests bound it: 1e-6 relative in float32, 1e-14 in float64). Where z / T <= -87 (float32; -708 in float64)
+the gate is 0 instead of a number below exp(-87) = 1.6e-38 (exp(-708) = 3.3e-308): the products would be
+subnormal, which the backward's flush makes 0 anyway (and glibc's vector exp would leave its fast path for
+such arguments).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ _FUNCS = {torch.float32: "bn_soft_relu_f32", torch.float64: "bn_soft_relu_f64"}
 _ARGS = [ctypes.c_void_p] * 7 + [ctypes.c_double] * 3 + [ctypes.c_int64] * 3
 #: Above z / T = threshold the gate is 1 to the dtype's precision (as the softplus backward's threshold).
 THRESHOLD = {torch.float32: 20.0, torch.float64: 40.0}
-#: Below z / T = LOW the gate is exp(LOW), about the dtype's smallest normal number (flushed below it).
+#: At and below z / T = LOW the gate is 0: exp(LOW) is about the dtype's smallest normal number.
 LOW = {torch.float32: -87.0, torch.float64: -708.0}
 #: Calls of the kernel in this process (tests count them).
 calls = 0
