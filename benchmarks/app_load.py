@@ -4,8 +4,9 @@ result compared with ``pullback`` called directly (the excitation panel's PNG pi
 tensor bit for bit); then a client that goes away in the middle of a long run, and the next client's wait.
 
 Run: PYTHONPATH=src .venv/bin/python benchmarks/app_load.py [--clients 8] [--requests 25] [--model digits_cnn]
-Prints: clients, requests, errors, /run latency p50/p90/p99, server RSS after the warm-up and at the end, the
-files and bytes left in the server's temporary folders, and the disconnect test's numbers.
+Prints: clients, requests, errors, /run latency p50/p90/p99, server RSS after the warm-up, at each tenth of the
+requests (with the time) and at the end, the files and bytes left in the server's temporary folders, and the
+disconnect test's numbers.
 """
 
 from __future__ import annotations
@@ -135,16 +136,16 @@ def main() -> None:
                         errors.append(f"request {i}: {type(err).__name__}: {' '.join(str(err).split())[:200]}")
 
         samples, running = [], threading.Event()
+        start = time.perf_counter()
 
-        def watch() -> None:  # the server's RSS against the number of requests answered, every half second
+        def watch() -> None:  # the server's RSS against the requests answered and the time, every half second
             while not running.wait(0.5):
                 with lock:
                     done = len(latencies) + len(errors)
-                samples.append((done, rss_mb(server.pid)))
+                samples.append((done, rss_mb(server.pid), time.perf_counter() - start))
 
         watcher = threading.Thread(target=watch)
         watcher.start()
-        start = time.perf_counter()
         threads = [threading.Thread(target=client_loop, args=(k,)) for k in range(args.clients)]
         for t in threads:
             t.start()
@@ -165,8 +166,13 @@ def main() -> None:
             print(f"  {line}")
         print(f"/run latency (queued, {args.clients} clients): p50 {p50:.2f} s, p90 {p90:.2f} s, p99 {p99:.2f} s")
         print(f"server RSS: {rss_before:.0f} MB after warm-up, {rss_after:.0f} MB after {n} requests")
-        quarters = [next((mb for done, mb in samples if done >= q * n // 4), rss_after) for q in (1, 2, 3, 4)]
-        print("server RSS at 25/50/75/100% of the requests: " + ", ".join(f"{mb:.0f}" for mb in quarters) + " MB")
+        tenths = [
+            next(((mb, at) for done, mb, at in samples if done >= q * n // 10), (rss_after, wall)) for q in range(1, 11)
+        ]
+        print(
+            "server RSS at each tenth of the requests (MB @ s): "
+            + ", ".join(f"{mb:.0f} @ {at:.0f}" for mb, at in tenths)
+        )
         print(
             f"server files: work folder (runs, exports; newest 64 kept) {work_files} files, {work_bytes / 1e6:.1f} MB; "
             f"Gradio cache (uploads, results; swept by age) {cache_files} files, {cache_bytes / 1e6:.1f} MB"
