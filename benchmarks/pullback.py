@@ -26,8 +26,8 @@ batch. Times are medians over repeats, methods interleaved (order reversed every
 is the growth of the process's peak RSS after a reset (CPU, Linux) or torch.cuda.max_memory_allocated (GPU),
 each method in a fresh subprocess (compiled methods: after a warm-up call in that process). ``uptime`` is printed before and after.
 At batch 1 a pullback costs mostly per call, not per pixel: on one CPU thread (thread CPU time, median of 400)
-the shipped digits CNN at 32 px took about 2.6x vanilla (Python dispatch of each gated call, its autograd
-node, the hooks, the model-state snapshot), ResNet50 at 224 px about 1.2x. On 2 cores that other work keeps
+the shipped digits CNN at 32 px took about 2.4x vanilla (Python dispatch of each gated call, its autograd
+node, the hooks, the model-state snapshot), ResNet50 at 224 px about 1.13x. On 2 cores that other work keeps
 busy, wall times at 2 threads swing a hundredfold (each parallel op waits for a descheduled OpenMP thread):
 compare methods on an idle machine.
 
