@@ -3,7 +3,11 @@
 
    Phi(u) = erfc(-u / sqrt(2)) / 2: one complementary error function per element (glibc's vector erfc where
    glibc has it, 2.35 on), where the torch ops make a pass per operation (scale, erf, add, halve, multiply). */
-#include <features.h>
+#if defined(__has_include)
+#if __has_include(<features.h>)
+#include <features.h> /* glibc's version, where there is glibc */
+#endif
+#endif
 #include <math.h>
 #include <stdint.h>
 
