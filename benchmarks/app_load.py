@@ -4,6 +4,7 @@ result compared with ``pullback`` called directly (the excitation panel's PNG pi
 tensor bit for bit); then a client that goes away in the middle of a long run, and the next client's wait.
 
 Run: PYTHONPATH=src .venv/bin/python benchmarks/app_load.py [--clients 8] [--requests 25] [--model digits_cnn]
+[--cache-age 900]
 Prints: clients, requests, errors, /run latency p50/p90/p99, server RSS after the warm-up, at each tenth of the
 requests (with the time) and at the end, the files and bytes left in the server's temporary folders, and the
 disconnect test's numbers.
@@ -72,6 +73,9 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=25, help="per client")
     p.add_argument("--model", default="digits_cnn")
     p.add_argument("--weights", default="DEFAULT")
+    p.add_argument(
+        "--cache-age", type=int, default=900, help="the server's --cache-age (shorter: its cache sweep within the run)"
+    )
     args = p.parse_args()
     base = Path(tempfile.mkdtemp(prefix="app-load-"))
     images = digits_folder(base / "images", per_class=5)
@@ -93,7 +97,7 @@ def main() -> None:
     env = dict(os.environ, TMPDIR=str(server_tmp), GRADIO_TEMP_DIR=str(server_tmp / "gradio"))
     port = free_port()
     cmd = [sys.executable, "-m", "excitation_pullbacks.app.cli", "--model", args.model, "--weights", args.weights]
-    cmd += ["--images", str(images), "--port", str(port), "--device", "cpu"]
+    cmd += ["--images", str(images), "--port", str(port), "--device", "cpu", "--cache-age", str(args.cache_age)]
     server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}/"
     try:

@@ -21,7 +21,7 @@ pytestmark = [
 ]
 
 from excitation_pullbacks.app.checkpoints import CheckpointRefused, Checkpoints
-from excitation_pullbacks.app.cli import exposure_warning, main
+from excitation_pullbacks.app.cli import cache_sweep, exposure_warning, main, parse_args
 from excitation_pullbacks.app.images import digits_folder, list_images
 from excitation_pullbacks.app.models import ModelError, ModelSpec
 from excitation_pullbacks.app.page import build_demo
@@ -145,3 +145,13 @@ def test_a_checkpoint_dir_that_is_no_folder_is_one_line(folders):
     _, outside = folders
     with pytest.raises(SystemExit, match="error: --checkpoint-dir .*outside.pt is not a folder"):
         main(["--checkpoint-dir", str(outside)])
+
+
+def test_cache_age_sets_gradios_sweep(capsys):
+    """--cache-age N: Gradio deletes cached uploads and results older than N s, sweeping every N / 3 s (the
+    default 900 s is the page's own (300, 900)); an age under 1 s is refused by the parser."""
+    assert parse_args([]).cache_age == 900 and cache_sweep(900) == (300, 900)
+    assert cache_sweep(120) == (40, 120) and cache_sweep(2) == (1, 2)
+    with pytest.raises(SystemExit):
+        parse_args(["--cache-age", "0"])
+    assert "--cache-age must be at least 1 second" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import argparse
 import ipaddress
 import sys
 
-__all__ = ["MAX_FILE_SIZE", "exposure_warning", "main", "parse_args"]
+__all__ = ["MAX_FILE_SIZE", "cache_sweep", "exposure_warning", "main", "parse_args"]
 
 #: The largest upload Gradio accepts (its own message refuses larger files before they reach the page's code).
 MAX_FILE_SIZE = "50mb"
@@ -38,7 +38,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
     p.add_argument("--port", type=int, default=7860)
-    return p.parse_args(argv)
+    p.add_argument(
+        "--cache-age",
+        type=int,
+        default=900,
+        help="seconds Gradio keeps its cached uploads and results (swept every third of that); default 900",
+    )
+    args = p.parse_args(argv)
+    if args.cache_age < 1:
+        p.error("--cache-age must be at least 1 second")
+    return args
+
+
+def cache_sweep(age: int) -> tuple[int, int]:
+    """Gradio's ``delete_cache`` (frequency, age) for files kept ``age`` seconds: swept every age / 3 s."""
+    return max(1, age // 3), age
 
 
 def exposure_warning(host: str, port: int, checkpoint_dir: str | None = None) -> str | None:
@@ -81,7 +95,13 @@ def main(argv: list[str] | None = None) -> None:
     if images is None and args.model == "digits_cnn":
         images = str(digits_folder())
     try:
-        demo = build_demo(spec, device=args.device, images=images, checkpoint_dir=args.checkpoint_dir)
+        demo = build_demo(
+            spec,
+            device=args.device,
+            images=images,
+            checkpoint_dir=args.checkpoint_dir,
+            delete_cache=cache_sweep(args.cache_age),
+        )
     except ModelError as err:
         sys.exit(f"error: {err}")
     warning = exposure_warning(args.host, args.port, args.checkpoint_dir)
