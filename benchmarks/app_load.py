@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -98,7 +99,8 @@ def main() -> None:
     port = free_port()
     cmd = [sys.executable, "-m", "excitation_pullbacks.app.cli", "--model", args.model, "--weights", args.weights]
     cmd += ["--images", str(images), "--port", str(port), "--device", "cpu", "--cache-age", str(args.cache_age)]
-    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = base / "server.log"  # a file, not a pipe: a pipe nobody reads would stall a server that logs much
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"), text=True)
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + 180
@@ -108,7 +110,7 @@ def main() -> None:
                     break
             except OSError:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    sys.exit(f"error: the app did not start: {server.stderr.read()[-2000:]}")
+                    sys.exit(f"error: the app did not start: {log.read_text()[-2000:]}")
                 time.sleep(0.5)
         key, layer = f"{spec.name}|{spec.weights}", loaded.layers[0]
         warm = Client(url, verbose=False)
@@ -208,6 +210,12 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
+        text = log.read_text(errors="replace")
+        errors_logged = [line for line in text.splitlines() if re.match(r"^\w*(Error|Exception)\b", line)]
+        print(
+            f"server log: {text.count('Traceback')} tracebacks"
+            + (f"; last: {errors_logged[-1]}" if errors_logged else "")
+        )
 
 
 if __name__ == "__main__":

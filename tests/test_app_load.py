@@ -209,8 +209,8 @@ def cached(demo) -> set[Path]:
 
 
 def test_disk_use_is_bounded(swept):
-    """Many runs and exports leave at most KEEP folders of each in the work folder, and Gradio's cache of
-    uploads and results is swept (delete_cache) down to the gallery's examples."""
+    """Many runs and exports leave at most KEEP folders of each (and of the runs' panels) in the work folder,
+    and Gradio's cache of uploads and results is swept (delete_cache) down to the gallery's examples."""
     url, demo, work, files = swept
     client = gradio_client.Client(url, verbose=False)
     for i in range(KEEP + 4):
@@ -218,6 +218,7 @@ def test_disk_use_is_bounded(swept):
         client.predict(1, api_name="/export")
     assert len(list((work / "runs").iterdir())) == KEEP
     assert len(list((work / "exports").iterdir())) == KEEP
+    assert len(list((work / "panels").iterdir())) == KEEP  # the panels' PNG files, handed to Gradio as files
     produced = cached(demo)
     assert len(produced) >= 10  # panels, exported files, uploads (older ones may be swept already)
     time.sleep(8)

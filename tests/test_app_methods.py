@@ -123,7 +123,8 @@ def test_method_map_is_the_variant(page, name, changes, options):
     expected = direct(loaded, files[3], v, name, **options)
     assert result.method.shape == (1, 3, 32, 32) and result.method.abs().sum() > 0
     assert torch.equal(result.method, expected)
-    assert np.array_equal(np.asarray(out[ui.method_img]), np.asarray(render_map(expected[0])))
+    shown = Image.open(out[ui.method_img]).convert("RGB")  # a PNG file in the run's panels folder
+    assert np.array_equal(np.asarray(shown), np.asarray(render_map(expected[0]).convert("RGB")))
     assert result.method_name.startswith("x * " if v["times_input"] else name)
     assert f"method map: {result.method_name}" in out[ui.note]
     if name == "pullback_ascent" and options["clip"]:  # x_0 + map stays in the image range

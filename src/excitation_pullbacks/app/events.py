@@ -18,6 +18,7 @@ from pathlib import Path
 
 import gradio as gr
 import torch
+from PIL import Image
 
 from excitation_pullbacks import Neuron
 
@@ -313,7 +314,7 @@ class Events:
         return {
             self.ui.state: state,
             self.ui.note: f"Input {note}; method map: {result.method_name}",
-            **self._panels(result, settings.steps),
+            **self._as_files(self._panels(result, settings.steps)),
             self.ui.report: result.report,
             self.ui.command: state["command"],
         }
@@ -323,7 +324,7 @@ class Events:
         v = self.ui.read(values, StepInputs)
         if not v.state:
             return self._step_views(None, 0)
-        return self._step_views(v.state["result"], int(v.step))
+        return self._as_files(self._step_views(v.state["result"], int(v.step)))
 
     def export(self, values: dict) -> dict:
         """The panels (ascent at the slider's step), tensors.pt and command.txt of the last run, as files."""
@@ -380,6 +381,21 @@ class Events:
         self.stops.stop(_session(request))
 
     # -- results -> components ------------------------------------------------------------------------
+    def _as_files(self, views: dict) -> dict:
+        """``views`` with each PIL image saved as a PNG in a new ``panels`` folder of the work area (its path in
+        its place). Gradio copies a file into its cache under a temporary name and renames it into place; an
+        image it encodes itself it writes in place under the content's hash, so an identical panel of another
+        client's request, rewritten while it is being downloaded, arrived truncated (seen under load: "peer
+        closed connection without sending complete message body")."""
+        folder, out = None, {}
+        for i, (component, value) in enumerate(views.items()):
+            if isinstance(value, Image.Image):
+                folder = folder or self.work.new("panels")
+                value.save(folder / f"{i}.png")
+                value = str(folder / f"{i}.png")
+            out[component] = value
+        return out
+
     def _panels(self, result: Exploration, steps: int) -> dict:
         ui = self.ui
         has_ascent = bool(result.trajectories)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from .cache import start_sweeping
 from .checkpoints import Checkpoints
 from .events import Events
 from .images import list_images
@@ -36,9 +37,9 @@ def build_demo(
     device: where models run (auto: cuda when available). work_dir: where runs save their input image and
     exports (default: a new temporary folder). checkpoint_dir: the folder whose checkpoint files the page
     offers (None: none; ``initial``'s own checkpoint is offered either way). keep: how many runs' and exports'
-    folders stay in work_dir (the oldest beyond go). delete_cache: Gradio's (frequency, age) in seconds: every
-    ``frequency`` s its cached uploads and results older than ``age`` s are deleted (None: kept until the
-    server stops). Raises ModelError for a model that cannot be loaded or a checkpoint_dir that is no folder.
+    folders stay in work_dir (the oldest beyond go). delete_cache: (frequency, age) in seconds: every
+    ``frequency`` s Gradio's cached uploads and results older than ``age`` s are deleted (None: kept until the
+    server stops; :mod:`.cache`). Raises ModelError for a model that cannot be loaded or a checkpoint_dir that is no folder.
 
     Uploads are limited in size by ``launch(max_file_size=...)`` (``pullbacks-app``: :data:`.cli.MAX_FILE_SIZE`),
     images in pixels by :data:`.images.MAX_PIXELS`.
@@ -51,10 +52,15 @@ def build_demo(
     work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="pullbacks-app-"))
     work.mkdir(parents=True, exist_ok=True)
     gallery = [str(p) for p in list_images(images)]
-    with gr.Blocks(title="Excitation pullbacks explorer", delete_cache=delete_cache) as demo:
+    # Gradio's own delete_cache only for its clean-up at shutdown: its periodic sweep (due after 10^9 s here)
+    # dies under concurrent requests, and .cache sweeps instead
+    shutdown_only = None if delete_cache is None else (10**9, delete_cache[1])
+    with gr.Blocks(title="Excitation pullbacks explorer", delete_cache=shutdown_only) as demo:
         ui = build_layout(
             initial, options, loaded, gallery, checkpoints.choices(), checkpoints.shown(initial.checkpoint)
         )
         Events(ui, initial, device, work, checkpoints, keep).connect(demo)
     demo.queue(max_size=32, default_concurrency_limit=1)
+    if delete_cache is not None:
+        start_sweeping(demo, *delete_cache)
     return demo

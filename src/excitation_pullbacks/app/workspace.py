@@ -1,6 +1,6 @@
-"""The explorer's work folder on the server: each run's input image and each export in a folder of its own,
-with only the newest ``keep`` folders of each kind kept, so that disk use stays bounded however many requests
-come (Gradio's own cache of uploads and results is bounded by ``delete_cache``, see :func:`.page.build_demo`).
+"""The explorer's work folder on the server: each run's input image, its panels and each export in a folder of
+its own, with only the newest ``keep`` folders of each kind kept, so that disk use stays bounded however many
+requests come (Gradio's own cache of uploads and results is bounded by ``delete_cache``, see :func:`.page.build_demo`).
 """
 
 from __future__ import annotations
