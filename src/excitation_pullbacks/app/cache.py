@@ -1,11 +1,12 @@
 """The sweep of Gradio's cache of uploads and results: every ``frequency`` s, the files a page handed out more
 than ``age`` s ago are deleted (the ones its components keep, e.g. the gallery's examples, excepted).
 
-Gradio's own ``Blocks(delete_cache=...)`` does this in a background task that iterates the page's live file
-sets; under concurrent requests a set grows during the iteration, the task dies on "Set changed size during
-iteration", and nothing is swept again: measured with 8 clients, its cache held every file of 1,200 requests
-(14,782 files, 175 MB, and the sets in memory). This sweep reads each set as a snapshot (one C-level copy,
-which no other Python thread can interleave with) and never stops on an error.
+Gradio's own ``Blocks(delete_cache=...)`` does this in a background task. Measured with 8 concurrent clients,
+it swept nothing: 1,878 files after 96 requests at a 3 s age, 14,782 (175 MB) after 1,200 at 120 s. Its loop
+iterates the page's live file sets while request threads add to them, which raises "Set changed size during
+iteration" and, uncaught, would end the task silently (the likely cause; not traced further). This sweep reads
+each set as a snapshot (one C-level copy, which no other Python thread can interleave with) and goes on after
+an error.
 """
 
 from __future__ import annotations
