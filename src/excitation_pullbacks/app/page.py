@@ -34,12 +34,12 @@ def build_demo(
 ) -> gr.Blocks:
     """The explorer page, with ``initial`` loaded (and cached) and the folder ``images`` in the gallery.
 
-    device: where models run (auto: cuda when available). work_dir: where runs save their input image and
-    exports (default: a new temporary folder). checkpoint_dir: the folder whose checkpoint files the page
-    offers (None: none; ``initial``'s own checkpoint is offered either way). keep: how many runs' and exports'
-    folders stay in work_dir (the oldest beyond go). delete_cache: (frequency, age) in seconds: every
-    ``frequency`` s Gradio's cached uploads and results older than ``age`` s are deleted (None: kept until the
-    server stops; :mod:`.cache`). Raises ModelError for a model that cannot be loaded or a checkpoint_dir that is no folder.
+    device: where models run (auto: cuda when available). work_dir: where runs save their input image, panels and
+    exports (default: a new temporary folder). checkpoint_dir: the folder whose checkpoint files the page offers
+    (None: none; ``initial``'s own checkpoint is offered either way). keep: how many folders of each (runs, panels,
+    exports) stay in work_dir (the oldest beyond go). delete_cache: (frequency, age) in seconds: every ``frequency``
+    s Gradio's cached uploads and results older than ``age`` s are deleted (None: kept until the server stops;
+    :mod:`.cache`). Raises ModelError for a model that cannot be loaded or a checkpoint_dir that is no folder.
 
     Uploads are limited in size by ``launch(max_file_size=...)`` (``pullbacks-app``: :data:`.cli.MAX_FILE_SIZE`),
     images in pixels by :data:`.images.MAX_PIXELS`.
@@ -53,7 +53,7 @@ def build_demo(
     work.mkdir(parents=True, exist_ok=True)
     gallery = [str(p) for p in list_images(images)]
     # Gradio's own delete_cache only for its clean-up at shutdown: its periodic sweep (due after 10^9 s here)
-    # dies under concurrent requests, and .cache sweeps instead
+    # swept nothing under concurrent requests (measured), and .cache sweeps instead
     shutdown_only = None if delete_cache is None else (10**9, delete_cache[1])
     with gr.Blocks(title="Excitation pullbacks explorer", delete_cache=shutdown_only) as demo:
         ui = build_layout(

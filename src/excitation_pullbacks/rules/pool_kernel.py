@@ -1,10 +1,10 @@
 """The softmax-pool backward's CPU kernel as the custom op ``excitation_pullbacks::soft_pool_backward``.
 
-The C source (``pool_kernel.c`` beside this file, with the other kernels' sources, ``SOURCES``) is compiled on
-first use by the system C compiler into one library in a per-user cache (about a second; the file name hashes
-the sources, compiler, flags, CPU and OpenMP runtime) and called through ctypes. It is registered with ``torch.library`` (with a fake implementation for tracing),
-so a ``torch.compile``d backward calls it like any op instead of stepping aside; eager backward passes call the
-kernel without the op's dispatch.
+The C source (``pool_kernel.c`` beside this file, with the other kernels' sources, ``SOURCES``) is compiled on first
+use by the system C compiler into one library in a per-user cache (about a second; the file name hashes the sources,
+compiler, flags, CPU and OpenMP runtime) and called through ctypes. It is registered with ``torch.library`` (with a
+fake implementation for tracing), so a ``torch.compile``d backward calls it like any op instead of stepping aside;
+eager backward passes call the kernel without the op's dispatch.
 
 OpenMP: the library is linked against the OpenMP runtime that torch itself has loaded (read from the
 process's memory map - ``libgomp.so.1``, or a wheel's renamed ``libgomp-<hash>.so.1``, or ``libiomp5``), so
