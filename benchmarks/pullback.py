@@ -75,6 +75,12 @@ METHODS = (
     "compiled-pullback",
 )
 COMPILED = ("compiled-vanilla", "compiled-pullback")
+#: Methods that are another method with one of the engine's switches set to 0: (variable, that method).
+SWITCHED = {
+    "pullback-noflush": ("EXCITATION_PULLBACKS_FLUSH", "pullback"),
+    "pullback-torchbn": ("EXCITATION_PULLBACKS_BN_KERNEL", "pullback"),
+    "semantic-torchgate": ("EXCITATION_PULLBACKS_GATE_KERNEL", "semantic"),
+}
 
 
 # -- the paper's listings, as written there (module swap) --------------------------------------------
@@ -158,29 +164,20 @@ def make_call(method: str, model: nn.Module):
         return lambda x, t: _grad(model, x, t)
     if method == "pullback":
         return lambda x, t: pullback(model, x, t, temperature=0.3)
-    if method in ("pullback-noflush", "pullback-torchbn"):
-        switch = "EXCITATION_PULLBACKS_FLUSH" if method == "pullback-noflush" else "EXCITATION_PULLBACKS_BN_KERNEL"
+    if method in SWITCHED:
+        switch, base = SWITCHED[method]
+        call = make_call(base, model)
 
-        def call(x, t):
+        def switched(x, t):
             os.environ[switch] = "0"
             try:
-                return pullback(model, x, t, temperature=0.3)
+                return call(x, t)
             finally:
                 del os.environ[switch]
 
-        return call
+        return switched
     if method == "semantic":
         return lambda x, t: pullback(model, x, t, preset("semantic"))
-    if method == "semantic-torchgate":
-
-        def call(x, t):
-            os.environ["EXCITATION_PULLBACKS_GATE_KERNEL"] = "0"
-            try:
-                return pullback(model, x, t, preset("semantic"))
-            finally:
-                del os.environ["EXCITATION_PULLBACKS_GATE_KERNEL"]
-
-        return call
     if method == "semantic-noattn":
         return lambda x, t: pullback(model, x, t, preset("semantic", attention_temperature=None))
     if method == "semantic-attn07":

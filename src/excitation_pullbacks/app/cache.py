@@ -24,15 +24,6 @@ __all__ = ["start_sweeping", "sweep"]
 log = logging.getLogger(__name__)
 
 
-def _snapshot(files: set) -> list:
-    for _ in range(100):
-        try:
-            return list(files)
-        except RuntimeError:  # changed while copied (a set subclass iterating in Python): copy again
-            time.sleep(0.001)
-    return []
-
-
 def sweep(blocks: gr.Blocks, age: float) -> int:
     """Delete the files of ``blocks``' cache sets created more than ``age`` s ago; returns how many."""
     keep = set()
@@ -40,7 +31,7 @@ def sweep(blocks: gr.Blocks, age: float) -> int:
         keep.update(getattr(component, "keep_in_cache", set()))
     now, removed = time.time(), 0
     for files in list(blocks.temp_file_sets):
-        for name in _snapshot(files):
+        for name in list(files):  # a snapshot: one C-level copy, atomic for other Python threads
             if name in keep:
                 continue
             try:

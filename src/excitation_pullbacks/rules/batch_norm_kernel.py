@@ -36,20 +36,6 @@ THRESHOLD = {torch.float32: 20.0, torch.float64: 40.0}
 LOW = {torch.float32: -87.0, torch.float64: -708.0}
 #: Calls of the kernel in this process (tests count them).
 calls = 0
-_declared: set[int] = set()
-
-
-def _function(dtype: torch.dtype):
-    lib = pool_kernel.library()
-    if lib is None:
-        return None
-    fn = getattr(lib, _FUNCS[dtype])
-    if id(lib) not in _declared:
-        for name in _FUNCS.values():
-            getattr(lib, name).argtypes = _ARGS
-            getattr(lib, name).restype = ctypes.c_int
-        _declared.add(id(lib))
-    return fn
 
 
 def _pointer(t: Tensor | None) -> int | None:
@@ -85,7 +71,7 @@ def soft_relu_grad(
         return None
     if any(v.shape != x.shape for v in tensors) or any(p.shape != (x.shape[1],) for p in params):
         return None
-    fn = _function(dtype)
+    fn = pool_kernel.function(_FUNCS[dtype], _ARGS, ctypes.c_int)
     if fn is None:
         return None
     global calls

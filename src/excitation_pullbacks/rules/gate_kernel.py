@@ -29,19 +29,6 @@ _ARGS = [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_double] * 3
 RANGE = {torch.float32: (-4.0, 9.0), torch.float64: (-6.0, 26.5)}
 #: Calls of the kernel in this process (tests count them).
 calls = 0
-_declared: set[int] = set()
-
-
-def _function(dtype: torch.dtype):
-    lib = pool_kernel.library()
-    if lib is None:
-        return None
-    if id(lib) not in _declared:
-        for name in _FUNCS.values():
-            getattr(lib, name).argtypes = _ARGS
-            getattr(lib, name).restype = None
-        _declared.add(id(lib))
-    return getattr(lib, _FUNCS[dtype])
 
 
 def normal_cdf_grad(grad: Tensor, z: Tensor, gate: Gate) -> Tensor | None:
@@ -66,7 +53,7 @@ def normal_cdf_grad(grad: Tensor, z: Tensor, gate: Gate) -> Tensor | None:
         or os.environ.get("EXCITATION_PULLBACKS_GATE_KERNEL", "1") == "0"
     ):
         return None
-    fn = _function(z.dtype)
+    fn = pool_kernel.function(_FUNCS[z.dtype], _ARGS, None)
     if fn is None:
         return None
     global calls

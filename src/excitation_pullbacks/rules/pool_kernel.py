@@ -39,7 +39,7 @@ __all__ = [
     "denormals_flushed",
     "denormals_off",
     "denormals_restore",
-    "library",
+    "function",
     "openmp_runtime",
     "pool_backward",
     "soft_pool_backward",
@@ -59,6 +59,7 @@ _FLAGS = ("-O3", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-
 _ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 14 + [ctypes.c_int] * 2
 _FUNCS = {torch.float32: "soft_pool_f32", torch.float64: "soft_pool_f64"}
 _lib: ctypes.CDLL | None = None
+_declared: dict[str, object] = {}  # the functions function() declared, by name
 _failed: str | None = None
 #: Calls of the op's kernel in this process (tests count them, e.g. in a compiled graph).
 calls = 0
@@ -148,9 +149,17 @@ def _build() -> ctypes.CDLL:
     return lib
 
 
-def library() -> ctypes.CDLL | None:
-    """The loaded library (None where :func:`available` is False), for the other kernels built into it."""
-    return _lib if available() else None
+def function(name: str, argtypes: list, restype):
+    """The library's C function ``name`` with its signature declared (once), for the other kernels built into
+    it; None where :func:`available` is False."""
+    if not available():
+        return None
+    fn = _declared.get(name)
+    if fn is None:
+        fn = getattr(_lib, name)
+        fn.argtypes, fn.restype = argtypes, restype
+        _declared[name] = fn
+    return fn
 
 
 def threads() -> int:
