@@ -3,6 +3,10 @@
 Run: .venv/bin/python benchmarks/app_latency.py [--device cpu] [--repeats 5]
 Rows: a digits CNN pullback (both panels: vanilla + excitation), a ResNet50 (random weights, 224 px) pullback
 (both panels), a 10-step ResNet50 ascent (excitation and vanilla trajectories, 20 steps in all).
+Then the cost of one image: the excitation panel's ``pullback`` (default gates) against the plain torch input gradient (parameters frozen,
+``torch.autograd.grad`` of the target logit) at batch 1 on one thread, as thread CPU time (what the call
+itself computes, not the waits a busy machine adds), the two interleaved, median of ``--batch1-repeats``
+(ResNet50: a twentieth of that); skip with ``--batch1-repeats 0``.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import time
 import torch
 from PIL import Image
 
-from excitation_pullbacks import GateOptions
+from excitation_pullbacks import GateOptions, pullback
 from excitation_pullbacks.app.images import digits_folder, list_images, open_image, preprocess
 from excitation_pullbacks.app.models import ModelSpec, load_model
 from excitation_pullbacks.app.panels import AscentSettings, gradients, trajectories
@@ -31,10 +35,45 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def batch1_ratio(model, x: torch.Tensor, target: int, gate: GateOptions, repeats: int) -> tuple[float, float]:
+    """(vanilla, pullback) median thread CPU seconds for one image x (1, C, H, W) on one thread, interleaved;
+    the pullback as the excitation panel computes it (``gate``)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def vanilla():
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            xg = x.detach().requires_grad_(True)
+            torch.autograd.grad(model(xg)[:, target].sum(), xg)
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+
+    def excitation():
+        pullback(model, x, target, gate)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        times: dict = {vanilla: [], excitation: []}
+        for fn in times:
+            fn()  # warm-up (the kernel library, allocator caches)
+        for i in range(repeats):
+            for fn in (vanilla, excitation) if i % 2 else (excitation, vanilla):
+                start = time.thread_time()
+                fn()
+                times[fn].append(time.thread_time() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(times[vanilla]), statistics.median(times[excitation])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batch1-repeats", type=int, default=300)
     args = p.parse_args()
     gate = GateOptions()
     digits = load_model(ModelSpec("digits_cnn", "DEFAULT"), args.device)
@@ -56,6 +95,14 @@ def main() -> None:
     print(f"load before: {subprocess.run(['uptime'], capture_output=True, text=True, check=True).stdout.strip()}")
     for name, fn in rows:
         print(f"{name:55s} {median_seconds(fn, args.repeats):8.3f} s", flush=True)
+    if args.batch1_repeats > 0:
+        print("batch 1, one thread, thread CPU time: vanilla gradient, pullback (ratio)")
+        for name, model, x, n in (
+            ("digits_cnn, 32 px", digits.model, xd, args.batch1_repeats),
+            ("resnet50, 224 px", resnet.model, xr, max(3, args.batch1_repeats // 20)),
+        ):
+            van, pb = batch1_ratio(model, x, 3, gate, n)
+            print(f"  {name:20s} {van * 1e3:8.2f} ms {pb * 1e3:8.2f} ms ({pb / van:.2f}x), median of {n}", flush=True)
     print(f"load after:  {subprocess.run(['uptime'], capture_output=True, text=True, check=True).stdout.strip()}")
 
 

@@ -59,6 +59,23 @@ def test_model_is_cached_and_describes_its_sites(digits):
     assert spec_from_key("resnet50|IMAGENET1K_V1", "/w.pt") == ModelSpec("resnet50", None, "/w.pt")
 
 
+def test_describing_a_model_leaves_its_forward_alone():
+    """The probe that finds a model's sites records each module's first output without replacing the later
+    ones: a Bottleneck's ReLU is called on 64, 64 and 256 channels (before, its first output came back at
+    every call and ResNet50 did not load)."""
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    torch.manual_seed(0)
+    model = ResNet(Bottleneck, [1, 1, 1, 1], num_classes=10).eval()
+    probe = torch.zeros(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(probe)
+    loaded = loaded_model(ModelSpec("resnet_tiny", None), model, "cpu", "imagenet", 32, 32)
+    assert dict(loaded.sites)["layer1.0.relu"] == 3 and loaded.shapes["layer1.0.relu"] == (1, 64, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(probe), expected)
+
+
 def test_model_errors_are_one_line_messages(tmp_path):
     with pytest.raises(ModelError, match="does not exist"):
         load_model(ModelSpec("digits_cnn", None, str(tmp_path / "missing.pt")), "cpu")

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 import torchvision.models as tvm
 
-from excitation_pullbacks import pullback
+from excitation_pullbacks import Gate, pullback
 from excitation_pullbacks.rules import pool_kernel
+from excitation_pullbacks.rules.pool import torch_pool_backward
 
 pytestmark = pytest.mark.skipif(not pool_kernel.available(), reason="no C compiler: the torch path runs")
 
@@ -34,8 +35,9 @@ def test_one_openmp_runtime_governed_by_torch():
     code = """
 import re, torch
 from torch import nn
-from excitation_pullbacks import pullback
+from excitation_pullbacks import Gate, pullback
 from excitation_pullbacks.rules import pool_kernel
+from excitation_pullbacks.rules.pool import torch_pool_backward
 m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.MaxPool2d(3, 2), nn.Flatten(), nn.LazyLinear(4)).eval()
 m(torch.rand(1, 3, 64, 64))
 pullback(m, torch.rand(2, 3, 64, 64), 1)
@@ -78,3 +80,27 @@ def test_compiled_torchvision_pullback_calls_the_kernel_op(arch):
     assert calls == {"resnet18": 1, "vgg11_bn": 5}[arch]
     assert (ours - eager).abs().max() <= 1e-5 * eager.abs().max()
     assert F.cosine_similarity(ours.flatten(), eager.flatten(), dim=0) > 1 - 1e-6
+
+
+@pytest.mark.parametrize("dtype, low", [(torch.float32, -87.0), (torch.float64, -708.0)])
+def test_window_terms_below_the_smallest_normal_weight_are_exact_zeros(dtype, low):
+    """Where (x - window max) / T <= LOW (exp(LOW) about the dtype's smallest normal number) the kernel's
+    weight is exactly 0; the torch path's is at most exp(LOW) there, so the two agree to float precision on
+    every entry (both detach settings, excluded and zero padding)."""
+    g = torch.Generator().manual_seed(3)
+    t = 0.5
+    x = torch.randn(2, 3, 9, 8, generator=g, dtype=dtype)
+    far = torch.rand(x.shape, generator=g) < 0.3
+    x[far] = (low - 8) * t  # below every window max by more than LOW: exp would be subnormal
+    grad = torch.randn(2, 3, 5, 4, generator=g, dtype=dtype)
+    k, s, p, d = (3, 3), (2, 2), (1, 1), (1, 1)
+    out = F.max_pool2d(x, k, s, p, d)
+    for zero, detach in ((False, False), (True, True), (False, True)):
+        gate = Gate(temperature=t, detach=detach, padding="zero" if zero else "exclude")
+        ours = pool_kernel.pool_backward(x, grad, t, k, s, p, d, zero=zero, detach=detach)
+        torch_path = torch_pool_backward(x, out, grad, gate, k, s, p, d)
+        assert torch.equal(ours[far], torch.zeros_like(ours[far]))
+        tiny = torch.finfo(dtype).tiny
+        assert torch_path[far].abs().max() <= 4 * tiny * grad.abs().max()
+        eps = torch.finfo(dtype).eps
+        assert torch.allclose(ours, torch_path, rtol=64 * eps, atol=64 * eps * grad.abs().max().item())

@@ -173,17 +173,23 @@ def _load(spec: ModelSpec, device: str, stamp: int | None) -> LoadedModel:
     return loaded_model(spec, model, device, space, resize, crop)
 
 
+def _first_output(outputs: dict, name: str):
+    """A forward hook that keeps the module's first output in ``outputs[name]`` and returns None, so the output
+    the model goes on with is its own (a module called several times, as a ResNet block's ReLU, keeps each)."""
+
+    def hook(_module, _args, out) -> None:
+        outputs.setdefault(name, out)
+
+    return hook
+
+
 def loaded_model(spec: ModelSpec, model: nn.Module, device: str, space: str, resize: int, crop: int) -> LoadedModel:
     """``model`` (moved to ``device``, eval mode) described for the explorer: one forward pass of a zero image
     (1, 3, crop, crop) finds its gated sites, their output shapes and channel layouts, and its classes."""
     model = model.to(device).eval()
     probe = torch.zeros(1, 3, crop, crop, device=device)
     outputs: dict[str, object] = {}
-    hooks = [
-        m.register_forward_hook(lambda _m, _i, out, name=name: outputs.setdefault(name, out))
-        for name, m in model.named_modules()
-        if name
-    ]
+    hooks = [m.register_forward_hook(_first_output(outputs, name)) for name, m in model.named_modules() if name]
     try:
         with torch.no_grad(), excitation(model) as report:
             logits = model(probe)

@@ -19,11 +19,18 @@ extern double exp(double);
 /* Elements below which a kernel runs on the calling thread alone. */
 #define PARALLEL_MIN 65536
 
+/* A window term's weight exp(u), u = (x - max) / T <= 0, from uc = CLAMP(LOW, u): 0 at and below LOW, where
+   exp(LOW) is about the dtype's smallest normal number (negligible beside the max's exp(0) = 1; the products
+   would be subnormal) and glibc's vector exp would take a scalar path several times slower. The select
+   reads the clamped uc, so the compiler keeps the clamp. */
+#define WEIGHT(EXP, LOW, uc) ((uc) <= (LOW) ? 0 : EXP(uc))
+#define CLAMP(LOW, u) ((u) < (LOW) ? (LOW) : (u))
+
 /* Input gradient of the softmax pool of x (planes x H x W, contiguous) for grad (planes x Ho x Wo); writes
    gin (planes x H x W). Plane p has temperature temps[p % nt]. Positions outside the input are excluded, or
    (zero != 0) enter as x = 0 while within the explicit padding. detach: gradient = weights; else the full
    gradient w_j (r_j + 1 - sum(e r) / Z). Returns nonzero when its row buffers could not be allocated. */
-#define SOFT_POOL(NAME, T, EXP)                                                                          \
+#define SOFT_POOL(NAME, T, EXP, LOW)                                                                     \
 int NAME(const T *x, const T *grad, T *gin, const T *temps, int64_t nt, int64_t planes, int64_t H,      \
          int64_t W, int64_t Ho, int64_t Wo, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,  \
          int64_t pw, int64_t dh, int64_t dw, int zero, int detach) {                                     \
@@ -79,14 +86,14 @@ int NAME(const T *x, const T *grad, T *gin, const T *temps, int64_t nt, int64_t 
                     if (inside) {                                                                        \
                         const T *row = xp + r * W + j * dw - pw;                                         \
                         SIMD for (int64_t ow = lo[j]; ow < hi[j]; ow++) {                                \
-                            T u = (row[ow * sw] - m[ow]) * inv, v = EXP(u);                              \
+                            T u = (row[ow * sw] - m[ow]) * inv, uc = CLAMP(LOW, u), v = WEIGHT(EXP, LOW, uc); \
                             q[ow] = u; e[ow] = v; Z[ow] += v; S[ow] += v * u;                            \
                         }                                                                                \
                     }                                                                                    \
                     if (padrow) {                                                                        \
                         for (int64_t ow = zlo[j]; ow < zhi[j]; ow++)                                     \
                             if (!inside || ow < lo[j] || ow >= hi[j]) {                                  \
-                                T u = -m[ow] * inv, v = EXP(u);                                          \
+                                T u = -m[ow] * inv, uc = CLAMP(LOW, u), v = WEIGHT(EXP, LOW, uc);        \
                                 Z[ow] += v; S[ow] += v * u;                                              \
                             }                                                                            \
                     }                                                                                    \
@@ -117,8 +124,8 @@ int NAME(const T *x, const T *grad, T *gin, const T *temps, int64_t nt, int64_t 
     return failed;                                                                                       \
 }
 
-SOFT_POOL(soft_pool_f32, float, expf)
-SOFT_POOL(soft_pool_f64, double, exp)
+SOFT_POOL(soft_pool_f32, float, expf, -87.0f)
+SOFT_POOL(soft_pool_f64, double, exp, -708.0)
 
 /* The number of threads a parallel region of this library runs on (1 without OpenMP): tests read it to show
    that torch.set_num_threads governs the kernel. */
