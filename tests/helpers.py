@@ -8,7 +8,6 @@ import io
 import json
 import os
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -22,9 +21,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 from torch import nn
-from wandb.proto import wandb_internal_pb2
 
 from excitation_pullbacks.pipeline.cli import CONFIG_DIR, main
+from excitation_pullbacks.pipeline.dashboard import run_records
 
 ARCHS = ["resnet50", "vgg11_bn", "densenet121"]
 # (ReLU, max-pool) calls per forward pass that a complete implementation gates: ResNet50 reuses Bottleneck.relu
@@ -182,37 +181,13 @@ def read_rows(path: Path) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The records W&B itself wrote: an offline run's ``run-<id>.wandb`` file, read back.
-# Its format is a LevelDB-style log: a 7-byte file header (":W&B", magic, version), then 32 KiB blocks of
-# chunks, each with a 7-byte header (CRC32, length, type: 1 full, 2 first, 3 middle, 4 last) and a piece of a
-# serialised ``wandb_internal_pb2.Record``.
-
-_BLOCK, _CHUNK_HEADER = 32768, 7
+# The records W&B itself wrote: an offline run's ``run-<id>.wandb`` file, read back (the pipeline's reader).
 
 
 def wandb_records(run_dir: Path) -> list:
     """Every Record in the ``*.wandb`` file of an offline run folder, in order."""
     (path,) = Path(run_dir).glob("*.wandb")
-    data = path.read_bytes()
-    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
-    records, parts, pos = [], [], 7
-    while pos + _CHUNK_HEADER <= len(data):
-        left = _BLOCK - pos % _BLOCK
-        if left < _CHUNK_HEADER:  # the rest of a block too short for a chunk header is padding
-            pos += left
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + _CHUNK_HEADER])
-        if kind == 0 and length == 0:
-            pos += left
-            continue
-        parts.append(data[pos + _CHUNK_HEADER : pos + _CHUNK_HEADER + length])
-        pos += _CHUNK_HEADER + length
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(b"".join(parts))
-            records.append(record)
-            parts = []
-    return records
+    return run_records(path)
 
 
 def _items(items) -> dict:
@@ -249,10 +224,16 @@ def read_wandb_run(folder: Path, timeout: float = 60.0) -> WandbRun:
     """The records of the finished offline run in ``folder`` (``offline-run-*``). W&B's service may still be
     writing the file when ``finish`` returns: wait (up to ``timeout`` s) for its exit record."""
     deadline = time.monotonic() + timeout
-    records = wandb_records(folder)
-    while not any(r.WhichOneof("record_type") == "exit" for r in records) and time.monotonic() < deadline:
+    while True:
+        try:
+            records = wandb_records(folder)
+        except ValueError:  # read while the service writes it
+            if time.monotonic() >= deadline:
+                raise
+            records = []
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() >= deadline:
+            break
         time.sleep(0.5)
-        records = wandb_records(folder)
     got = WandbRun(Path(folder))
     for r in records:
         kind = r.WhichOneof("record_type")

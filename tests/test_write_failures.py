@@ -4,7 +4,8 @@ half-written.
 No full file system can be made here without root, so a full disk is simulated: the file objects the
 pipeline's writer (``pipeline.atomic``, through the core's ``saving.write_atomic``) opens raise
 ``OSError(ENOSPC)`` once a byte limit is passed, exactly as ``write(2)`` fails on a full disk; ``torch.save``'s real zip writer writes through them. A real kernel write
-failure comes from the file size limit (``RLIMIT_FSIZE``, ``EFBIG``) of a CLI subprocess.
+failure comes from the file size limit (``RLIMIT_FSIZE``, ``EFBIG``) of a CLI subprocess, or of W&B's service
+process alone.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,9 +26,17 @@ import torch
 from excitation_pullbacks import saving
 from excitation_pullbacks.pipeline import atomic
 from excitation_pullbacks.pipeline.cli import main
-from excitation_pullbacks.pipeline.errors import describe_failure
+from excitation_pullbacks.pipeline.dashboard import Dashboard, run_records
+from excitation_pullbacks.pipeline.errors import PipelineError, describe_failure
 
-from helpers import CLI, assert_one_error_line, cli_in_process, tiny_overrides
+from helpers import (
+    CLI,
+    assert_nothing_written,
+    assert_one_error_line,
+    cli_in_process,
+    read_wandb_run,
+    tiny_overrides,
+)
 
 
 class FullDisk(io.RawIOBase):
@@ -153,3 +163,92 @@ def test_a_real_write_failure_in_torch_save_is_one_line(tmp_path):
     assert "Traceback" not in res.stderr and not (tmp_path / "out" / "results").exists()
     assert not (tmp_path / "out" / ".results.partial").exists()
     assert sys.platform.startswith("linux")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# W&B's writer: its service (wandb-core, a process of its own) writes the run file and goes on when a write fails
+
+
+def test_a_run_file_that_ends_early_fails_the_check(tmp_path):
+    dashboard = Dashboard.start({"project": "p", "mode": "offline"}, tmp_path, name="n")
+    dashboard.log_tables({"t": [["a"], [1]]})
+    dashboard.finish()
+    dashboard.check_written()
+    (path,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    assert read_wandb_run(path.parent).exit_code == 0  # the service has closed the file
+    whole = path.read_bytes()
+    for size in (len(whole) - 3, len(whole) // 2):
+        path.write_bytes(whole[:size])
+        with pytest.raises(ValueError):
+            run_records(path)
+        with pytest.raises(PipelineError) as info:
+            dashboard.check_written(wait_s=0.1)
+        line = str(info.value)
+        assert line.startswith(f"cannot write {path}: W&B's writer") and "free on that disk" in line
+
+
+def test_w_and_bs_media_writes_name_the_run_folder(tmp_path):
+    """W&B's own media and table writes fail with an OSError naming no file."""
+
+    class Run:
+        dir = str(tmp_path / "offline-run-x" / "files")
+
+        def log(self, *args, **kwargs):
+            raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+
+    with pytest.raises(OSError) as info:
+        Dashboard(Run()).log_tables({"t": [["a"], [1]]})
+    line = describe_failure(info.value, where="elsewhere")
+    assert line.startswith(f"cannot write {tmp_path / 'offline-run-x'}: the file is larger than this process may")
+
+
+def _child_named(parent: int, name: str) -> int | None:
+    """The pid of a child process of ``parent`` called ``name``, if one runs."""
+    for entry in Path("/proc").iterdir():
+        try:
+            status = (entry / "status").read_text() if entry.name.isdigit() else ""
+        except OSError:
+            continue
+        if f"Name:\t{name}\n" in status and f"PPid:\t{parent}\n" in status:
+            return int(entry.name)
+    return None
+
+
+@pytest.mark.slow  # a CLI subprocess
+def test_a_real_write_failure_of_w_and_bs_run_file_is_one_line(tmp_path):
+    """W&B's service cannot grow a file past 4 KiB (RLIMIT_FSIZE, set on it once it runs; it catches SIGXFSZ, so
+    its writes fail with EFBIG): it logs the failure, goes on and leaves its run file cut short while the run's
+    own files are written. The run ends with one line naming the run file, exit 1, and publishes nothing."""
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=src)
+    out = tmp_path / "out"
+    args = ["experiment=digits", "figures=[fig2]", "ascent=none", "targets.rows=[0,1]", "temperatures=[0.3]"]
+    proc = subprocess.Popen(
+        [*CLI, *args, "logger=wandb", f"output_dir={out}"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline, core = time.monotonic() + 120, None
+        while core is None and proc.poll() is None and time.monotonic() < deadline:
+            core = _child_named(proc.pid, "wandb-core")
+            time.sleep(0.01)
+        assert core is not None, "W&B's service did not start"
+        resource.prlimit(core, resource.RLIMIT_FSIZE, (4096, 4096))
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    (run_file,) = out.glob("wandb/offline-run-*/run-*.wandb")
+    assert proc.returncode == 1
+    assert_one_error_line(
+        proc.returncode, stderr, f"cannot write {run_file}: W&B's writer", "free on that disk", "nothing was published"
+    )
+    assert "Traceback" not in stderr and "W&B run:" not in stdout
+    assert run_file.stat().st_size <= 4096
+    assert_nothing_written(out)

@@ -5,25 +5,101 @@ metrics cover the work and a crash still leaves a run - and finished as what hap
 (exit code 1) or stopped (128 + signal, tagged ``stopped``). Results go in as tables with T as a column and
 as one record per temperature against a ``temperature`` x axis, so a workspace plots every metric against T.
 The offline run lives in ``<output dir>/wandb/`` (beside ``results/``, kept when a run fails).
+
+W&B's service writes the run file (``run-<id>.wandb``) in its own process and goes on when a write fails (a
+full disk): it logs the failure and the file ends early. :meth:`Dashboard.check_written` reads the file back
+after the run is finished, so that a run whose dashboard is incomplete fails instead of being published.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import struct
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import wandb
+from google.protobuf.message import DecodeError
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
+from wandb.proto import wandb_internal_pb2
 
 from .atomic import write_text
+from .errors import DISK, PipelineError, cannot_write
 
-__all__ = ["Dashboard", "run_tags", "wandb_enabled"]
+__all__ = ["Dashboard", "run_records", "run_tags", "wandb_enabled"]
 
 #: The x axis of the per-temperature records.
 TEMPERATURE = "temperature"
+
+# Read here because wandb (0.31) ships no Python reader of its run files (its Go service writes them).
+# An offline run file: a 7-byte header (":W&B", magic, version), then 32 KiB blocks of chunks, each with a
+# 7-byte header (CRC32, length, type: 1 full, 2 first, 3 middle, 4 last) and a piece of a serialised
+# ``wandb_internal_pb2.Record``; a block's last bytes too few for a chunk header are padding.
+_BLOCK, _CHUNK_HEADER = 32768, 7
+
+
+def run_records(path: str | os.PathLike) -> list:
+    """Every Record in the offline run file ``path`` (``run-<id>.wandb``), in order.
+
+    Raises ValueError when it is not a W&B run file, ends inside a record or holds a record that does not
+    decode (a file whose writing stopped early)."""
+    data = Path(path).read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path} is not a W&B run file")
+    records, parts, pos = [], [], 7
+    while pos + _CHUNK_HEADER <= len(data):
+        left = _BLOCK - pos % _BLOCK
+        if left < _CHUNK_HEADER:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + _CHUNK_HEADER])
+        if kind == 0 and length == 0:
+            pos += left
+            continue
+        end = pos + _CHUNK_HEADER + length
+        if end > len(data):
+            raise ValueError(f"{path} ends inside a record")
+        parts.append(data[pos + _CHUNK_HEADER : end])
+        pos = end
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            try:
+                record.ParseFromString(b"".join(parts))
+            except DecodeError as err:
+                raise ValueError(f"{path} holds a record that does not decode ({err})") from None
+            records.append(record)
+            parts = []
+    if parts or (pos < len(data) and _BLOCK - pos % _BLOCK >= _CHUNK_HEADER):
+        raise ValueError(f"{path} ends inside a record")
+    return records
+
+
+def _has_exit(path: Path) -> bool:
+    """True when the run file ``path`` reads back whole up to the run's exit record."""
+    try:
+        return any(r.WhichOneof("record_type") == "exit" for r in run_records(path))
+    except (OSError, ValueError):
+        return False
+
+
+def _logged_cause(folder: Path) -> str | None:
+    """Why W&B's service could not write, from the errors it logged for the run (``logs/debug-internal.log``;
+    on a full disk that log may be cut short too): one of :data:`~.errors.DISK`'s reasons, else None."""
+    try:
+        lines = (folder / "logs" / "debug-internal.log").read_text(errors="replace").lower().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if '"level":"error"' in line:
+            for code, reason in DISK.items():
+                if os.strerror(code).lower() in line:
+                    return reason
+    return None
 
 
 def wandb_enabled(cfg: dict) -> bool:
@@ -70,6 +146,7 @@ class Dashboard:
 
     def __init__(self, run):
         self.run = run
+        self.finished = False
 
     @classmethod
     def open(cls, cfg: dict, out: Path, name: str) -> Dashboard | None:
@@ -125,9 +202,10 @@ class Dashboard:
         table: header row, then rows (the ``metrics`` table); summary: the run's scalars; by_temperature: one
         record per (method, T); tables: more tables by name (see :class:`~.tasks.base.Outputs`)."""
         run = self.run
-        for key, caption in figures.items():
-            with Image.open(folder / f"{key}.png") as im:
-                run.log({f"figures/{key}": wandb.Image(im.copy(), caption=caption)}, commit=False)
+        with self._naming_folder():
+            for key, caption in figures.items():
+                with Image.open(folder / f"{key}.png") as im:
+                    run.log({f"figures/{key}": wandb.Image(im.copy(), caption=caption)}, commit=False)
         all_tables = {"metrics": table, **(tables or {})}
         if by_temperature:
             columns = ["method", TEMPERATURE] + sorted(
@@ -142,10 +220,21 @@ class Dashboard:
 
     def log_tables(self, tables: dict[str, list[list]]) -> None:
         """Log tables {key: header row, then rows} ("" and NaN as missing values) in one history step."""
-        for key, rows in tables.items():
-            if rows:
-                self.run.log({key: _table(rows[0], rows[1:])}, commit=False)
-        self.run.log({}, commit=True)
+        with self._naming_folder():
+            for key, rows in tables.items():
+                if rows:
+                    self.run.log({key: _table(rows[0], rows[1:])}, commit=False)
+            self.run.log({}, commit=True)
+
+    @contextmanager
+    def _naming_folder(self) -> Iterator[None]:
+        """W&B's writes of media and table files fail with an OSError naming no file: name the run's folder."""
+        try:
+            yield
+        except OSError as err:
+            if err.filename is None and err.errno is not None:
+                raise OSError(err.errno, err.strerror, os.fspath(self.folder)) from err
+            raise
 
     def _log_against_temperature(self, records: list[dict]) -> None:
         """One history row per T: ``<method>/<metric>`` against the ``temperature`` x axis."""
@@ -174,11 +263,36 @@ class Dashboard:
         self.run.summary["device"] = device
 
     def finish(self, exit_code: int = 0, stopped_by: str | None = None) -> None:
-        """Finish the run: 0 finished, else failed; ``stopped_by`` (a signal name) tags it ``stopped``."""
+        """Finish the run: 0 finished, else failed; ``stopped_by`` (a signal name) tags it ``stopped``. A run
+        finished already is left as it is."""
+        if self.finished:
+            return
+        self.finished = True
         if stopped_by:
             self.run.tags = (*self.run.tags, "stopped")
             self.run.summary["stopped_by"] = stopped_by
         self.run.finish(exit_code=exit_code)
+
+    def check_written(self, wait_s: float = 2.0) -> None:
+        """After :meth:`finish`: raise PipelineError naming the run file when W&B's service did not write the
+        whole run into it. It closes the file shortly after ``finish`` returns: a file without its exit record
+        after ``wait_s`` seconds is read again once the service has ended (``wandb.teardown``)."""
+        path = Path(self.run.settings.sync_file)
+        deadline = time.monotonic() + wait_s
+        while not _has_exit(path):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        else:
+            return
+        try:
+            wandb.teardown()  # waits until the service has closed every run file
+        except SystemExit:  # the service ended with an error of its own: the file tells what was written
+            pass
+        if not _has_exit(path):
+            cause = _logged_cause(self.folder)
+            reason = f"W&B's writer failed: {cause}" if cause else "W&B's writer stopped before the end of the run"
+            raise PipelineError(cannot_write(path, reason))
 
     def write_pointer(self, staging: Path) -> None:
         """``staging/wandb_run.txt``: the run's folder, for the report and for runs skipped later."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["OtherRankFailed", "PipelineError", "describe_failure", "free_space"]
+__all__ = ["OtherRankFailed", "PipelineError", "cannot_write", "describe_failure", "free_space"]
 
 
 class PipelineError(Exception):
@@ -49,12 +49,16 @@ def describe_failure(err: BaseException, batch_size: int | None = None, where: s
     if isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and "can't allocate memory" in str(err).lower()):
         return f"out of memory on the CPU ({_first_line(err)[:160]}); {advice}"
     if isinstance(err, OSError) and err.errno in DISK:
-        path = err.filename or where
-        return (
-            f"cannot write {path}: {DISK[err.errno]} ({free_space(path)}); free space or choose another output_dir "
-            f"(nothing was published)"
-        )
+        return cannot_write(err.filename or where, DISK[err.errno])
     return None
+
+
+def cannot_write(path, reason: str) -> str:
+    """The one-line message for a file the run could not write: the path, why, and the free space there."""
+    return (
+        f"cannot write {path}: {reason} ({free_space(path)}); free space or choose another output_dir "
+        f"(nothing was published)"
+    )
 
 
 def free_space(path) -> str:

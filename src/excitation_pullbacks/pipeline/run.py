@@ -4,9 +4,9 @@ validate -> the results folder for this config (:mod:`.manifest`: skip it when c
 one of another config) -> staging folder and the job's W&B run (:mod:`.dashboard`, opened before the work)
 -> SIGINT/SIGTERM handling (:mod:`.signals`) -> the task's plan (model, data, per-batch module) ->
 ``Trainer.predict`` (or ``fit``) on ``cfg.trainer``'s devices -> rank 0: merge the ranks' shards, the task's
-files, figures, config.yaml -> the launcher: timing.json, results logged to W&B, publish to ``results`` with
-the manifest written last -> the report. Nothing is published unless the run completed; a failed or stopped
-run removes its staging folder and finishes its W&B run as failed.
+files, figures, config.yaml -> the launcher: timing.json, results logged to W&B (its run file read back
+whole), publish to ``results`` with the manifest written last -> the report. Nothing is published unless the
+run completed; a failed or stopped run removes its staging folder and finishes its W&B run as failed.
 """
 
 from __future__ import annotations
@@ -274,6 +274,7 @@ def run(cfg: DictConfig) -> dict:
                 dashboard.write_pointer(staging)
                 check_stop()
                 dashboard.finish()
+                dashboard.check_written()  # W&B goes on when its writes fail: publish only a whole dashboard
             kept = publish(staging, final, ident, wall)
         except Stopped as err:
             what = signal.Signals(received()).name if received() else f"a stop request ({err})"
