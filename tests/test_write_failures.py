@@ -252,3 +252,40 @@ def test_a_real_write_failure_of_w_and_bs_run_file_is_one_line(tmp_path):
     assert "Traceback" not in stderr and "W&B run:" not in stdout
     assert run_file.stat().st_size <= 4096
     assert_nothing_written(out)
+
+
+@pytest.mark.slow  # starts and ends W&B's service
+def test_a_cut_short_multirun_overview_is_one_line(tmp_path, capsys):
+    """The multirun's W&B overview, logged in this process once the jobs are done, by a service that cannot
+    grow a file past 1 KiB: one line naming its run file and saying the jobs' results stand, exit 1."""
+    import wandb
+    from omegaconf import OmegaConf
+
+    from excitation_pullbacks.pipeline.callbacks import MergeTables, clear_jobs
+
+    warm = Dashboard.start({"project": "p", "mode": "offline"}, tmp_path / "warm", name="warm")  # the service runs
+    warm.finish()
+    warm.check_written()
+    core = _child_named(os.getpid(), "wandb-core")
+    assert core is not None, "W&B's service is not a child of this process"
+    resource.prlimit(core, resource.RLIMIT_FSIZE, (1024, 1024))
+    sweep = tmp_path / "sweep"
+    config = OmegaConf.create(
+        {
+            "name": "n",
+            "logger": {"wandb": True, "mode": "offline", "project": "p"},
+            "hydra": {"sweep": {"dir": str(sweep)}},
+        }
+    )
+    clear_jobs()
+    try:
+        with pytest.raises(SystemExit) as info:
+            MergeTables().on_multirun_end(config)
+    finally:
+        wandb.teardown()  # the limited service ends; the next run starts another
+    (run_file,) = sweep.glob("wandb/offline-run-*/run-*.wandb")
+    err = capsys.readouterr().err
+    assert info.value.code == 1
+    assert_one_error_line(
+        1, err, f"cannot write {run_file}: W&B's writer", "the jobs' results are published; the overview's W&B run"
+    )

@@ -54,13 +54,15 @@ def _log_to_wandb(config: DictConfig, sweep_dir: Path, rows: list[dict]) -> Path
     dashboard.log_tables({"ablations": as_table(rows)})
     folder = dashboard.folder
     dashboard.finish()
+    dashboard.check_written(outcome="the table's files are written; its W&B run is incomplete")
     return folder
 
 
 class AblationTable(Callback):
     """When the multirun ends: the ablation table from the jobs' results (whatever order they ran in; jobs that
     failed are left out). Hydra calls the end callbacks in reverse order, so this runs before the overview of
-    :class:`~.callbacks.MergeTables`; a table that cannot be made is one ``error:`` line on stderr."""
+    :class:`~.callbacks.MergeTables`; a table that cannot be made, or its W&B run cut short, is one ``error:`` line on
+    stderr."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -72,6 +74,10 @@ class AblationTable(Callback):
         say(f"ablation table: {path} and {path.with_suffix('.md')}")
         for line in markdown(rows).splitlines():
             say(line)
-        folder = _log_to_wandb(config, sweep_dir, rows)
+        try:
+            folder = _log_to_wandb(config, sweep_dir, rows)
+        except PipelineError as err:
+            print(f"error: {err}", file=sys.stderr)  # as above: the overview follows
+            return
         if folder is not None:
             say(f"W&B ablation table: {folder} (upload with: wandb sync {folder})")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .dashboard import Dashboard, wandb_enabled
+from .errors import PipelineError
 from .outputs import write_csv
 from .terminal import say
 
@@ -126,6 +128,7 @@ def _log_to_wandb(config: DictConfig, sweep_dir: Path, records: list[JobRecord],
     dashboard.run.summary.update({f"jobs_{s}": sum(r.status == s for r in records) for s in STATUSES})
     folder = dashboard.folder
     dashboard.finish()
+    dashboard.check_written(outcome="the jobs' results are published; the overview's W&B run is incomplete")
     return folder
 
 
@@ -146,7 +149,11 @@ class MergeTables(Callback):
             write_csv(sweep_dir / "jobs.csv", [asdict(r) for r in records])
             for line in overview_lines(records):
                 say(line)
-        folder = _log_to_wandb(config, sweep_dir, records, table)
+        try:
+            folder = _log_to_wandb(config, sweep_dir, records, table)
+        except PipelineError as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(1) from None
         if folder is not None:
             say(f"W&B multirun overview: {folder} (upload with: wandb sync {folder})")
         if any(r.status == "failed" for r in records):

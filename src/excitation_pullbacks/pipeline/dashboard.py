@@ -273,10 +273,11 @@ class Dashboard:
             self.run.summary["stopped_by"] = stopped_by
         self.run.finish(exit_code=exit_code)
 
-    def check_written(self, wait_s: float = 2.0) -> None:
+    def check_written(self, wait_s: float = 2.0, outcome: str = "nothing was published") -> None:
         """After :meth:`finish`: raise PipelineError naming the run file when W&B's service did not write the
-        whole run into it. It closes the file shortly after ``finish`` returns: a file without its exit record
-        after ``wait_s`` seconds is read again once the service has ended (``wandb.teardown``)."""
+        whole run into it (``outcome``: the message's last words, what became of the results). The service
+        closes the file shortly after ``finish`` returns: a file without its exit record after ``wait_s``
+        seconds is read again once the service has ended (``wandb.teardown``)."""
         path = Path(self.run.settings.sync_file)
         deadline = time.monotonic() + wait_s
         while not _has_exit(path):
@@ -292,7 +293,7 @@ class Dashboard:
         if not _has_exit(path):
             cause = _logged_cause(self.folder)
             reason = f"W&B's writer failed: {cause}" if cause else "W&B's writer stopped before the end of the run"
-            raise PipelineError(cannot_write(path, reason))
+            raise PipelineError(cannot_write(path, reason, outcome))
 
     def write_pointer(self, staging: Path) -> None:
         """``staging/wandb_run.txt``: the run's folder, for the report and for runs skipped later."""

@@ -53,12 +53,10 @@ def describe_failure(err: BaseException, batch_size: int | None = None, where: s
     return None
 
 
-def cannot_write(path, reason: str) -> str:
-    """The one-line message for a file the run could not write: the path, why, and the free space there."""
-    return (
-        f"cannot write {path}: {reason} ({free_space(path)}); free space or choose another output_dir "
-        f"(nothing was published)"
-    )
+def cannot_write(path, reason: str, outcome: str = "nothing was published") -> str:
+    """The one-line message for a file the run could not write: the path, why, the free space there, and
+    ``outcome`` (what became of the results)."""
+    return f"cannot write {path}: {reason} ({free_space(path)}); free space or choose another output_dir ({outcome})"
 
 
 def free_space(path) -> str:
