@@ -167,3 +167,22 @@ def test_load_model_and_pick_image(served_app):
     assert target["value"] == "digit 7 (7)"
     with pytest.raises(gradio_client.exceptions.AppError, match="is not offered by this explorer"):
         client.predict("digits_cnn|DEFAULT", "/no/such/weights.pt", api_name="/load_model")
+
+
+def test_queue_keeps_no_event_analytics(tmp_path):
+    """Gradio's queue keeps no record of past events and builds no summary of them after each event (its tables
+    grew the server's memory with every request served)."""
+    from excitation_pullbacks.app.models import ModelSpec
+    from excitation_pullbacks.app.page import build_demo
+
+    from helpers import serving
+
+    demo = build_demo(ModelSpec("digits_cnn", "DEFAULT"), device="cpu", work_dir=tmp_path)
+    queue, summaries = demo._queue, []
+    build = queue._get_df
+    queue._get_df = lambda records: summaries.append(len(records)) or build(records)
+    with serving(demo) as url:
+        client = gradio_client.Client(url, verbose=False)
+        for rules in ("semantic", "paper", "semantic", "paper"):
+            client.predict(rules, api_name="/pick_rules")
+    assert summaries == [] and len(queue.event_analytics) == 1

@@ -107,7 +107,14 @@ def main(argv: list[str] | None = None) -> None:
     warning = exposure_warning(args.host, args.port, args.checkpoint_dir)
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    demo.launch(server_name=args.host, server_port=args.port, show_error=True, max_file_size=MAX_FILE_SIZE)
+    # no monitoring endpoints: the page keeps no per-event analytics for them (page._without_analytics)
+    demo.launch(
+        server_name=args.host,
+        server_port=args.port,
+        show_error=True,
+        max_file_size=MAX_FILE_SIZE,
+        enable_monitoring=False,
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Endpoints (also for ``gradio_client``): ``/load_model``, ``/pick_image``, ``/pic
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -42,7 +43,8 @@ def build_demo(
     :mod:`.cache`). Raises ModelError for a model that cannot be loaded or a checkpoint_dir that is no folder.
 
     Uploads are limited in size by ``launch(max_file_size=...)`` (``pullbacks-app``: :data:`.cli.MAX_FILE_SIZE`),
-    images in pixels by :data:`.images.MAX_PIXELS`.
+    images in pixels by :data:`.images.MAX_PIXELS`. Gradio's per-event analytics (its monitoring dashboard) are
+    off: :func:`_without_analytics`.
     """
     checkpoints = Checkpoints.offered(checkpoint_dir, initial.checkpoint)
     loaded = load_model(initial, device)
@@ -61,6 +63,21 @@ def build_demo(
         )
         Events(ui, initial, device, work, checkpoints, keep).connect(demo)
     demo.queue(max_size=32, default_concurrency_limit=1)
+    _without_analytics(demo)
     if delete_cache is not None:
         start_sweeping(demo, *delete_cache)
     return demo
+
+
+def _without_analytics(blocks: gr.Blocks) -> None:
+    """Keep no per-event analytics in ``blocks``' queue. For its monitoring dashboard, Gradio's queue records
+    each event (the last 10,000) and, after every event, rebuilds a pandas summary of all the records in a worker
+    thread. Those ever larger tables (in pyarrow's memory pool and glibc's per-thread arenas) made the server's
+    memory grow with the requests served: measured with 8 clients and 1,200 /run + /export requests (digits CNN),
+    the resident memory went from 912 to 991 MB between the first tenth and the end with them, and stayed
+    between 889 and 917 MB without."""
+    queue = getattr(blocks, "_queue", None)
+    if hasattr(queue, "ANALYTICS_MAX_EVENTS"):
+        queue.ANALYTICS_MAX_EVENTS = 1  # Gradio's minimum
+    if hasattr(queue, "ANAYLTICS_CACHE_FREQUENCY"):  # Gradio's spelling: events between two summaries
+        queue.ANAYLTICS_CACHE_FREQUENCY = sys.maxsize
