@@ -221,6 +221,7 @@ def test_a_real_write_failure_of_w_and_bs_run_file_is_one_line(tmp_path):
     own files are written. The run ends with one line naming the run file, exit 1, and publishes nothing."""
     src = str(Path(__file__).resolve().parents[1] / "src")
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=src)
+    env.pop("WANDB_SERVICE", None)  # the service an earlier test started in this process: the CLI starts its own
     out = tmp_path / "out"
     args = ["experiment=digits", "figures=[fig2]", "ascent=none", "targets.rows=[0,1]", "temperatures=[0.3]"]
     proc = subprocess.Popen(
