@@ -103,11 +103,17 @@ def openmp_runtime() -> str | None:
 
 def _builds(omp: str | None) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
     """(compile flags, link inputs) tried in turn: for this CPU with OpenMP threads from torch's runtime and
-    glibc's vector exp; the same for any CPU of the architecture; vectorised only; plain C."""
+    glibc's vector exp, in 512-bit vectors where it has them (AVX-512: the BatchNorm kernel measured 2.0 against
+    2.5-2.9 ms on 6.4M floats in 256-bit ones; ignored elsewhere); the same in the compiler's default width;
+    for any CPU of the architecture; vectorised only; plain C."""
     builds = []
     if omp is not None:
         link = (omp, f"-Wl,-rpath,{os.path.dirname(omp)}", "-lmvec", "-lm")
-        builds += [(("-march=native", "-fopenmp"), link), (("-fopenmp",), link)]
+        builds += [
+            (("-march=native", "-mprefer-vector-width=512", "-fopenmp"), link),
+            (("-march=native", "-fopenmp"), link),
+            (("-fopenmp",), link),
+        ]
     return [*builds, (("-fopenmp-simd",), ("-lmvec", "-lm")), ((), ("-lm",))]
 
 
