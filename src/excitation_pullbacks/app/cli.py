@@ -51,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def cache_sweep(age: int) -> tuple[int, int]:
-    """Gradio's ``delete_cache`` (frequency, age) for files kept ``age`` seconds: swept every age / 3 s."""
+    """``build_demo``'s ``delete_cache`` (frequency, age) for Gradio's cached files kept ``age`` seconds: swept
+    every age / 3 s (:mod:`.cache`)."""
     return max(1, age // 3), age
 
 
