@@ -203,13 +203,15 @@ def test_w_and_bs_media_writes_name_the_run_folder(tmp_path):
 
 
 def _child_named(parent: int, name: str) -> int | None:
-    """The pid of a child process of ``parent`` called ``name``, if one runs."""
+    """The pid of a child process of ``parent`` called ``name``, if one runs (a killed one not yet waited for, a
+    zombie, does not)."""
     for entry in Path("/proc").iterdir():
         try:
             status = (entry / "status").read_text() if entry.name.isdigit() else ""
         except OSError:
             continue
-        if f"Name:\t{name}\n" in status and f"PPid:\t{parent}\n" in status:
+        running = "State:\tZ" not in status
+        if f"Name:\t{name}\n" in status and f"PPid:\t{parent}\n" in status and running:
             return int(entry.name)
     return None
 
@@ -290,3 +292,129 @@ def test_a_cut_short_multirun_overview_is_one_line(tmp_path, capsys):
     assert_one_error_line(
         1, err, f"cannot write {run_file}: W&B's writer", "the jobs' results are published; the overview's W&B run"
     )
+
+
+def _warm_service(tmp_path: Path) -> int:
+    """The pid of W&B's service for this process's runs, a child of this process (started here when none runs)."""
+    warm = Dashboard.start({"project": "p", "mode": "offline"}, tmp_path / "warm", name="warm")
+    warm.finish()
+    warm.check_written()
+    core = _child_named(os.getpid(), "wandb-core")
+    assert core is not None, "W&B's service is not a child of this process"
+    return core
+
+
+def _exit_records(path: Path) -> list:
+    """The exit records of a run file; none when it ends early."""
+    try:
+        return [r.exit for r in run_records(path) if r.WhichOneof("record_type") == "exit"]
+    except ValueError:
+        return []
+
+
+@pytest.mark.slow  # kills W&B's service; the next run starts another
+def test_a_killed_w_and_b_service_is_one_error_and_the_next_run_starts_another(tmp_path):
+    """Every call into W&B fails once its service is killed: one PipelineError naming the run file, said again
+    by later calls; finishing the failed run is quiet, and the next run gets a new service."""
+    core = _warm_service(tmp_path)
+    dashboard = Dashboard.start({"project": "p", "mode": "offline"}, tmp_path / "a", name="a")
+    dashboard.log_tables({"t": [["a"], [1]]})
+    os.kill(core, signal.SIGKILL)
+    with pytest.raises(PipelineError) as info:
+        dashboard.log_tables({"u": [["a"], [2]]})
+    (run_file,) = (tmp_path / "a").glob("wandb/offline-run-*/run-*.wandb")
+    line = str(info.value)
+    assert line.startswith(f"cannot write {run_file}: W&B's service process ended during the run (Connection lost, ")
+    assert "found while logging the tables): what it had not yet written there is lost, the run's end among it" in line
+    assert line.endswith("; run it again (nothing was published)") and "free on that disk" in line
+    dashboard.finish(1)  # the failure path: nothing more to say
+    with pytest.raises(PipelineError) as again:
+        dashboard.log_timing({"total_s": 1.0}, "cpu")
+    assert str(again.value) == line
+    assert not _exit_records(run_file)
+    after = Dashboard.start({"project": "p", "mode": "offline"}, tmp_path / "b", name="b")
+    after.log_tables({"t": [["a"], [3]]})
+    after.finish()
+    after.check_written()
+    assert read_wandb_run(after.folder).exit_code == 0  # written by a new service
+
+
+@pytest.mark.slow  # a CLI subprocess
+def test_w_and_bs_service_killed_mid_run_is_one_line_and_nothing_at_exit(tmp_path):
+    """W&B's service is killed (SIGKILL) once the run's W&B run has started: the run ends with one line naming the
+    run file and what was lost, exit 1, no traceback (W&B's exit hook included), and publishes nothing."""
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=src)
+    env.pop("WANDB_SERVICE", None)  # the service an earlier test started in this process: the CLI starts its own
+    env.pop("WANDB_SILENT", None)  # what W&B prints on its own
+    out = tmp_path / "out"
+    args = ["experiment=digits", "figures=[fig2]", "ascent=none", "targets.rows=[0,1]", "temperatures=[0.3]"]
+    proc = subprocess.Popen(
+        [*CLI, *args, "logger=wandb", f"output_dir={out}"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline, started = time.monotonic() + 120, False
+        while not started and proc.poll() is None and time.monotonic() < deadline:
+            logs = list(out.glob("wandb/offline-run-*/logs/debug.log"))
+            started = bool(logs) and "run started, returning control" in logs[0].read_text(errors="replace")
+            time.sleep(0.01)
+        core = _child_named(proc.pid, "wandb-core")
+        assert started and core is not None, "W&B's run did not start"
+        os.kill(core, signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    (run_file,) = out.glob("wandb/offline-run-*/run-*.wandb")
+    assert proc.returncode == 1, stderr
+    assert_one_error_line(
+        proc.returncode,
+        stderr,
+        f"cannot write {run_file}: W&B's service process ended during the run (",
+        "the run's end among it",
+        "run it again (nothing was published)",
+    )
+    assert "Traceback" not in stderr and "W&B run:" not in stdout
+    assert not _exit_records(run_file)
+    assert_nothing_written(out)
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+@pytest.mark.slow  # limits W&B's service
+def test_a_failed_check_ends_only_its_own_run_which_is_finished_as_failed(tmp_path):
+    """Two runs open in this process on one service that cannot grow a file past 16 KiB: the first, whose file
+    outgrows that, fails the check and is finished as failed (exit code 1; its file, which takes no record after a
+    failed write, cannot hold it); the second still logs, finishes and reads back whole with its exit record."""
+    core = _warm_service(tmp_path)
+    soft, hard = resource.prlimit(core, resource.RLIMIT_FSIZE)
+    resource.prlimit(core, resource.RLIMIT_FSIZE, (16 * 1024, hard))
+    try:
+        big = Dashboard.start({"project": "p", "mode": "offline"}, tmp_path / "big", name="big")
+        other = Dashboard.start({"project": "p", "mode": "offline"}, tmp_path / "other", name="other")
+        big.summarize({f"blob{i}": "x" * 1000 for i in range(100)})  # in the run file itself, past the limit
+        other.log_tables({"t": [["a"], [1]]})
+        log = big.folder / "logs" / "debug-internal.log"
+        deadline = time.monotonic() + 30
+        while "writer: failed to save record" not in log.read_text(errors="replace") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        big.finish()
+        with pytest.raises(PipelineError) as info:
+            big.check_written(wait_s=0.5)
+        (big_file,) = big.folder.glob("run-*.wandb")
+        assert str(info.value).startswith(f"cannot write {big_file}: W&B's writer failed: the file is larger than")
+        assert not _exit_records(big_file)
+        assert "got exitcode: 1" in (big.folder / "logs" / "debug.log").read_text()
+        other.log_tables({"after": [["a"], [2]]})
+        other.finish()
+        other.check_written()
+    finally:
+        resource.prlimit(core, resource.RLIMIT_FSIZE, (soft, hard))
+    rec = read_wandb_run(other.folder)
+    assert rec.exit_code == 0 and rec.table("after") == (["a"], [[2]])

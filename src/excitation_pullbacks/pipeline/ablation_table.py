@@ -50,11 +50,12 @@ def _log_to_wandb(config: DictConfig, sweep_dir: Path, rows: list[dict]) -> Path
         job_type="ablations",
         tags=["ablations"],
         notes="one-at-a-time ablations: per-image paired differences of each setting against the default",
+        outcome="the table's files are written; its W&B run is incomplete",
     )
     dashboard.log_tables({"ablations": as_table(rows)})
     folder = dashboard.folder
     dashboard.finish()
-    dashboard.check_written(outcome="the table's files are written; its W&B run is incomplete")
+    dashboard.check_written()
     return folder
 
 

@@ -110,6 +110,7 @@ def _log_to_wandb(config: DictConfig, sweep_dir: Path, records: list[JobRecord],
         job_type="multirun",
         tags=["multirun"],
         notes=f"{len(records)} jobs of {cfg['name']}: the overview and the merged metric table",
+        outcome="the jobs' results are published; the overview's W&B run is incomplete",
     )
     head = list(asdict(records[0])) if records else ["num"]
     tables = {"jobs": [head] + [list(asdict(r).values()) for r in records]}
@@ -125,10 +126,10 @@ def _log_to_wandb(config: DictConfig, sweep_dir: Path, records: list[JobRecord],
 
         tables["metrics_table"] = [rows[0]] + [[r[0]] + [cell(v) for v in r[1:]] for r in rows[1:]]
     dashboard.log_tables(tables)
-    dashboard.run.summary.update({f"jobs_{s}": sum(r.status == s for r in records) for s in STATUSES})
+    dashboard.summarize({f"jobs_{s}": sum(r.status == s for r in records) for s in STATUSES})
     folder = dashboard.folder
     dashboard.finish()
-    dashboard.check_written(outcome="the jobs' results are published; the overview's W&B run is incomplete")
+    dashboard.check_written()
     return folder
 
 

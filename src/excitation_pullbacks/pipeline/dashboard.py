@@ -9,6 +9,9 @@ The offline run lives in ``<output dir>/wandb/`` (beside ``results/``, kept when
 W&B's service writes the run file (``run-<id>.wandb``) in its own process and goes on when a write fails (a
 full disk): it logs the failure and the file ends early. :meth:`Dashboard.check_written` reads the file back
 after the run is finished, so that a run whose dashboard is incomplete fails instead of being published.
+When the service process itself is gone (killed, crashed), every call to W&B fails with a lost connection: the
+dashboard turns that into the same kind of one-line error, naming the run file, and lets go of W&B so that its
+exit hook prints no traceback.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from google.protobuf.message import DecodeError
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 from wandb.proto import wandb_internal_pb2
+from wandb.sdk import wandb_setup
+from wandb.sdk.mailbox import HandleAbandonedError, MailboxClosedError
 
 from .atomic import write_text
 from .errors import DISK, PipelineError, cannot_write
@@ -41,6 +46,9 @@ TEMPERATURE = "temperature"
 # 7-byte header (CRC32, length, type: 1 full, 2 first, 3 middle, 4 last) and a piece of a serialised
 # ``wandb_internal_pb2.Record``; a block's last bytes too few for a chunk header are padding.
 _BLOCK, _CHUNK_HEADER = 32768, 7
+
+#: What W&B's calls raise once its service process is gone: the socket to it is closed.
+_SERVICE_LOST = (ConnectionError, MailboxClosedError, HandleAbandonedError)
 
 
 def run_records(path: str | os.PathLike) -> list:
@@ -87,19 +95,39 @@ def _has_exit(path: Path) -> bool:
         return False
 
 
-def _logged_cause(folder: Path) -> str | None:
-    """Why W&B's service could not write, from the errors it logged for the run (``logs/debug-internal.log``;
-    on a full disk that log may be cut short too): one of :data:`~.errors.DISK`'s reasons, else None."""
+def _logged_errors(folder: Path) -> list[str]:
+    """The errors W&B's service logged for the run (``logs/debug-internal.log``, lower case; on a full disk that
+    log may be cut short too)."""
     try:
         lines = (folder / "logs" / "debug-internal.log").read_text(errors="replace").lower().splitlines()
     except OSError:
-        return None
-    for line in lines:
-        if '"level":"error"' in line:
-            for code, reason in DISK.items():
-                if os.strerror(code).lower() in line:
-                    return reason
+        return []
+    return [line for line in lines if '"level":"error"' in line]
+
+
+def _logged_cause(folder: Path) -> str | None:
+    """Why W&B's service could not write, from the errors it logged: one of :data:`~.errors.DISK`'s reasons,
+    else None."""
+    for line in _logged_errors(folder):
+        for code, reason in DISK.items():
+            if os.strerror(code).lower() in line:
+                return reason
     return None
+
+
+def _writer_failed(folder: Path) -> bool:
+    """True when W&B's service logged that a record did not go into the run file (its writer writes none after)."""
+    return any("writer: failed to save record" in line for line in _logged_errors(folder))
+
+
+def _exit_within(path: Path, seconds: float) -> bool:
+    """True when the run file ``path`` reads back whole up to its exit record within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not _has_exit(path):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def wandb_enabled(cfg: dict) -> bool:
@@ -144,9 +172,11 @@ def _table(header: list, rows: list[list]) -> wandb.Table:
 class Dashboard:
     """One W&B run for one job. Open it with :meth:`open` on the launcher before the work starts."""
 
-    def __init__(self, run):
+    def __init__(self, run, outcome: str = "nothing was published"):
         self.run = run
+        self.outcome = outcome  # what became of the results when W&B's part fails: its error line's last words
         self.finished = False
+        self.lost: str | None = None  # the error line, once W&B's service is gone
 
     @classmethod
     def open(cls, cfg: dict, out: Path, name: str) -> Dashboard | None:
@@ -166,9 +196,10 @@ class Dashboard:
         )
 
     @classmethod
-    def start(cls, log: dict, out: Path, **fields) -> Dashboard:
-        """A W&B run in ``out/wandb`` under the ``logger`` settings ``log`` (project, mode); fields: name,
-        group, job_type, tags, notes, config as ``wandb.init`` takes them."""
+    def start(cls, log: dict, out: Path, outcome: str = "nothing was published", **fields) -> Dashboard:
+        """A W&B run in ``out/wandb`` under the ``logger`` settings ``log`` (project, mode); outcome: what became
+        of the results when W&B's part fails (see :meth:`check_written`); fields: name, group, job_type, tags,
+        notes, config as ``wandb.init`` takes them."""
         out.mkdir(parents=True, exist_ok=True)
         run = wandb.init(
             project=log["project"],
@@ -178,7 +209,7 @@ class Dashboard:
             settings=wandb.Settings(silent=True),
             **fields,
         )
-        return cls(run)
+        return cls(run, outcome)
 
     @property
     def folder(self) -> Path:
@@ -202,7 +233,7 @@ class Dashboard:
         table: header row, then rows (the ``metrics`` table); summary: the run's scalars; by_temperature: one
         record per (method, T); tables: more tables by name (see :class:`~.tasks.base.Outputs`)."""
         run = self.run
-        with self._naming_folder():
+        with self._calling("logging the results"):
             for key, caption in figures.items():
                 with Image.open(folder / f"{key}.png") as im:
                     run.log({f"figures/{key}": wandb.Image(im.copy(), caption=caption)}, commit=False)
@@ -213,28 +244,59 @@ class Dashboard:
             )
             all_tables["by_temperature"] = [columns] + [[r.get(c, "") for c in columns] for r in by_temperature]
         self.log_tables(all_tables)
-        self._log_against_temperature(by_temperature)
-        if by_temperature and TEMPERATURE not in summary:  # the last T logged is not the run's T
-            del run.summary[TEMPERATURE]
-        run.summary.update({k: v for k, v in summary.items() if _cell(v) is not None})
+        with self._calling("logging the results"):
+            self._log_against_temperature(by_temperature)
+            if by_temperature and TEMPERATURE not in summary:  # the last T logged is not the run's T
+                del run.summary[TEMPERATURE]
+            run.summary.update({k: v for k, v in summary.items() if _cell(v) is not None})
 
     def log_tables(self, tables: dict[str, list[list]]) -> None:
         """Log tables {key: header row, then rows} ("" and NaN as missing values) in one history step."""
-        with self._naming_folder():
+        with self._calling("logging the tables"):
             for key, rows in tables.items():
                 if rows:
                     self.run.log({key: _table(rows[0], rows[1:])}, commit=False)
             self.run.log({}, commit=True)
 
+    def summarize(self, values: dict) -> None:
+        """Put ``values`` in the run's summary."""
+        with self._calling("updating the summary"):
+            self.run.summary.update(values)
+
     @contextmanager
-    def _naming_folder(self) -> Iterator[None]:
-        """W&B's writes of media and table files fail with an OSError naming no file: name the run's folder."""
+    def _calling(self, doing: str) -> Iterator[None]:
+        """Calls into W&B (``doing``: what for, as in "while ..."). Its writes of media and table files fail with
+        an OSError naming no file: the run's folder is named. Once its service is gone every call fails with a
+        lost connection: a PipelineError naming the run file (see :meth:`_lose`), raised again by later calls."""
+        if self.lost:
+            raise PipelineError(self.lost)
         try:
             yield
+        except _SERVICE_LOST as err:
+            self._lose(err, doing)
+            raise PipelineError(self.lost) from None
         except OSError as err:
             if err.filename is None and err.errno is not None:
                 raise OSError(err.errno, err.strerror, os.fspath(self.folder)) from err
             raise
+
+    def _lose(self, err: BaseException, doing: str) -> None:
+        """W&B's service is gone (``err``, met while ``doing``): note the error line and let go of W&B. The run is
+        marked finished (its exit cannot be sent) and the connection torn down - no run here can reach a dead
+        service - so that W&B's exit hook prints no traceback and a later run starts a new service. W&B's import
+        hooks and Lightning's logger may meet the loss first: the run then fails, and meets it in :meth:`finish`."""
+        what = " ".join(str(err).split()) or type(err).__name__
+        reason = (
+            f"W&B's service process ended during the run ({what}, found while {doing}): what it had not yet "
+            f"written there is lost, the run's end among it"
+        )
+        self.lost = cannot_write(Path(self.run.settings.sync_file), reason, self.outcome, advice="run it again")
+        self.finished = True
+        for end in (lambda: self.run.finish(exit_code=1), wandb.teardown):
+            try:
+                end()
+            except _SERVICE_LOST:
+                pass
 
     def _log_against_temperature(self, records: list[dict]) -> None:
         """One history row per T: ``<method>/<metric>`` against the ``temperature`` x axis."""
@@ -259,41 +321,55 @@ class Dashboard:
 
     def log_timing(self, timing: dict, device: str) -> None:
         """The run's time split (``timing/*``) and the device it ran on, in the summary."""
-        self.run.summary.update({f"timing/{k}": v for k, v in timing.items() if v is not None})
-        self.run.summary["device"] = device
+        self.summarize({**{f"timing/{k}": v for k, v in timing.items() if v is not None}, "device": device})
 
     def finish(self, exit_code: int = 0, stopped_by: str | None = None) -> None:
         """Finish the run: 0 finished, else failed; ``stopped_by`` (a signal name) tags it ``stopped``. A run
-        finished already is left as it is."""
+        finished already is left as it is. When W&B's service has logged that it could not write the run file,
+        the run is finished as failed with the cause as ``dashboard_error`` in its summary: the cut file cannot
+        take them (its writer writes nothing after a failed write), but an online run's server gets them.
+
+        Raises PipelineError when W&B's service is gone, unless the run was stopped (the stop is what to say)."""
         if self.finished:
             return
-        self.finished = True
-        if stopped_by:
-            self.run.tags = (*self.run.tags, "stopped")
-            self.run.summary["stopped_by"] = stopped_by
-        self.run.finish(exit_code=exit_code)
-
-    def check_written(self, wait_s: float = 2.0, outcome: str = "nothing was published") -> None:
-        """After :meth:`finish`: raise PipelineError naming the run file when W&B's service did not write the
-        whole run into it (``outcome``: the message's last words, what became of the results). The service
-        closes the file shortly after ``finish`` returns: a file without its exit record after ``wait_s``
-        seconds is read again once the service has ended (``wandb.teardown``)."""
-        path = Path(self.run.settings.sync_file)
-        deadline = time.monotonic() + wait_s
-        while not _has_exit(path):
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        else:
-            return
         try:
-            wandb.teardown()  # waits until the service has closed every run file
-        except SystemExit:  # the service ended with an error of its own: the file tells what was written
-            pass
-        if not _has_exit(path):
+            with self._calling("finishing the run"):
+                self.finished = True
+                if stopped_by:
+                    self.run.tags = (*self.run.tags, "stopped")
+                    self.run.summary["stopped_by"] = stopped_by
+                if exit_code == 0 and _writer_failed(self.folder):
+                    cause = _logged_cause(self.folder) or "a write failed"
+                    self.run.summary["dashboard_error"] = f"W&B's service could not write the run file: {cause}"
+                    exit_code = 1
+                self.run.finish(exit_code=exit_code)
+        except PipelineError:
+            if stopped_by is None:
+                raise
+
+    def check_written(self, wait_s: float = 2.0, outcome: str | None = None) -> None:
+        """After :meth:`finish`: raise PipelineError naming the run file when W&B's service did not write the
+        whole run into it (``outcome``: the message's last words, what became of the results; by default the
+        dashboard's). The exit record is there when ``finish`` returns, unless a write failed; a file without it
+        after ``wait_s`` seconds is read again once the service has closed its files."""
+        path = Path(self.run.settings.sync_file)
+        if _exit_within(path, wait_s):
+            return
+        # wandb 0.31 cannot wait for one run's file: its service answers nothing when a run's stream is closed,
+        # and run.finish has already waited on the run's exit record. Only wandb.teardown waits until the service
+        # has closed every file, and it ends every other run open in this process: while one is, wait instead.
+        if wandb_setup.singleton().most_recent_active_run is None:
+            try:
+                wandb.teardown()
+            except SystemExit:  # the service ended with an error of its own: the file tells what was written
+                pass
+            written = _has_exit(path)
+        else:
+            written = _exit_within(path, wait_s)
+        if not written:
             cause = _logged_cause(self.folder)
             reason = f"W&B's writer failed: {cause}" if cause else "W&B's writer stopped before the end of the run"
-            raise PipelineError(cannot_write(path, reason, outcome))
+            raise PipelineError(cannot_write(path, reason, outcome or self.outcome))
 
     def write_pointer(self, staging: Path) -> None:
         """``staging/wandb_run.txt``: the run's folder, for the report and for runs skipped later."""

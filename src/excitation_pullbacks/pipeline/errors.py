@@ -53,10 +53,15 @@ def describe_failure(err: BaseException, batch_size: int | None = None, where: s
     return None
 
 
-def cannot_write(path, reason: str, outcome: str = "nothing was published") -> str:
-    """The one-line message for a file the run could not write: the path, why, the free space there, and
-    ``outcome`` (what became of the results)."""
-    return f"cannot write {path}: {reason} ({free_space(path)}); free space or choose another output_dir ({outcome})"
+def cannot_write(
+    path,
+    reason: str,
+    outcome: str = "nothing was published",
+    advice: str = "free space or choose another output_dir",
+) -> str:
+    """The one-line message for a file the run could not write: the path, why, the free space there, what to do
+    (``advice``) and ``outcome`` (what became of the results)."""
+    return f"cannot write {path}: {reason} ({free_space(path)}); {advice} ({outcome})"
 
 
 def free_space(path) -> str:
