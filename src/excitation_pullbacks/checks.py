@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["captum_targets", "check_class_range", "check_images", "class_targets", "warn_if_training"]
+__all__ = ["captum_targets", "check_class_range", "check_finite", "check_images", "class_targets", "warn_if_training"]
 
 
 def _first(model: nn.Module, types) -> nn.Module | None:
@@ -39,6 +39,11 @@ def check_images(model: nn.Module, images: Tensor) -> None:
         raise ValueError(f"inputs must have shape (N, {first.in_features}) for this model, got {tuple(images.shape)}")
     if images.shape[0] == 0:
         raise ValueError("images is an empty batch")
+    check_finite(images)
+
+
+def check_finite(images: Tensor) -> None:
+    """Raise ValueError when ``images`` holds a NaN or an infinity."""
     if not _all_finite(images):
         raise ValueError("images contain NaN or infinite values")
 

@@ -28,7 +28,7 @@ from .state import preserved_model
 from .stopping import ShouldStop, check_stop
 from .subnormals import no_subnormals
 
-__all__ = ["Neuron", "Targets", "engine_for", "frozen_parameters", "gated_forward", "pullback"]
+__all__ = ["Neuron", "Targets", "check_gated", "engine_for", "frozen_parameters", "gated_forward", "pullback"]
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def engine_for(model: nn.Module, schedule: Schedule) -> Excitation:
     return Excitation(model, schedule, lean_batchnorm=not all_hard)
 
 
-def _check_gated(report: Report) -> None:
+def check_gated(report: Report) -> None:
     if report.total == 0:
         raise ValueError(
             "the model made no call that a rule covers (ReLU, SiLU, GELU, max-pool, norm, attention): there is nothing to gate"
@@ -131,7 +131,7 @@ def gated_forward(engine: Excitation, x: Tensor, neuron: Neuron | None = None) -
     if neuron is None:
         with engine as report:
             out = engine.model(x)
-        _check_gated(report)
+        check_gated(report)
         if not isinstance(out, Tensor) or out.dim() != 2:
             raise ValueError(
                 f"the model must return logits of shape (N, classes), got {getattr(out, 'shape', type(out))}"
@@ -146,7 +146,7 @@ def gated_forward(engine: Excitation, x: Tensor, neuron: Neuron | None = None) -
             engine.model(x)
     finally:
         handle.remove()
-    _check_gated(report)
+    check_gated(report)
     if not outs:
         raise ValueError(f"layer {neuron.layer!r} was not called in the forward pass")
     if not -len(outs) <= neuron.call < len(outs):

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..gates import Gate
+from ..tracing import KERNEL_OPS, capturing
 from . import pool_kernel
 
 __all__ = ["calls", "soft_relu_grad"]
@@ -63,6 +64,7 @@ def soft_relu_grad(
         or len(addends) > 1
         or x.dim() < 2
         or x.numel() == 0
+        or torch.compiler.is_compiling()  # the torch path
     ):
         return None
     tensors = (grad, x, *addends)
@@ -71,20 +73,44 @@ def soft_relu_grad(
         return None
     if any(v.shape != x.shape for v in tensors) or any(p.shape != (x.shape[1],) for p in params):
         return None
-    fn = pool_kernel.function(_FUNCS[dtype], _ARGS, ctypes.c_int)
-    if fn is None:
+    if pool_kernel.function(_FUNCS[dtype], _ARGS, ctypes.c_int) is None:
         return None
-    global calls
-    calls += 1
     alpha = torch.rsqrt(var + eps)  # the forward's scale, op for op as ATen's eval-mode batch_norm
     if weight is not None:
         alpha = alpha * weight
+    kernel = soft_relu_batch_norm_grad if capturing() else _run
+    return kernel(x, addends[0] if addends else None, grad, alpha, mean, bias, 1.0 / t)
+
+
+def _run(
+    x: Tensor, addend: Tensor | None, grad: Tensor, alpha: Tensor, mean: Tensor, bias: Tensor | None, inv_t: float
+):
+    """The kernel on contiguous CPU tensors of x's dtype: x, addend, grad (N, C, ...); alpha, mean, bias (C,).
+    Returns grad * sigmoid(z * inv_t) for z = (x - mean) * alpha + bias (+ addend), a new (N, C, ...) tensor."""
+    global calls
+    calls += 1
+    fn = pool_kernel.function(_FUNCS[x.dtype], _ARGS, ctypes.c_int)
     result = torch.empty_like(x, memory_format=torch.contiguous_format)
     n, c = x.shape[:2]
     if fn(
-        x.data_ptr(), _pointer(addends[0] if addends else None), grad.data_ptr(), result.data_ptr(),
-        alpha.data_ptr(), mean.data_ptr(), _pointer(bias), 1.0 / t, THRESHOLD[dtype], LOW[dtype],
-        n, c, x[0, 0].numel(),
+        x.data_ptr(), _pointer(addend), grad.data_ptr(), result.data_ptr(), alpha.data_ptr(), mean.data_ptr(),
+        _pointer(bias), inv_t, THRESHOLD[x.dtype], LOW[x.dtype], n, c, x[0, 0].numel(),
     ):  # fmt: skip
         raise MemoryError("batch-norm soft-ReLU kernel: out of memory for its channel buffer")
     return result
+
+
+@torch.library.custom_op("excitation_pullbacks::soft_relu_batch_norm_grad", mutates_args=(), device_types="cpu")
+def soft_relu_batch_norm_grad(
+    x: Tensor, addend: Tensor | None, grad: Tensor, alpha: Tensor, mean: Tensor, bias: Tensor | None, inv_t: float
+) -> Tensor:
+    """The kernel as an op, for graphs that trace it (a replay capture); see ``_run``."""
+    return _run(x, addend, grad, alpha, mean, bias, inv_t)
+
+
+@soft_relu_batch_norm_grad.register_fake
+def _(x, addend, grad, alpha, mean, bias, inv_t):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+KERNEL_OPS[torch.ops.excitation_pullbacks.soft_relu_batch_norm_grad.default] = _run

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..gates import Gate
+from ..tracing import KERNEL_OPS, capturing
 from . import pool_kernel
 
 __all__ = ["calls", "normal_cdf_grad"]
@@ -49,15 +50,35 @@ def normal_cdf_grad(grad: Tensor, z: Tensor, gate: Gate) -> Tensor | None:
         or z.device.type != "cpu"
         or grad.device.type != "cpu"
         or not (z.is_contiguous() and grad.is_contiguous())
-        or torch.compiler.is_compiling()
+        or torch.compiler.is_compiling()  # the torch path
         or os.environ.get("EXCITATION_PULLBACKS_GATE_KERNEL", "1") == "0"
     ):
         return None
-    fn = pool_kernel.function(_FUNCS[z.dtype], _ARGS, None)
-    if fn is None:
+    if pool_kernel.function(_FUNCS[z.dtype], _ARGS, None) is None:
         return None
+    kernel = normal_cdf_gate_grad if capturing() else _run
+    return kernel(z, grad, -1.0 / (t * math.sqrt(2.0)))
+
+
+def _run(z: Tensor, grad: Tensor, scale: float) -> Tensor:
+    """The kernel on contiguous CPU tensors of one shape and dtype: grad * erfc(z * scale) / 2, a new tensor."""
     global calls
     calls += 1
     out = torch.empty_like(z, memory_format=torch.contiguous_format)
-    fn(z.data_ptr(), grad.data_ptr(), out.data_ptr(), z.numel(), -1.0 / (t * math.sqrt(2.0)), *RANGE[z.dtype])
+    fn = pool_kernel.function(_FUNCS[z.dtype], _ARGS, None)
+    fn(z.data_ptr(), grad.data_ptr(), out.data_ptr(), z.numel(), scale, *RANGE[z.dtype])
     return out
+
+
+@torch.library.custom_op("excitation_pullbacks::normal_cdf_gate_grad", mutates_args=(), device_types="cpu")
+def normal_cdf_gate_grad(z: Tensor, grad: Tensor, scale: float) -> Tensor:
+    """The kernel as an op, for graphs that trace it (a replay capture); see ``_run``."""
+    return _run(z, grad, scale)
+
+
+@normal_cdf_gate_grad.register_fake
+def _(z, grad, scale):
+    return torch.empty_like(z, memory_format=torch.contiguous_format)
+
+
+KERNEL_OPS[torch.ops.excitation_pullbacks.normal_cdf_gate_grad.default] = _run

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ..gates import Gate
+from ..tracing import tracing
 from . import pool_kernel
 from .base import Call, Rule
 
@@ -148,7 +149,7 @@ def _pool_backward_chunk(x: Tensor, out: Tensor, grad: Tensor, gate: Gate, k, s,
             x0 = F.pad(x, inner, value=0.0)
         else:
             x0, outer = x, (p[1], extra_w, p[0], extra_h)
-        if torch.compiler.is_compiling():  # the same values without reading a number back (no graph break)
+        if tracing():  # the same values without reading a number back (no graph break)
             t_max = t.amax() if isinstance(t, Tensor) else t
             fill = x0.detach().amin() - 1000.0 * t_max
             keep = F.pad(torch.ones((1, 1, *x0.shape[-2:]), dtype=torch.bool, device=x.device), outer, value=False)

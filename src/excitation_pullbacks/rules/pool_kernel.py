@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..tracing import KERNEL_OPS, tracing
+
 __all__ = [
     "SOURCE",
     "available",
@@ -42,6 +44,7 @@ __all__ = [
     "function",
     "openmp_runtime",
     "pool_backward",
+    "run",
     "soft_pool_backward",
     "threads",
 ]
@@ -182,7 +185,7 @@ def available() -> bool:
     global _lib, _failed
     if os.environ.get("EXCITATION_PULLBACKS_KERNELS", "1") == "0":
         return False
-    if _lib is None and _failed is None and not torch.compiler.is_compiling():  # no build inside a graph
+    if _lib is None and _failed is None and not tracing():  # no build inside a graph
         try:
             _lib = _build()
         except (OSError, RuntimeError, subprocess.SubprocessError) as err:
@@ -217,7 +220,7 @@ def denormals_flushed() -> bool | None:
     return _lib.denormals_state() == 0x8040
 
 
-def _run(x: Tensor, grad: Tensor, temperatures: Tensor, geometry: list[int], zero: bool, detach: bool) -> Tensor:
+def run(x: Tensor, grad: Tensor, temperatures: Tensor, geometry: list[int], zero: bool, detach: bool) -> Tensor:
     """The kernel on the op's arguments (see :func:`soft_pool_backward`): the op's body, and the eager path,
     which calls it without the op's dispatch (tens of microseconds per call, a batch-1 pullback's scale)."""
     global calls
@@ -250,7 +253,7 @@ def soft_pool_backward(
     geometry: [kh, kw, sh, sw, ph, pw, dh, dw]; zero: padding enters as zeros (else excluded); detach: the
     gradient is the softmax weights alone. Returns (N, C, H, W). Needs :func:`available`.
     """
-    return _run(x, grad, temperatures, geometry, zero, detach)
+    return run(x, grad, temperatures, geometry, zero, detach)
 
 
 @soft_pool_backward.register_fake
@@ -258,11 +261,14 @@ def _(x, grad, temperatures, geometry, zero, detach):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+KERNEL_OPS[torch.ops.excitation_pullbacks.soft_pool_backward.default] = run
+
+
 def _temperatures(t, channels: int, dtype) -> Tensor | None:
     """The per-plane-channel temperatures as a contiguous CPU tensor, or None where the kernel does not
     apply (a temperature of 0 or inf, or not one per channel)."""
     if isinstance(t, Tensor):
-        if torch.compiler.is_compiling():  # checking the values would read them back: the torch path
+        if tracing():  # checking the values would read them back: the torch path
             return None
         t = t.detach().reshape(-1)
         if t.numel() not in (1, channels) or not bool(((t > 0) & torch.isfinite(t)).all()):
@@ -286,5 +292,5 @@ def pool_backward(x: Tensor, grad: Tensor, t, k, s, p, d, zero: bool, detach: bo
     temps = _temperatures(t, x.shape[1], x.dtype)
     if temps is None or x.numel() == 0 or grad.numel() == 0 or not available():
         return None
-    op = soft_pool_backward if torch.compiler.is_compiling() else _run  # the op only where a graph traces it
+    op = soft_pool_backward if tracing() else run  # the op only where a graph traces it
     return op(x, grad, temps, [*k, *s, *p, *d], zero, detach)

@@ -1,0 +1,185 @@
+"""Replayed pullbacks: one model's class-logit pullbacks without the engine's per-call work.
+
+The first call at an input signature (the images' shape, dtype and device) traces what :func:`pullback`
+computes - the gated forward and its backward - into one graph of ATen ops and kernel calls (``make_fx`` on
+fake tensors), with the model's parameters and buffers as the graph's inputs; each later call runs that graph
+on the current parameters and images. No hooks, torch-function mode or autograd bookkeeping run and the model
+is not touched: on a batch-1 pullback of a small model these cost more than its layers (the explorer's case).
+
+The graph holds the ops of :func:`pullback`'s own pass in the same order, kernels included, so the results are
+:func:`pullback`'s bit for bit. Its backward part runs free of subnormals as :func:`pullback`'s does
+(:func:`~excitation_pullbacks.subnormals.no_subnormals`); the forward part is left as it is.
+
+Fake tensors hold no values, so a forward that branches on tensor values or reads one back cannot be traced:
+such a model, one in train mode (BatchNorm or dropout), one with hooks of its own, a ``torch.compile``'d one,
+and neuron or several-class targets run through :func:`pullback` instead (``reason`` says why). The model's
+parameters, buffers, module tree, training flags and hooks are read at every call and a change is traced
+anew; other changes to a module's settings after the first call (e.g. a pool's ``kernel_size``) are not seen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, fx, nn
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.passes.split_module import split_module
+
+from .checks import check_class_range, check_finite, check_images, class_targets
+from .compiled import is_compiled
+from .options import resolve_schedule
+from .pullback import Neuron, Targets, check_gated, engine_for, pullback
+from .rules import pool_kernel
+from .schedules import Schedule
+from .state import preserved_model
+from .subnormals import no_subnormals
+from .tracing import KERNEL_OPS, capture
+
+__all__ = ["ReplayedPullback"]
+
+
+@dataclass
+class _Graph:
+    run: fx.GraphModule  # (*tensors, images, targets, seed) -> (N, C, H, W) pullbacks
+    classes: int
+
+
+class _Flushed(nn.Module):
+    """A graph part run inside :func:`no_subnormals`."""
+
+    def __init__(self, part: nn.Module, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.part, self.dtype, self.device = part, dtype, device
+
+    def forward(self, *args):
+        with no_subnormals(self.dtype, self.device):
+            return self.part(*args)
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+    )
+
+
+def _split_at_backward(graph: fx.GraphModule) -> fx.GraphModule:
+    """``graph`` as two parts called in turn: the nodes before the first one that depends on its last input
+    (the backward's seed) - the forward - then the rest, the backward, run free of subnormals."""
+    nodes = list(graph.graph.nodes)
+    seed = [n for n in nodes if n.op == "placeholder"][-1]
+    depends = {seed}
+    first = len(nodes)
+    for i, node in enumerate(nodes):
+        if node.op != "placeholder" and any(a in depends for a in node.all_input_nodes):
+            depends.add(node)
+            first = min(first, i)
+    order = {node: i for i, node in enumerate(nodes)}
+    return split_module(graph, None, lambda node: int(order[node] >= first))
+
+
+class ReplayedPullback:
+    """``pullback(model, images, targets, schedule)`` for one model and schedule, each input signature traced
+    once and replayed (see the module's docstring).
+
+    model: an ``nn.Module`` mapping (N, C, H, W) images to (N, classes) logits, in eval mode.
+    schedule, **gate: the gates (:func:`~excitation_pullbacks.options.as_schedule`).
+    Calling it with images (N, C, H, W) and targets (an int or N ints) returns (N, C, H, W); other targets,
+    and models it cannot trace, go through :func:`pullback` (``replayed`` False and ``reason`` after the call).
+    """
+
+    def __init__(self, model: nn.Module, schedule: Schedule | float | None = None, **gate):
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")  # noqa: TRY004
+        self.model = model
+        self.schedule = resolve_schedule(schedule, gate)
+        self._graphs: dict[tuple, _Graph | str] = {}
+        self.replayed = False
+        self.reason: str | None = None
+
+    def __call__(self, images: Tensor, targets: Targets) -> Tensor:
+        model = self.model
+        self.replayed, self.reason = False, None
+        if isinstance(targets, Neuron):
+            return self._eager(images, targets, "neuron targets run through pullback")
+        if not isinstance(images, Tensor) or images.dim() == 0:
+            check_images(model, images)  # raises
+        key, names, tensors = self._signature(images)
+        entry = self._graphs.get(key)
+        if entry is None:
+            check_images(model, images)
+        else:  # the shapes were checked when this signature was traced
+            check_finite(images)
+        t = class_targets(targets, images.shape[0], images.device)
+        if t.dim() != 1:
+            return self._eager(images, t, "several classes per image run through pullback")
+        if entry is None:
+            entry = self._graphs[key] = self._capture(images, t, names, tensors)
+        if isinstance(entry, str):
+            return self._eager(images, t, entry)
+        check_class_range(t, entry.classes)
+        seed = torch.ones((images.shape[0], 1), dtype=images.dtype, device=images.device)
+        with torch.no_grad():
+            out = entry.run(*tensors, images.detach(), t, seed)
+        self.replayed = True
+        return out[0] if isinstance(out, (list, tuple)) else out  # the split graph returns its flat outputs
+
+    def _eager(self, images: Tensor, targets, reason: str) -> Tensor:
+        self.reason = reason
+        return pullback(self.model, images, targets, self.schedule)
+
+    def _signature(self, images: Tensor) -> tuple[tuple, list[str], list[Tensor]]:
+        """(key, names, tensors): what a traced graph depends on, and the parameters and buffers it takes (in
+        one walk of the module tree: a batch-1 call of a small model spends as long here as in a layer)."""
+        modules, names, tensors = [], [], []
+        for name, m in self.model.named_modules(remove_duplicate=False):
+            modules.append((name, id(m), type(m), m.training, _hooked(m)))
+            prefix = f"{name}." if name else ""
+            for group in (m._parameters, m._buffers):
+                for tname, t in group.items():
+                    if t is not None:
+                        names.append(prefix + tname)
+                        tensors.append(t)
+        layout = tuple((id(t), t.shape, t.dtype, t.device) for t in tensors)
+        key = (tuple(modules), tuple(names), layout, images.shape, images.dtype, images.device)
+        return key, names, tensors
+
+    def _capture(self, images: Tensor, t: Tensor, names: list[str], tensors: list[Tensor]) -> _Graph | str:
+        """The traced graph for this signature, or why it cannot be traced."""
+        model = self.model
+        if is_compiled(model):
+            return "a torch.compile'd model runs its own graphs through pullback"
+        if any(m.training and (m._buffers or isinstance(m, nn.Dropout)) for m in model.modules()):
+            return "the model is in train mode (BatchNorm would update its running statistics, dropout is random)"
+        if any(_hooked(m) for m in model.modules()):
+            return "the model has hooks of its own, which a traced graph would not run"
+        pool_kernel.available()  # the kernel library is built before tracing, never inside it
+        engine = engine_for(model, self.schedule)
+        classes = []
+
+        def gradient(tensors: list[Tensor], x: Tensor, t: Tensor, seed: Tensor) -> Tensor:
+            x = x.detach().requires_grad_(True)
+            with engine as report:
+                out = torch.func.functional_call(model, dict(zip(names, tensors)), (x,))
+            check_gated(report)
+            if not isinstance(out, Tensor) or out.dim() != 2:
+                raise ValueError("the model must return (N, classes) logits")
+            classes.append(out.shape[1])
+            (g,) = torch.autograd.grad(out.gather(1, t[:, None]), x, grad_outputs=seed)
+            return g
+
+        seed = torch.ones((images.shape[0], 1), dtype=images.dtype, device=images.device)
+        try:
+            with preserved_model(model), capture(), torch.enable_grad():
+                traced = make_fx(gradient, tracing_mode="fake")([v.detach() for v in tensors], images.detach(), t, seed)
+        except Exception as e:  # noqa: BLE001 - any failure to trace means: run it eagerly
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            return f"the model cannot be traced ({type(e).__name__}: {first})"
+        for node in traced.graph.nodes:  # the kernels themselves, without the ops' dispatch (their bodies)
+            if node.op == "call_function" and node.target in KERNEL_OPS:
+                node.target = KERNEL_OPS[node.target]
+        traced.recompile()
+        run = _split_at_backward(traced)
+        if hasattr(run, "submod_1"):
+            run.submod_1 = _Flushed(run.submod_1, images.dtype, images.device)
+        return _Graph(run, classes[0])
