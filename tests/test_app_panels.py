@@ -12,7 +12,7 @@ from PIL import Image
 pytest.importorskip("gradio")
 
 from excitation_pullbacks import GateOptions, Neuron, ascent, preset, pullback
-from excitation_pullbacks.app import images, panels
+from excitation_pullbacks.app import images, panels, replays
 from excitation_pullbacks.app.command import command_line
 from excitation_pullbacks.app.inputs import (
     RULES,
@@ -49,6 +49,17 @@ def x(digits, tmp_path_factory):
     path = images.list_images(folder)[3]
     assert images.image_label(path) == "digit 3"
     return images.preprocess(images.open_image(path), digits.resize, digits.crop)
+
+
+def test_a_gate_the_page_keeps_using_is_replayed_with_the_cores_numbers(digits, x, monkeypatch):
+    monkeypatch.setattr(replays, "WARMUP", 2)
+    gate = GateOptions(temperature=0.37)  # a gate no other test used: its replay starts now
+    expected = pullback(digits.model, x, 3, gate)
+    for call in range(4):
+        grads = panels.gradients(digits.model, x, 3, gate)
+        assert torch.equal(grads["excitation"], expected)
+        assert replays.replay_of(digits.model, gate).replayed == (call >= 2)
+    assert torch.equal(grads["vanilla"], pullback(digits.model, x, 3, temperature=0.0))
 
 
 def test_model_is_cached_and_describes_its_sites(digits):

@@ -84,16 +84,24 @@ class ReplayedPullback:
 
     model: an ``nn.Module`` mapping (N, C, H, W) images to (N, classes) logits, in eval mode.
     schedule, **gate: the gates (:func:`~excitation_pullbacks.options.as_schedule`).
+    warmup: calls at an input signature that run through :func:`pullback` before it is traced (a trace costs
+        about a hundred calls: where a signature may be used only a few times, let it prove itself first).
     Calling it with images (N, C, H, W) and targets (an int or N ints) returns (N, C, H, W); other targets,
     and models it cannot trace, go through :func:`pullback` (``replayed`` False and ``reason`` after the call).
     """
 
-    def __init__(self, model: nn.Module, schedule: Schedule | float | None = None, **gate):
+    def __init__(
+        self, model: nn.Module, schedule: Schedule | float | None = None, *, warmup: int = 0, **gate
+    ):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")  # noqa: TRY004
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
         self.model = model
         self.schedule = resolve_schedule(schedule, gate)
+        self.warmup = warmup
         self._graphs: dict[tuple, _Graph | str] = {}
+        self._calls: dict[tuple, int] = {}
         self.replayed = False
         self.reason: str | None = None
 
@@ -114,6 +122,10 @@ class ReplayedPullback:
         if t.dim() != 1:
             return self._eager(images, t, "several classes per image run through pullback")
         if entry is None:
+            calls = self._calls[key] = self._calls.get(key, 0) + 1
+            if calls <= self.warmup:
+                return self._eager(images, t, f"traced after {self.warmup} calls at this input signature")
+            self._calls.pop(key)
             entry = self._graphs[key] = self._capture(images, t, names, tensors)
         if isinstance(entry, str):
             return self._eager(images, t, entry)

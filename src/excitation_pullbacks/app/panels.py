@@ -12,9 +12,10 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor, nn
 
-from excitation_pullbacks import PRESETS, GateOptions, Neuron, ascent, excitation, pullback
+from excitation_pullbacks import PRESETS, GateOptions, Neuron, ascent, excitation
 
 from .methods import MethodSettings, method_map, method_title
+from .replays import explorer_pullback
 
 __all__ = [
     "DISPLAY_SIZE",
@@ -54,10 +55,11 @@ class AscentSettings:
 
 def gradients(model: nn.Module, x: Tensor, target: int | Neuron, gate: GateOptions) -> dict[str, Tensor]:
     """x (1, 3, H, W) in [-1, 1] -> {"vanilla": (1, 3, H, W) input gradient, "excitation": (1, 3, H, W)
-    pullback with ``gate``} of the class logit or hidden neuron ``target``."""
+    pullback with ``gate``} of the class logit or hidden neuron ``target`` (replayed once the page keeps
+    using a gate: :mod:`.replays`)."""
     return {
-        "vanilla": pullback(model, x, target, VANILLA),
-        "excitation": pullback(model, x, target, gate),
+        "vanilla": explorer_pullback(model, x, target, VANILLA),
+        "excitation": explorer_pullback(model, x, target, gate),
     }
 
 
@@ -74,7 +76,8 @@ def temperature_strip(
 ) -> Tensor:
     """The pullback at each temperature: (K, 3, H, W) for K temperatures (T = 0: the vanilla gradient)."""
     rows = [
-        pullback(model, x, target, VANILLA if t == 0 else gate.replace(temperature=float(t)))[0] for t in temperatures
+        explorer_pullback(model, x, target, VANILLA if t == 0 else gate.replace(temperature=float(t)))[0]
+        for t in temperatures
     ]
     return torch.stack(rows)
 
@@ -98,7 +101,7 @@ def trajectories(
         def direction(xs: Tensor, t: Tensor, g=g, kind=kind) -> Tensor:
             if tick is not None:
                 tick(kind)
-            return pullback(model, xs, t, g)
+            return explorer_pullback(model, xs, t, g)
 
         _, traj = ascent(
             model,
