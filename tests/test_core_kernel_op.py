@@ -104,3 +104,24 @@ def test_window_terms_below_the_smallest_normal_weight_are_exact_zeros(dtype, lo
         assert torch_path[far].abs().max() <= 4 * tiny * grad.abs().max()
         eps = torch.finfo(dtype).eps
         assert torch.allclose(ours, torch_path, rtol=64 * eps, atol=64 * eps * grad.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype, low", [(torch.float32, -87.0), (torch.float64, -708.0)])
+def test_tiling_two_by_two_windows_give_the_general_loops_numbers_bit_for_bit(dtype, low):
+    """2 x 2 windows at stride 2 that tile the plane run a loop of their own; a plane one row and column
+    larger (the last ones outside every window) takes the general loops: the shared entries are the same bits,
+    NaNs, clamped terms and both detach settings included, and the extra row and column get 0."""
+    g = torch.Generator().manual_seed(4)
+    t = 0.3
+    x = torch.randn(2, 5, 13, 11, generator=g, dtype=dtype) * 3
+    x[torch.rand(x.shape, generator=g) < 0.2] = (low - 8) * t
+    x[0, 1, 2, 3] = float("nan")
+    grad = torch.randn(2, 5, 6, 5, generator=g, dtype=dtype)
+    tiled = x[:, :, :12, :10].contiguous()
+    bits = torch.int32 if dtype == torch.float32 else torch.int64
+    for detach in (False, True):
+        args = (t, (2, 2), (2, 2), (0, 0), (1, 1))
+        ours = pool_kernel.pool_backward(tiled, grad, *args, zero=False, detach=detach)
+        general = pool_kernel.pool_backward(x, grad, *args, zero=False, detach=detach)
+        assert torch.equal(ours.view(bits), general[:, :, :12, :10].contiguous().view(bits))
+        assert not general[:, :, 12:].any() and not general[:, :, :, 10:].any()
