@@ -7,9 +7,10 @@ Modules, each importing only those above it: ``gates`` (gate shapes), ``sites`` 
 where) -> ``options`` (``GateOptions`` and the presets) and ``rules/`` (one module per family of surrogate rules
 and the registry) -> ``canonizers`` (the lean BatchNorm) -> ``gating`` (the reversible ``excitation(model)``
 context) -> ``checks``, ``state`` (the model left as it was), ``stopping`` (``should_stop``) -> ``pullback`` ->
-``ascent``, ``path_kernel``, ``calibration`` -> ``explain``, ``attribution`` (Captum), ``baselines`` (Captum)
--> ``metrics/``; ``models/`` (ImageNet wrapper, digits CNN, checkpoints, class names) and ``images`` (image
-files -> inputs) stand apart. See docs/architecture.md.
+``replay`` (pullbacks traced once and replayed), ``ascent``, ``path_kernel``, ``calibration`` -> ``explain``,
+``attribution`` (Captum), ``baselines`` (Captum) -> ``metrics/``; ``models/`` (ImageNet wrapper, digits CNN,
+checkpoints, class names) and ``images`` (image files -> inputs) stand apart; ``tracing`` (whether a graph is
+being traced) sits below the rules. See docs/architecture.md.
 """
 
 from .ascent import ascent
@@ -20,6 +21,7 @@ from .models import ImageNetInput, build_model
 from .options import PRESETS, GateOptions, as_schedule, make_schedule, preset
 from .path_kernel import path_kernel
 from .pullback import Neuron, pullback
+from .replay import ReplayedPullback
 from .rules import Rule, register, soft_attention, soft_gelu, soft_max_pool2d, soft_relu, soft_silu
 from .schedules import ByDepth, ByName, ByType, PerChannel, Schedule
 from .sites import Site
@@ -48,6 +50,7 @@ __all__ = [
     "ImageNetInput",
     "Neuron",
     "PerChannel",
+    "ReplayedPullback",
     "Report",
     "Rule",
     "Schedule",

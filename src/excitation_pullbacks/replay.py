@@ -112,13 +112,18 @@ class ReplayedPullback:
             return self._eager(images, targets, "neuron targets run through pullback")
         if not isinstance(images, Tensor) or images.dim() == 0:
             check_images(model, images)  # raises
-        key, names, tensors = self._signature(images)
+        key, _, tensors = self._signature(images)
         entry = self._graphs.get(key)
         if entry is None:
             check_images(model, images)
         else:  # the shapes were checked when this signature was traced
             check_finite(images)
-        t = class_targets(targets, images.shape[0], images.device)
+        n = images.shape[0]
+        checked = isinstance(entry, _Graph) and type(targets) is int and 0 <= targets < entry.classes
+        if checked:  # the common case, without reading a tensor back
+            t = torch.full((n,), targets, dtype=torch.int64, device=images.device)
+        else:
+            t = class_targets(targets, n, images.device)
         if t.dim() != 1:
             return self._eager(images, t, "several classes per image run through pullback")
         if entry is None:
@@ -126,11 +131,12 @@ class ReplayedPullback:
             if calls <= self.warmup:
                 return self._eager(images, t, f"traced after {self.warmup} calls at this input signature")
             self._calls.pop(key)
-            entry = self._graphs[key] = self._capture(images, t, names, tensors)
+            entry = self._graphs[key] = self._capture(images, t, self._signature(images, named=True)[1], tensors)
         if isinstance(entry, str):
             return self._eager(images, t, entry)
-        check_class_range(t, entry.classes)
-        seed = torch.ones((images.shape[0], 1), dtype=images.dtype, device=images.device)
+        if not checked:
+            check_class_range(t, entry.classes)
+        seed = torch.ones((n, 1), dtype=images.dtype, device=images.device)
         with torch.no_grad():
             out = entry.run(*tensors, images.detach(), t, seed)
         self.replayed = True
@@ -140,20 +146,29 @@ class ReplayedPullback:
         self.reason = reason
         return pullback(self.model, images, targets, self.schedule)
 
-    def _signature(self, images: Tensor) -> tuple[tuple, list[str], list[Tensor]]:
-        """(key, names, tensors): what a traced graph depends on, and the parameters and buffers it takes (in
-        one walk of the module tree: a batch-1 call of a small model spends as long here as in a layer)."""
-        modules, names, tensors = [], [], []
-        for name, m in self.model.named_modules(remove_duplicate=False):
-            modules.append((name, id(m), type(m), m.training, _hooked(m)))
-            prefix = f"{name}." if name else ""
+    def _signature(self, images: Tensor, named: bool = False) -> tuple[tuple, list[str], list[Tensor]]:
+        """(key, names, tensors): what a traced graph depends on, and the parameters and buffers it takes, in
+        ``named_modules(remove_duplicate=False)`` order (names only with ``named``; one walk of the module tree
+        without building names: a batch-1 call of a small model spends as long here as in a layer)."""
+        modules: list[tuple] = []
+        names: list[str] = []
+        tensors: list[Tensor] = []
+
+        def walk(m: nn.Module, prefix: str) -> None:
+            modules.append((id(m), type(m), m.training, _hooked(m), len(m._modules)))
             for group in (m._parameters, m._buffers):
                 for tname, t in group.items():
                     if t is not None:
-                        names.append(prefix + tname)
                         tensors.append(t)
+                        if named:
+                            names.append(prefix + tname)
+            for cname, child in m._modules.items():
+                if child is not None:
+                    walk(child, f"{prefix}{cname}." if named else prefix)
+
+        walk(self.model, "")
         layout = tuple((id(t), t.shape, t.dtype, t.device) for t in tensors)
-        key = (tuple(modules), tuple(names), layout, images.shape, images.dtype, images.device)
+        key = (tuple(modules), layout, images.shape, images.dtype, images.device)
         return key, names, tensors
 
     def _capture(self, images: Tensor, t: Tensor, names: list[str], tensors: list[Tensor]) -> _Graph | str:
@@ -190,6 +205,7 @@ class ReplayedPullback:
         for node in traced.graph.nodes:  # the kernels themselves, without the ops' dispatch (their bodies)
             if node.op == "call_function" and node.target in KERNEL_OPS:
                 node.target = KERNEL_OPS[node.target]
+        traced.graph.eliminate_dead_code()
         traced.recompile()
         run = _split_at_backward(traced)
         if hasattr(run, "submod_1"):
