@@ -418,3 +418,38 @@ def test_a_failed_check_ends_only_its_own_run_which_is_finished_as_failed(tmp_pa
         resource.prlimit(core, resource.RLIMIT_FSIZE, (soft, hard))
     rec = read_wandb_run(other.folder)
     assert rec.exit_code == 0 and rec.table("after") == (["a"], [[2]])
+
+
+@pytest.mark.slow  # kills W&B's service between two runs, in a process of its own
+def test_a_run_after_w_and_bs_service_died_between_runs_starts_a_new_one(tmp_path):
+    """W&B's service dies while no run uses it (between the jobs of a multirun in one process): the next run's
+    start meets the closed connection, lets go of it and starts a new service; nothing is printed at exit."""
+    code = f"""
+import os, signal, sys, time
+from pathlib import Path
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_write_failures import _child_named
+from excitation_pullbacks.pipeline.dashboard import Dashboard
+from helpers import read_wandb_run
+log, out = {{"project": "p", "mode": "offline"}}, Path({str(tmp_path)!r})
+first = Dashboard.start(log, out / "a", name="a")
+first.finish()
+first.check_written()
+core = _child_named(os.getpid(), "wandb-core")
+os.kill(core, signal.SIGKILL)
+time.sleep(0.5)
+after = Dashboard.start(log, out / "b", name="b")
+after.log_tables({{"t": [["a"], [3]]}})
+after.finish()
+after.check_written()
+print(read_wandb_run(after.folder).exit_code, _child_named(os.getpid(), "wandb-core") not in (None, core))
+"""
+    env = dict(os.environ, WANDB_MODE="offline")
+    env.pop("WANDB_SERVICE", None)  # a service of its own, a child of the script
+    env.pop("WANDB_SILENT", None)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0", "True"]
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr

@@ -130,6 +130,15 @@ def _exit_within(path: Path, seconds: float) -> bool:
     return True
 
 
+def _let_go_of_service() -> None:
+    """Drop this process's connection to a W&B service that is gone, and W&B's exit hook with it (it would print
+    a traceback), so that the next run starts a new service."""
+    try:
+        wandb.teardown()
+    except _SERVICE_LOST:
+        pass
+
+
 def wandb_enabled(cfg: dict) -> bool:
     """True when the resolved config logs to W&B (``logger.wandb`` and a mode other than disabled)."""
     log = cfg["logger"]
@@ -201,14 +210,26 @@ class Dashboard:
         of the results when W&B's part fails (see :meth:`check_written`); fields: name, group, job_type, tags,
         notes, config as ``wandb.init`` takes them."""
         out.mkdir(parents=True, exist_ok=True)
-        run = wandb.init(
-            project=log["project"],
-            dir=str(out),
-            mode=log["mode"],
-            reinit="create_new",
-            settings=wandb.Settings(silent=True),
-            **fields,
-        )
+
+        def init():
+            return wandb.init(
+                project=log["project"],
+                dir=str(out),
+                mode=log["mode"],
+                reinit="create_new",
+                settings=wandb.Settings(silent=True),
+                **fields,
+            )
+
+        try:
+            run = init()
+        except _SERVICE_LOST:  # the service an earlier run in this process used is gone: this run starts another
+            _let_go_of_service()
+            try:
+                run = init()
+            except _SERVICE_LOST as err:
+                _let_go_of_service()
+                raise PipelineError(f"cannot start W&B's service ({err or type(err).__name__}); {outcome}") from None
         return cls(run, outcome)
 
     @property
@@ -292,11 +313,11 @@ class Dashboard:
         )
         self.lost = cannot_write(Path(self.run.settings.sync_file), reason, self.outcome, advice="run it again")
         self.finished = True
-        for end in (lambda: self.run.finish(exit_code=1), wandb.teardown):
-            try:
-                end()
-            except _SERVICE_LOST:
-                pass
+        try:
+            self.run.finish(exit_code=1)
+        except _SERVICE_LOST:
+            pass
+        _let_go_of_service()
 
     def _log_against_temperature(self, records: list[dict]) -> None:
         """One history row per T: ``<method>/<metric>`` against the ``temperature`` x axis."""
