@@ -340,7 +340,15 @@ def test_a_killed_w_and_b_service_is_one_error_and_the_next_run_starts_another(t
 
 
 @pytest.mark.slow  # a CLI subprocess
-def test_w_and_bs_service_killed_mid_run_is_one_line_and_nothing_at_exit(tmp_path):
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["experiment=digits", "figures=[fig2]", "ascent=none", "targets.rows=[0,1]", "temperatures=[0.3]"],
+        ["experiment=train_digits", "train.epochs=20"],  # met by Lightning's logger during training
+    ],
+    ids=["figures", "train"],
+)
+def test_w_and_bs_service_killed_mid_run_is_one_line_and_nothing_at_exit(tmp_path, args):
     """W&B's service is killed (SIGKILL) once the run's W&B run has started: the run ends with one line naming the
     run file and what was lost, exit 1, no traceback (W&B's exit hook included), and publishes nothing."""
     src = str(Path(__file__).resolve().parents[1] / "src")
@@ -348,7 +356,6 @@ def test_w_and_bs_service_killed_mid_run_is_one_line_and_nothing_at_exit(tmp_pat
     env.pop("WANDB_SERVICE", None)  # the service an earlier test started in this process: the CLI starts its own
     env.pop("WANDB_SILENT", None)  # what W&B prints on its own
     out = tmp_path / "out"
-    args = ["experiment=digits", "figures=[fig2]", "ascent=none", "targets.rows=[0,1]", "temperatures=[0.3]"]
     proc = subprocess.Popen(
         [*CLI, *args, "logger=wandb", f"output_dir={out}"],
         cwd=tmp_path,
