@@ -460,3 +460,17 @@ print(read_wandb_run(after.folder).exit_code, _child_named(os.getpid(), "wandb-c
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["0", "True"]
     assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
+
+
+@pytest.mark.slow  # kills W&B's service
+def test_a_run_failing_of_something_else_keeps_its_own_error_when_w_and_b_is_gone_too(tmp_path):
+    """W&B's service is gone when a run fails: finishing it as failed says nothing more when the run failed of
+    something else (that error stands), and says the one W&B line when the lost connection is the cause."""
+    core = _warm_service(tmp_path)
+    other = Dashboard.start({"project": "p", "mode": "offline"}, tmp_path / "other", name="other")
+    lost = Dashboard.start({"project": "p", "mode": "offline"}, tmp_path / "lost", name="lost")
+    os.kill(core, signal.SIGKILL)
+    time.sleep(0.5)
+    other.fail(MemoryError("out of memory"))  # quiet: the run's own error is what to say
+    with pytest.raises(PipelineError, match="W&B's service process ended during the run"):
+        lost.fail(ConnectionResetError("Connection lost"))

@@ -368,6 +368,16 @@ class Dashboard:
             if stopped_by is None:
                 raise
 
+    def fail(self, cause: BaseException) -> None:
+        """Finish the run as failed because of ``cause``. W&B's service found gone here is what to say (a
+        PipelineError) only when ``cause`` is the lost connection itself (Lightning's logger, W&B's import hooks
+        meet it first); any other cause is what the run failed of, and stands."""
+        try:
+            self.finish(1)
+        except PipelineError:
+            if isinstance(cause, _SERVICE_LOST):
+                raise
+
     def check_written(self, wait_s: float = 2.0, outcome: str | None = None) -> None:
         """After :meth:`finish`: raise PipelineError naming the run file when W&B's service did not write the
         whole run into it (``outcome``: the message's last words, what became of the results; by default the

@@ -300,11 +300,11 @@ def run(cfg: DictConfig) -> dict:
                 f"stopped by {what}: nothing was published to {final} (its staging folder is removed); run the same "
                 f"command again to start this run again"
             ) from None
-        except BaseException:
+        except BaseException as err:
             if launcher:
                 discard_staging(final)
                 if dashboard is not None:
-                    dashboard.finish(1)
+                    dashboard.fail(err)
             raise
     if kept:
         shown = ", ".join(kept[:3]) + (", ..." if len(kept) > 3 else "")
