@@ -324,7 +324,8 @@ def test_a_killed_w_and_b_service_is_one_error_and_the_next_run_starts_another(t
         dashboard.log_tables({"u": [["a"], [2]]})
     (run_file,) = (tmp_path / "a").glob("wandb/offline-run-*/run-*.wandb")
     line = str(info.value)
-    assert line.startswith(f"cannot write {run_file}: W&B's service process ended during the run (Connection lost, ")
+    # the socket's own words: "Connection lost" or "[Errno 104] Connection reset by peer", as the kill lands
+    assert line.startswith(f"cannot write {run_file}: W&B's service process ended during the run (")
     assert "found while logging the tables): what it had not yet written there is lost, the run's end among it" in line
     assert line.endswith("; run it again (nothing was published)") and "free on that disk" in line
     dashboard.finish(1)  # the failure path: nothing more to say
