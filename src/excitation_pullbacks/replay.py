@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, fx, nn
 from torch.fx.experimental.proxy_tensor import make_fx
-from torch.fx.passes.split_module import split_module
 
 from .checks import check_class_range, check_finite, check_images, class_targets
 from .compiled import is_compiled
@@ -41,20 +40,29 @@ __all__ = ["ReplayedPullback"]
 
 @dataclass
 class _Graph:
-    run: fx.GraphModule  # (*tensors, images, targets, seed) -> (N, C, H, W) pullbacks
+    run: fx.GraphModule  # (*tensors, images, targets, seed, scope) -> [(N, C, H, W) pullbacks]
     classes: int
 
 
-class _Flushed(nn.Module):
-    """A graph part run inside :func:`no_subnormals`."""
+class _BackwardScope:
+    """The float state of one replay: subnormals flushed from :meth:`begin` (where the backward begins) to
+    :meth:`end`, or to :meth:`close` when the graph raised in between."""
 
-    def __init__(self, part: nn.Module, dtype: torch.dtype, device: torch.device):
-        super().__init__()
-        self.part, self.dtype, self.device = part, dtype, device
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self._flush = no_subnormals(dtype, device)
+        self._open = False
 
-    def forward(self, *args):
-        with no_subnormals(self.dtype, self.device):
-            return self.part(*args)
+    def begin(self) -> None:
+        self._flush.__enter__()
+        self._open = True
+
+    def end(self) -> None:
+        self._open = False
+        self._flush.__exit__(None, None, None)
+
+    def close(self) -> None:
+        if self._open:
+            self.end()
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -63,19 +71,30 @@ def _hooked(module: nn.Module) -> bool:
     )
 
 
-def _split_at_backward(graph: fx.GraphModule) -> fx.GraphModule:
-    """``graph`` as two parts called in turn: the nodes before the first one that depends on its last input
-    (the backward's seed) - the forward - then the rest, the backward, run free of subnormals."""
-    nodes = list(graph.graph.nodes)
+def _scope_backward(traced: fx.GraphModule) -> fx.GraphModule:
+    """``traced`` with flat inputs (*tensors, images, targets, seed, scope) and ``scope.begin()`` before the first
+    node that depends on ``seed`` (the backward's first), ``scope.end()`` before the output. One graph, so that
+    each tensor is freed at its last use as the autograd engine frees it (split into two graphs, the forward's
+    saved tensors all lived to the end: 5x the page faults on ResNet50 at batch 16, 0.4 s a call)."""
+    graph = traced.graph
+    graph.set_codegen(fx.graph.CodeGen())
+    nodes = list(graph.nodes)
     seed = [n for n in nodes if n.op == "placeholder"][-1]
+    with graph.inserting_after(seed):
+        scope = graph.placeholder("scope")
     depends = {seed}
-    first = len(nodes)
-    for i, node in enumerate(nodes):
-        if node.op != "placeholder" and any(a in depends for a in node.all_input_nodes):
+    first = None
+    for node in nodes:
+        if node.op not in ("placeholder", "output") and any(a in depends for a in node.all_input_nodes):
             depends.add(node)
-            first = min(first, i)
-    order = {node: i for i, node in enumerate(nodes)}
-    return split_module(graph, None, lambda node: int(order[node] >= first))
+            first = first or node
+    if first is not None:
+        with graph.inserting_before(first):
+            graph.call_method("begin", (scope,))
+        with graph.inserting_before(nodes[-1]):
+            graph.call_method("end", (scope,))
+    traced.recompile()
+    return traced
 
 
 class ReplayedPullback:
@@ -90,9 +109,7 @@ class ReplayedPullback:
     and models it cannot trace, go through :func:`pullback` (``replayed`` False and ``reason`` after the call).
     """
 
-    def __init__(
-        self, model: nn.Module, schedule: Schedule | float | None = None, *, warmup: int = 0, **gate
-    ):
+    def __init__(self, model: nn.Module, schedule: Schedule | float | None = None, *, warmup: int = 0, **gate):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")  # noqa: TRY004
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
@@ -137,10 +154,14 @@ class ReplayedPullback:
         if not checked:
             check_class_range(t, entry.classes)
         seed = torch.ones((n, 1), dtype=images.dtype, device=images.device)
-        with torch.no_grad():
-            out = entry.run(*tensors, images.detach(), t, seed)
+        scope = _BackwardScope(images.dtype, images.device)
+        try:
+            with torch.no_grad():
+                (out,) = entry.run(*tensors, images.detach(), t, seed, scope)
+        finally:
+            scope.close()
         self.replayed = True
-        return out[0] if isinstance(out, (list, tuple)) else out  # the split graph returns its flat outputs
+        return out
 
     def _eager(self, images: Tensor, targets, reason: str) -> Tensor:
         self.reason = reason
@@ -206,8 +227,4 @@ class ReplayedPullback:
             if node.op == "call_function" and node.target in KERNEL_OPS:
                 node.target = KERNEL_OPS[node.target]
         traced.graph.eliminate_dead_code()
-        traced.recompile()
-        run = _split_at_backward(traced)
-        if hasattr(run, "submod_1"):
-            run.submod_1 = _Flushed(run.submod_1, images.dtype, images.device)
-        return _Graph(run, classes[0])
+        return _Graph(_scope_backward(traced), classes[0])
