@@ -20,7 +20,9 @@ For each architecture (random weights; timings do not depend on them) at batch N
                      functional relu
   compiled-vanilla   vanilla on torch.compile(model)
   compiled-pullback  pullback on torch.compile(model)
-Compile time (the first call of each compiled method) is reported apart from the steady-state times.
+  replayed           ReplayedPullback(model, 0.3): pullback traced once, then replayed (same bits)
+Compile and trace time (the first call of the compiled and replayed methods) is reported apart from the
+steady-state times.
 And the N x K grid: one pullback call with (N, K) targets vs N*K independent (image, target) pairs in one
 batch. Times are medians over repeats, methods interleaved (order reversed every other round); peak memory
 is the growth of the process's peak RSS after a reset (CPU, Linux) or torch.cuda.max_memory_allocated (GPU),
@@ -56,7 +58,7 @@ import torch.nn.functional as F
 import torchvision.models as tvm
 from torch import nn
 
-from excitation_pullbacks import ImageNetInput, excitation, preset, pullback
+from excitation_pullbacks import ImageNetInput, ReplayedPullback, excitation, preset, pullback
 from excitation_pullbacks.models import DIGITS_CNN, build_model, randomize_zero_heads
 
 METHODS = (
@@ -73,8 +75,11 @@ METHODS = (
     "author",
     "compiled-vanilla",
     "compiled-pullback",
+    "replayed",
 )
 COMPILED = ("compiled-vanilla", "compiled-pullback")
+#: Methods whose first call builds something (a compiled graph, a traced one): timed apart.
+FIRST_CALL = (*COMPILED, "replayed")
 #: Methods that are another method with one of the engine's switches set to 0: (variable, that method).
 SWITCHED = {
     "pullback-noflush": ("EXCITATION_PULLBACKS_FLUSH", "pullback"),
@@ -194,6 +199,8 @@ def make_call(method: str, model: nn.Module):
     if method == "compiled-pullback":
         compiled = torch.compile(model)
         return lambda x, t: pullback(compiled, x, t, temperature=0.3)
+    if method == "replayed":
+        return ReplayedPullback(model, temperature=0.3)
     raise ValueError(method)
 
 
@@ -238,7 +245,7 @@ def time_methods(arch, device, batch, size, repeats, methods, warmup=1):
             _sync(device)
             if r >= warmup - 1:
                 times[m].append(time.perf_counter() - start)
-    return times, {m: first[m] for m in methods if m in COMPILED}
+    return times, {m: first[m] for m in methods if m in FIRST_CALL}
 
 
 def time_grid(arch, device, n, k, size, repeats, warmup=1):
@@ -354,8 +361,8 @@ def peak_memory(arch, method, device, batch, size) -> int:
     model = build(arch, device)
     x, t = _inputs(batch, size, device)
     call = make_call(method, model)
-    if method in COMPILED:
-        call(x, t)  # compile first: the peak of the steady-state call, not of the compiler
+    if method in FIRST_CALL:
+        call(x, t)  # compile or trace first: the peak of the steady-state call, not of the compiler
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -478,8 +485,12 @@ def main(argv=None) -> int:
         print("|---" * (3 + len(others)) + "|")
         print("\n".join(mem_rows))
     if compile_rows:
-        names = [m for m in methods if m in COMPILED]
-        print("\nfirst call of the compiled methods (compile + run), s\n| model | batch | " + " | ".join(names) + " |")
+        names = [m for m in methods if m in FIRST_CALL]
+        print(
+            "\nfirst call of the compiled and replayed methods (compile or trace + run), s\n| model | batch | "
+            + " | ".join(names)
+            + " |"
+        )
         print("|---" * (2 + len(names)) + "|")
         print("\n".join(compile_rows))
     if args.subnormals:

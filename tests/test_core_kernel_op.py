@@ -29,6 +29,19 @@ def test_opcheck():
             torch.library.opcheck(torch.ops.excitation_pullbacks.soft_pool_backward.default, args)
 
 
+def test_opcheck_of_the_batch_norm_and_gelu_kernels_ops():
+    """The ops a replay's capture traces the BatchNorm soft-ReLU and normal-CDF gate kernels as."""
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        x, grad, addend = (torch.randn(2, 3, 4, 5, generator=g, dtype=dtype) for _ in range(3))
+        alpha, mean, bias = (torch.rand(3, generator=g, dtype=dtype) + 0.5 for _ in range(3))
+        for a, b in ((addend, bias), (None, None)):
+            args = (x, a, grad, alpha, mean, b, 1 / 0.3)
+            torch.library.opcheck(torch.ops.excitation_pullbacks.soft_relu_batch_norm_grad.default, args)
+        args = (x, grad, -1 / (0.6 * 2**0.5))
+        torch.library.opcheck(torch.ops.excitation_pullbacks.normal_cdf_gate_grad.default, args)
+
+
 def test_one_openmp_runtime_governed_by_torch():
     """In a fresh process: after a pullback through a max-pool, one OpenMP runtime is mapped - torch's - and the
     kernel's parallel regions run on torch.set_num_threads threads."""

@@ -107,6 +107,8 @@ class ReplayedPullback:
         about a hundred calls: where a signature may be used only a few times, let it prove itself first).
     Calling it with images (N, C, H, W) and targets (an int or N ints) returns (N, C, H, W); other targets,
     and models it cannot trace, go through :func:`pullback` (``replayed`` False and ``reason`` after the call).
+    A trace swaps the model's parameters for fake tensors while it runs (``torch.func.functional_call``): no
+    other thread may run the model meanwhile, as with :func:`pullback`'s hooks.
     """
 
     def __init__(self, model: nn.Module, schedule: Schedule | float | None = None, *, warmup: int = 0, **gate):

@@ -84,7 +84,7 @@ def soft_relu_grad(
 
 def _run(
     x: Tensor, addend: Tensor | None, grad: Tensor, alpha: Tensor, mean: Tensor, bias: Tensor | None, inv_t: float
-):
+) -> Tensor:
     """The kernel on contiguous CPU tensors of x's dtype: x, addend, grad (N, C, ...); alpha, mean, bias (C,).
     Returns grad * sigmoid(z * inv_t) for z = (x - mean) * alpha + bias (+ addend), a new (N, C, ...) tensor."""
     global calls
