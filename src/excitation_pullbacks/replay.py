@@ -19,6 +19,7 @@ anew; other changes to a module's settings after the first call (e.g. a pool's `
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -71,9 +72,42 @@ def _hooked(module: nn.Module) -> bool:
     )
 
 
+def _fresh(node: fx.Node) -> bool:
+    """Whether ``node``'s value is a tensor of its own: made by an op that neither returns a view nor writes an
+    input (or one of the kernels, or an item of such an op's tuple)."""
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        return isinstance(node.args[0], fx.Node) and _fresh(node.args[0])
+    if node.target in KERNEL_OPS.values():
+        return True
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and not schema.is_mutable and all(r.alias_info is None for r in schema.returns)
+
+
+def _accumulate_in_place(nodes: list[fx.Node], start: int) -> None:
+    """Turn the backward's gradient sums ``add(a, b)`` (nodes from ``start`` on) into ``add_(a, b)`` where a is a
+    fresh tensor that nothing reads afterwards, as the autograd engine sums into a gradient's buffer: a new
+    buffer per sum costs page faults on every call (ResNet50's 16 residual joins at batch 16: 0.1 s)."""
+    order = {node: i for i, node in enumerate(nodes)}
+    for node in nodes[start:]:
+        if node.op != "call_function" or node.target is not torch.ops.aten.add.Tensor or node.kwargs:
+            continue
+        a, b = node.args
+        if not (isinstance(a, fx.Node) and isinstance(b, fx.Node) and order[a] >= start and _fresh(a)):
+            continue
+        others = [u for u in a.users if u is not node]
+        if any(order[u] > order[node] or not _fresh(u) for u in others):
+            continue
+        va, vo = a.meta.get("val"), node.meta.get("val")
+        if isinstance(va, Tensor) and isinstance(vo, Tensor) and va.shape == vo.shape and va.dtype == vo.dtype:
+            node.target = torch.ops.aten.add_.Tensor
+
+
 def _scope_backward(traced: fx.GraphModule) -> fx.GraphModule:
     """``traced`` with flat inputs (*tensors, images, targets, seed, scope) and ``scope.begin()`` before the first
-    node that depends on ``seed`` (the backward's first), ``scope.end()`` before the output. One graph, so that
+    node that depends on ``seed`` (the backward's first), ``scope.end()`` before the output, the backward's
+    gradient sums in place where they can be (:func:`_accumulate_in_place`). One graph, so that
     each tensor is freed at its last use as the autograd engine frees it (split into two graphs, the forward's
     saved tensors all lived to the end: 5x the page faults on ResNet50 at batch 16, 0.4 s a call)."""
     graph = traced.graph
@@ -89,6 +123,7 @@ def _scope_backward(traced: fx.GraphModule) -> fx.GraphModule:
             depends.add(node)
             first = first or node
     if first is not None:
+        _accumulate_in_place(nodes, nodes.index(first))
         with graph.inserting_before(first):
             graph.call_method("begin", (scope,))
         with graph.inserting_before(nodes[-1]):
