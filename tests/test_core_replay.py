@@ -6,12 +6,13 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.fx.experimental.proxy_tensor import make_fx
 from torchvision.models.vision_transformer import VisionTransformer
 
 from excitation_pullbacks import preset, pullback
 from excitation_pullbacks.models.digits import DigitsCNN
 from excitation_pullbacks.pullback import Neuron
-from excitation_pullbacks.replay import ReplayedPullback
+from excitation_pullbacks.replay import ReplayedPullback, _accumulate_in_place
 from excitation_pullbacks.rules import batch_norm_kernel, gate_kernel, pool_kernel
 
 from helpers import assert_model_unchanged, model_state
@@ -66,6 +67,10 @@ def test_a_resnet_replays_pullback_bit_for_bit(tv_models, dtype):
     if pool_kernel.available():  # the replayed graph calls the kernels themselves
         assert batch_norm_kernel.calls - before[0] >= 8 and pool_kernel.calls - before[1] == 1
     assert torch.equal(got, pullback(model, x, 5, 0.3))
+    (graph,) = replay._graphs.values()
+    order = [str(n.target) for n in graph.run.graph.nodes if n.op in ("call_function", "call_method")]
+    backward = order[order.index("begin") :]
+    assert backward.count("aten.add_.Tensor") == 8  # each residual join's gradient sum in place, as autograd does
 
 
 def test_forward_runs_unflushed_and_backward_flushed():
@@ -207,3 +212,20 @@ def test_a_vision_transformer_replays_the_semantic_pullback_bit_for_bit():
     if pool_kernel.available():
         assert gate_kernel.calls - before == 2  # one MLP GELU per block
     assert torch.equal(got, pullback(model, x, 2, preset("semantic")))
+
+
+@pytest.mark.parametrize(
+    ("body", "in_place"),
+    [
+        (lambda x, y: ((a := x * 2) * 3, a + y), True),  # a read before the sum only: its buffer takes the sum
+        (lambda x, y: ((a := x * 2) + y, a.sum()), False),  # a read after the sum
+        (lambda x, y: ((a := x * 2).view(-1), a + y), False),  # a view of a lives on
+        (lambda x, y: (x + y,), False),  # x is an input, not a buffer of the graph's own
+    ],
+)
+def test_a_gradient_sum_goes_in_place_only_where_nothing_reads_its_buffer_after(body, in_place):
+    traced = make_fx(body)(torch.randn(3), torch.randn(3))
+    nodes = list(traced.graph.nodes)
+    _accumulate_in_place(nodes, 0)
+    targets = [str(n.target) for n in nodes if "add" in str(n.target)]
+    assert targets == ["aten.add_.Tensor" if in_place else "aten.add.Tensor"]
