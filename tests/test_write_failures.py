@@ -216,17 +216,20 @@ def _child_named(parent: int, name: str) -> int | None:
     return None
 
 
-@pytest.mark.slow  # a CLI subprocess
-def test_a_real_write_failure_of_w_and_bs_run_file_is_one_line(tmp_path):
-    """W&B's service cannot grow a file past 4 KiB (RLIMIT_FSIZE, set on it once it runs; it catches SIGXFSZ, so
-    its writes fail with EFBIG): it logs the failure, goes on and leaves its run file cut short while the run's
-    own files are written. The run ends with one line naming the run file, exit 1, and publishes nothing."""
+#: A short figures run of the digits CNN.
+FIGURES = ["experiment=digits", "figures=[fig2]", "ascent=none", "targets.rows=[0,1]", "temperatures=[0.3]"]
+
+
+def _start_cli(tmp_path: Path, args: list[str], out: Path, silent: bool) -> subprocess.Popen:
+    """The CLI with ``args``, W&B offline, results in ``out``, in a session of its own (a test that fails kills its
+    group) and with a W&B service of its own (not the one an earlier test started in this process)."""
     src = str(Path(__file__).resolve().parents[1] / "src")
-    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=src)
-    env.pop("WANDB_SERVICE", None)  # the service an earlier test started in this process: the CLI starts its own
-    out = tmp_path / "out"
-    args = ["experiment=digits", "figures=[fig2]", "ascent=none", "targets.rows=[0,1]", "temperatures=[0.3]"]
-    proc = subprocess.Popen(
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=src)
+    env.pop("WANDB_SERVICE", None)
+    env.pop("WANDB_SILENT", None)
+    if silent:
+        env["WANDB_SILENT"] = "true"
+    return subprocess.Popen(
         [*CLI, *args, "logger=wandb", f"output_dir={out}"],
         cwd=tmp_path,
         env=env,
@@ -235,6 +238,15 @@ def test_a_real_write_failure_of_w_and_bs_run_file_is_one_line(tmp_path):
         text=True,
         start_new_session=True,
     )
+
+
+@pytest.mark.slow  # a CLI subprocess
+def test_a_real_write_failure_of_w_and_bs_run_file_is_one_line(tmp_path):
+    """W&B's service cannot grow a file past 4 KiB (RLIMIT_FSIZE, set on it once it runs; it catches SIGXFSZ, so
+    its writes fail with EFBIG): it logs the failure, goes on and leaves its run file cut short while the run's
+    own files are written. The run ends with one line naming the run file, exit 1, and publishes nothing."""
+    out = tmp_path / "out"
+    proc = _start_cli(tmp_path, FIGURES, out, silent=True)
     try:
         deadline, core = time.monotonic() + 120, None
         while core is None and proc.poll() is None and time.monotonic() < deadline:
@@ -344,7 +356,7 @@ def test_a_killed_w_and_b_service_is_one_error_and_the_next_run_starts_another(t
 @pytest.mark.parametrize(
     "args",
     [
-        ["experiment=digits", "figures=[fig2]", "ascent=none", "targets.rows=[0,1]", "temperatures=[0.3]"],
+        FIGURES,
         ["experiment=train_digits", "train.epochs=20"],  # met by Lightning's logger during training
     ],
     ids=["figures", "train"],
@@ -352,20 +364,8 @@ def test_a_killed_w_and_b_service_is_one_error_and_the_next_run_starts_another(t
 def test_w_and_bs_service_killed_mid_run_is_one_line_and_nothing_at_exit(tmp_path, args):
     """W&B's service is killed (SIGKILL) once the run's W&B run has started: the run ends with one line naming the
     run file and what was lost, exit 1, no traceback (W&B's exit hook included), and publishes nothing."""
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env = dict(os.environ, WANDB_MODE="offline", PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=src)
-    env.pop("WANDB_SERVICE", None)  # the service an earlier test started in this process: the CLI starts its own
-    env.pop("WANDB_SILENT", None)  # what W&B prints on its own
     out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [*CLI, *args, "logger=wandb", f"output_dir={out}"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = _start_cli(tmp_path, args, out, silent=False)  # what W&B prints on its own too
     try:
         deadline, started = time.monotonic() + 120, False
         while not started and proc.poll() is None and time.monotonic() < deadline:
