@@ -119,6 +119,7 @@ def engine_for(model: nn.Module, schedule: Schedule) -> Excitation:
 
 
 def check_gated(report: Report) -> None:
+    """Raise ValueError when the forward pass ``report`` describes made no call that a rule covers."""
     if report.total == 0:
         raise ValueError(
             "the model made no call that a rule covers (ReLU, SiLU, GELU, max-pool, norm, attention): there is nothing to gate"
