@@ -78,6 +78,7 @@ def _main(cfg: DictConfig) -> float | None:
             for line in overview_lines(jobs()):
                 say(line)
         pass_on()  # a cluster launcher's own handler (submitit: requeue the job)
+        _leave_process_group()
         sys.exit(exit_code())
     except Exception as err:
         if _debug(cfg):
@@ -165,6 +166,16 @@ def _run_dir_problem(cfg: DictConfig, multirun: bool) -> str | None:
     except PipelineError as err:
         return f"{key}: {err}".replace("choose another output_dir", f"choose another {key}")
     return None
+
+
+def _leave_process_group() -> None:
+    """End the torch.distributed process group a DDP run left in this process, so that its threads end before
+    the interpreter does: a stopped DDP launcher otherwise, now and then, aborted at exit ("terminate called
+    without an active exception", SIGABRT) instead of exiting with 128 + the signal."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def main() -> None:
