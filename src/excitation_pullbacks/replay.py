@@ -139,7 +139,8 @@ class ReplayedPullback:
     model: an ``nn.Module`` mapping (N, C, H, W) images to (N, classes) logits, in eval mode.
     schedule, **gate: the gates (:func:`~excitation_pullbacks.options.as_schedule`).
     warmup: calls at an input signature that run through :func:`pullback` before it is traced (a trace costs
-        about a hundred calls: where a signature may be used only a few times, let it prove itself first).
+        about 50 eager calls of a small CNN, a few of ResNet50: where a signature may be used only a few times,
+        let it prove itself first).
     Calling it with images (N, C, H, W) and targets (an int or N ints) returns (N, C, H, W); other targets,
     and models it cannot trace, go through :func:`pullback` (``replayed`` False and ``reason`` after the call).
     A trace swaps the model's parameters for fake tensors while it runs (``torch.func.functional_call``): no

@@ -17,8 +17,8 @@ from excitation_pullbacks.replay import ReplayedPullback
 
 __all__ = ["WARMUP", "explorer_pullback", "replay_of"]
 
-#: Calls of a gate at an image size before it is traced: about two explorations (a trace costs about a
-#: hundred calls; a gate used once, e.g. a temperature the strip shows, is never traced).
+#: Calls of a gate at an image size before it is traced: about two explorations (a trace costs about 50 eager
+#: calls of the digits CNN; a gate used once, e.g. a temperature the strip shows, is never traced).
 WARMUP = 20
 #: Gates kept per model (least recently used dropped first).
 KEEP = 16
