@@ -207,7 +207,7 @@ class Dashboard:
     @classmethod
     def start(cls, log: dict, out: Path, outcome: str = "nothing was published", **fields) -> Dashboard:
         """A W&B run in ``out/wandb`` under the ``logger`` settings ``log`` (project, mode); outcome: what became
-        of the results when W&B's part fails (see :meth:`check_written`); fields: name, group, job_type, tags,
+        of the results when W&B's part fails (the last words of its error lines); fields: name, group, job_type, tags,
         notes, config as ``wandb.init`` takes them."""
         out.mkdir(parents=True, exist_ok=True)
 
@@ -378,11 +378,11 @@ class Dashboard:
             if isinstance(cause, _SERVICE_LOST):
                 raise
 
-    def check_written(self, wait_s: float = 2.0, outcome: str | None = None) -> None:
+    def check_written(self, wait_s: float = 2.0) -> None:
         """After :meth:`finish`: raise PipelineError naming the run file when W&B's service did not write the
-        whole run into it (``outcome``: the message's last words, what became of the results; by default the
-        dashboard's). The exit record is there when ``finish`` returns, unless a write failed; a file without it
-        after ``wait_s`` seconds is read again once the service has closed its files."""
+        whole run into it (the message ends with the dashboard's ``outcome``). The exit record is there when
+        ``finish`` returns, unless a write failed; a file without it after ``wait_s`` seconds is read again once
+        the service has closed its files."""
         path = Path(self.run.settings.sync_file)
         if _exit_within(path, wait_s):
             return
@@ -400,7 +400,7 @@ class Dashboard:
         if not written:
             cause = _logged_cause(self.folder)
             reason = f"W&B's writer failed: {cause}" if cause else "W&B's writer stopped before the end of the run"
-            raise PipelineError(cannot_write(path, reason, outcome or self.outcome))
+            raise PipelineError(cannot_write(path, reason, self.outcome))
 
     def write_pointer(self, staging: Path) -> None:
         """``staging/wandb_run.txt``: the run's folder, for the report and for runs skipped later."""
